@@ -1,0 +1,5 @@
+import sys
+
+from bilten.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""The app factory and its lifespan: the one place long-lived resources open and close."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from bilten import db, errors, migrations, routes
+from bilten.middleware import RequestContext
+from bilten.settings import Settings
+from bilten.state import State
+from bilten.supervisor import Supervisor
+from bilten.workers import heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class NotMigrated(RuntimeError):
+    pass
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_pool_max,
+        timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def start_workers(app: State) -> None:
+    app.supervisor.start("heartbeat", heartbeat.worker(app))
+    if "workers" in app.settings.roles:
+        pass  # queue workers, mail sender, outbox relay and sweepers register here
+
+
+@contextlib.asynccontextmanager
+async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
+    pool = await db.create_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            waiting = await migrations.pending(conn)
+        if waiting:
+            raise NotMigrated(
+                f"the database is not migrated ({len(waiting)} pending, first "
+                f"{waiting[0].label}); run `bilten migrate`"
+            )
+        redis = redis_client(settings)
+        try:
+            app = State(
+                settings=settings,
+                db=pool,
+                redis=redis,
+                supervisor=Supervisor(),
+                started_at=time.time(),
+            )
+            start_workers(app)
+            log.info("instance %s started (roles %s)", settings.instance_id, ",".join(sorted(settings.roles)))
+            try:
+                yield {"bilten": app}
+            finally:
+                await app.supervisor.stop(settings.shutdown_timeout)
+                log.info("instance %s stopped", settings.instance_id)
+        finally:
+            await redis.aclose()
+    finally:
+        await pool.close()
+
+
+def create_app(settings: Settings) -> Starlette:
+    return Starlette(
+        routes=routes.build(settings.roles),
+        middleware=[Middleware(RequestContext)],
+        exception_handlers=errors.HANDLERS,  # type: ignore[arg-type]
+        lifespan=lambda _app: lifespan(settings),
+    )

@@ -1,0 +1,257 @@
+"""The ``bilten`` command: serve, dev, migrate, seed-demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+from bilten import __version__, db, embedded, logs, migrations
+from bilten.settings import Settings, SettingsError, from_env, parse_roles
+
+log = logging.getLogger("bilten")
+
+DEV_DATABASE = "bilten"
+
+
+class Fatal(Exception):
+    """Stops the command with one line on stderr and a non-zero exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.hostname:
+        return f"{parts.hostname}:{parts.port or ''}".rstrip(":")
+    return db.redact(url)
+
+
+async def preflight(settings: Settings, *, require_migrated: bool = True) -> None:
+    """Fail fast, in one line, when PostgreSQL or Redis is unreachable or unmigrated."""
+    import redis.asyncio as aioredis
+
+    try:
+        conn = await db.connect(settings.database_url)
+    except Exception as exc:
+        raise Fatal(f"cannot reach PostgreSQL at {_where(settings.database_url)}: {exc}") from None
+    try:
+        if require_migrated:
+            waiting = await migrations.pending(conn)
+            if waiting:
+                raise Fatal(
+                    f"the database is not migrated ({len(waiting)} pending, first "
+                    f"{waiting[0].label}); run `bilten migrate` first"
+                )
+    except migrations.MigrationError as exc:
+        raise Fatal(str(exc)) from None
+    finally:
+        await conn.close()
+    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        await client.ping()
+    except Exception as exc:
+        raise Fatal(f"cannot reach Redis at {_where(settings.redis_url)}: {exc}") from None
+    finally:
+        await client.aclose()
+
+
+async def _migrate(settings: Settings) -> None:
+    try:
+        conn = await db.connect(settings.database_url)
+    except Exception as exc:
+        raise Fatal(f"cannot reach PostgreSQL at {_where(settings.database_url)}: {exc}") from None
+    try:
+        applied = await migrations.migrate(conn)
+    except migrations.MigrationError as exc:
+        raise Fatal(str(exc)) from None
+    finally:
+        await conn.close()
+    if applied:
+        log.info("applied %d migration(s): %s", len(applied), ", ".join(m.label for m in applied))
+    else:
+        log.info("the database is up to date")
+
+
+def _require_urls(settings: Settings) -> None:
+    missing = [
+        name
+        for name, url in (("BILTEN_DATABASE_URL", settings.database_url),
+                          ("BILTEN_REDIS_URL", settings.redis_url))
+        if not url
+    ]
+    if missing:
+        raise Fatal(
+            f"{' and '.join(missing)} must be set (or run `bilten dev` for embedded servers)", 2
+        )
+
+
+def run_server(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from bilten.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise Fatal("the server did not start (see the log above)")
+
+
+@contextlib.contextmanager
+def _embedded_if_needed(settings: Settings) -> Iterator[Settings]:
+    """Start embedded servers for whatever URL is not configured; yields complete settings."""
+    need_pg, need_redis = not settings.database_url, not settings.redis_url
+    if not (need_pg or need_redis):
+        yield settings
+        return
+    folder = settings.data_dir
+    try:
+        with embedded.servers(folder, postgres=need_pg, redis=need_redis) as found:
+            if need_pg:
+                url = db.with_database(found.database_url, DEV_DATABASE)
+                asyncio.run(db.ensure_database(url))
+                settings = settings.replace(database_url=url)
+            if need_redis:
+                settings = settings.replace(redis_url=found.redis_url)
+            yield settings
+    except embedded.EmbeddedError as exc:
+        raise Fatal(str(exc)) from None
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    if args.roles:
+        settings = settings.replace(roles=parse_roles(args.roles))
+    _require_urls(settings)
+    asyncio.run(preflight(settings))
+    run_server(settings, args.host, args.port)
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
+    if args.data_dir:
+        from pathlib import Path
+
+        settings = settings.replace(data_dir=Path(args.data_dir))
+    with _embedded_if_needed(settings) as settings:
+        asyncio.run(_migrate(settings))
+        print(f"Bilten is running at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+        run_server(settings, args.host, args.port)
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    _require_urls_db(settings)
+    asyncio.run(_migrate(settings))
+
+
+def _require_urls_db(settings: Settings) -> None:
+    if not settings.database_url:
+        raise Fatal("BILTEN_DATABASE_URL must be set (`bilten dev` migrates its own database)", 2)
+
+
+def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> None:
+    from bilten import demo
+
+    _require_urls_db(settings)
+
+    async def seed() -> None:
+        conn = await db.connect(settings.database_url)
+        try:
+            if await migrations.pending(conn):
+                raise Fatal("the database is not migrated; run `bilten migrate` first")
+            event_id = await demo.seed(conn)
+        finally:
+            await conn.close()
+        print(f"demo event {event_id} is published", flush=True)
+
+    asyncio.run(seed())
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="bilten",
+        description="Bilten: event ticketing and seat booking. Configuration comes from BILTEN_* "
+        "environment variables (see the README).",
+    )
+    top.add_argument("--version", action="version", version=f"bilten {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the API against BILTEN_DATABASE_URL and BILTEN_REDIS_URL",
+        description="Serve HTTP, WebSocket and background workers. Refuses to start when the "
+        "database or Redis cannot be reached or the database is not migrated.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    serve.add_argument(
+        "--roles",
+        help="comma-separated parts to run: api,realtime,workers (default: all, or BILTEN_ROLES)",
+    )
+    serve.set_defaults(run=cmd_serve)
+
+    dev = sub.add_parser(
+        "dev",
+        help="start embedded PostgreSQL and Redis (unless URLs are set), migrate, serve",
+        description="For a laptop: embedded PostgreSQL and Redis keep their data in the data "
+        "folder (default .bilten/) and stop with the command, Ctrl-C included.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    dev.add_argument("--data-dir", help="data folder (default BILTEN_DATA_DIR or .bilten)")
+    dev.set_defaults(run=cmd_dev)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply pending database migrations (idempotent)",
+        description="Apply the migrations in sql/migrations in order, each in a transaction, "
+        "under an advisory lock. Running it again changes nothing.",
+    )
+    migrate.set_defaults(run=cmd_migrate)
+
+    seed = sub.add_parser(
+        "seed-demo",
+        help="create a demo organizer, venue and published event",
+        description="Create an organizer account (demo@bilten.test), a 200-seat venue and a "
+        "published event with two price tiers and a standing ticket type.",
+    )
+    seed.set_defaults(run=cmd_seed_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = from_env()
+    except SettingsError as exc:
+        print(f"bilten: error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    try:
+        args.run(settings, args)
+    except Fatal as exc:
+        print(f"bilten: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

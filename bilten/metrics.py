@@ -1,0 +1,31 @@
+"""Prometheus metrics of the process (the default registry also carries process metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import disable_created_metrics
+from prometheus_client import generate_latest as _generate_latest
+
+disable_created_metrics()  # the *_created series double the output and nobody reads them
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+HTTP_REQUESTS = Counter(
+    "bilten_http_requests_total",
+    "HTTP requests answered, by method, route template and status.",
+    ("method", "route", "status"),
+)
+HTTP_LATENCY = Histogram(
+    "bilten_http_request_duration_seconds",
+    "Time to answer an HTTP request, by method and route template.",
+    ("method", "route"),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+HTTP_IN_FLIGHT = Gauge("bilten_http_requests_in_flight", "HTTP requests being answered.")
+WORKER_RESTARTS = Counter(
+    "bilten_worker_restarts_total", "Background coroutines restarted after a crash.", ("worker",)
+)
+
+
+def generate_latest() -> bytes:
+    return _generate_latest(REGISTRY)

@@ -1,0 +1,101 @@
+"""The outermost ASGI middleware: request id, metrics, and the last line of error handling."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bilten import errors, logs, metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+UNMATCHED = "<unmatched>"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _incoming_request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            if _VALID_REQUEST_ID.match(value):
+                return value.decode()
+            break
+    return uuid.uuid4().hex
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template: metrics labels never carry raw paths."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) and isinstance(route, Route) else UNMATCHED
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        rid = _incoming_request_id(scope)
+        token = logs.request_id.set(rid)
+        try:
+            if scope["type"] == "http":
+                await self._http(scope, receive, send, rid)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
+        status = 500
+        started = False
+        header = (REQUEST_ID_HEADER, rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        metrics.HTTP_IN_FLIGHT.inc()
+        begun = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send_with_id(
+                    {
+                        "type": "http.response.body",
+                        "body": errors.body(
+                            "internal_error",
+                            "Internal server error.",
+                            {"request_id": rid},
+                        ),
+                    }
+                )
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
+            route = route_template(scope)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            metrics.HTTP_LATENCY.labels(method, route).observe(
+                time.perf_counter() - begun
+            )
+            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()

@@ -1,0 +1,17 @@
+"""The route table, assembled from each area's ``routes`` list according to the roles served."""
+
+from __future__ import annotations
+
+from collections.abc import Set
+
+from starlette.routing import BaseRoute
+
+from bilten.routes import ops
+
+
+def build(roles: Set[str]) -> list[BaseRoute]:
+    """Operations endpoints are always served; the API areas only with the ``api`` role."""
+    table: list[BaseRoute] = [*ops.routes]
+    if "api" in roles:
+        pass  # the API areas register here as they are added
+    return table

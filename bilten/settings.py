@@ -1,0 +1,127 @@
+"""Settings, read once from the environment into a frozen object.
+
+Nothing else in Bilten reads ``os.environ``: the CLI calls :func:`from_env` and passes the
+result down explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ROLES = frozenset({"api", "realtime", "workers"})
+
+
+class SettingsError(ValueError):
+    """Invalid configuration: the message is one line meant for the operator."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    # Empty URLs mean "start the embedded servers" (``bilten dev`` and the tests only).
+    database_url: str = ""
+    redis_url: str = ""
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    redis_pool_max: int = 50
+    secret_key: str = dataclasses.field(default="", repr=False)
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | text
+    data_dir: Path = Path(".bilten")
+    roles: frozenset[str] = ROLES
+    ready_timeout: float = 1.0
+    shutdown_timeout: float = 10.0
+    instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {raw}")
+    return value
+
+
+def _url(env: Mapping[str, str], names: tuple[str, ...], schemes: tuple[str, ...]) -> str:
+    for name in names:
+        url = env.get(name, "").strip()
+        if not url:
+            continue
+        parts = urlsplit(url)
+        if parts.scheme not in schemes:
+            raise SettingsError(
+                f"{name} must start with {' or '.join(s + '://' for s in schemes)}, "
+                f"got {parts.scheme or 'no scheme'}"
+            )
+        return url
+    return ""
+
+
+def parse_roles(raw: str) -> frozenset[str]:
+    roles = frozenset(r.strip() for r in raw.split(",") if r.strip())
+    unknown = roles - ROLES
+    if unknown or not roles:
+        raise SettingsError(
+            f"roles must be a comma-separated subset of {','.join(sorted(ROLES))}, got {raw!r}"
+        )
+    return roles
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    level = env.get("BILTEN_LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"BILTEN_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    log_format = env.get("BILTEN_LOG_FORMAT", "json").lower()
+    if log_format not in ("json", "text"):
+        raise SettingsError(f"BILTEN_LOG_FORMAT must be json or text, got {log_format!r}")
+    pool_min = _int(env, "BILTEN_DB_POOL_MIN", 2, minimum=0)
+    pool_max = _int(env, "BILTEN_DB_POOL_MAX", 10, minimum=1)
+    if pool_min > pool_max:
+        raise SettingsError(f"BILTEN_DB_POOL_MIN ({pool_min}) exceeds BILTEN_DB_POOL_MAX ({pool_max})")
+    settings = Settings(
+        database_url=_url(
+            env, ("BILTEN_DATABASE_URL", "DATABASE_URL"), ("postgres", "postgresql")
+        ),
+        redis_url=_url(env, ("BILTEN_REDIS_URL", "REDIS_URL"), ("redis", "rediss", "unix")),
+        db_pool_min=pool_min,
+        db_pool_max=pool_max,
+        redis_pool_max=_int(env, "BILTEN_REDIS_POOL_MAX", 50, minimum=1),
+        secret_key=env.get("BILTEN_SECRET_KEY", ""),
+        log_level=level,
+        log_format=log_format,
+        data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),
+        roles=parse_roles(env.get("BILTEN_ROLES", "api,realtime,workers")),
+        ready_timeout=_float(env, "BILTEN_READY_TIMEOUT", 1.0),
+        shutdown_timeout=_float(env, "BILTEN_SHUTDOWN_TIMEOUT", 10.0),
+    )
+    if settings.secret_key and len(settings.secret_key) < 32:
+        raise SettingsError("BILTEN_SECRET_KEY must be at least 32 characters")
+    return settings

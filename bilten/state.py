@@ -1,0 +1,28 @@
+"""What the lifespan opens and every handler reads: ``state(request).db`` and friends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
+
+from bilten.db import Pool
+from bilten.settings import Settings
+from bilten.supervisor import Supervisor
+
+
+@dataclass(frozen=True)
+class State:
+    settings: Settings
+    db: Pool
+    redis: Redis
+    supervisor: Supervisor
+    started_at: float
+
+
+def state(conn: HTTPConnection) -> State:
+    value: Any = conn.state.bilten
+    assert isinstance(value, State)
+    return value

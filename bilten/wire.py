@@ -1,0 +1,83 @@
+"""Bodies in and out: msgspec Structs decoded from JSON requests, encoded into responses."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bilten.errors import ApiError
+
+T = TypeVar("T")
+
+JSON_MAX_BYTES = 1024 * 1024
+_encoder = msgspec.json.Encoder()
+_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of request bodies: unknown fields are an error, not silently dropped."""
+
+
+@lru_cache(maxsize=None)
+def _decoder(type_: type[T]) -> msgspec.json.Decoder[T]:
+    return msgspec.json.Decoder(type_)
+
+
+def decode(raw: bytes, type_: type[T]) -> T:
+    """Decode JSON bytes into ``type_``, raising the API's 400/422 errors."""
+    try:
+        return _decoder(type_).decode(raw)
+    except msgspec.ValidationError as exc:
+        match = _PATH.match(str(exc))
+        assert match is not None
+        field = (match["path"] or "").lstrip(".") or None
+        message = match["message"].replace("`", "")
+        raise ApiError(
+            "validation_error",
+            f"{field}: {message}" if field else message,
+            {"fields": [{"field": field, "message": message}]},
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError("bad_request", f"Malformed JSON body: {exc}") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError("bad_request", "Content-Length must be a number.")
+        if int(declared) > limit:
+            raise ApiError("payload_too_large", f"The body exceeds {limit} bytes.")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("payload_too_large", f"The body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, type_: type[T], limit: int = JSON_MAX_BYTES) -> T:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError("bad_request", "Content-Type must be application/json.")
+    return decode(await read_body(request, limit), type_)
+
+
+def encode(data: Any) -> bytes:
+    return _encoder.encode(data)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encoder.encode(content)

@@ -1,0 +1,1 @@
+"""Background coroutines run by the supervisor (see :mod:`bilten.supervisor`)."""
