@@ -33,7 +33,7 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         socket_connect_timeout=5,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 def start_workers(app: State) -> None:

@@ -1,0 +1,186 @@
+"""The error shape, request ids, body decoding, and what every response carries."""
+
+import json
+import logging
+
+import msgspec
+import pytest
+from asgi_lifespan import LifespanManager
+from httpx import ASGITransport, AsyncClient
+from starlette.requests import Request
+from starlette.routing import Route
+
+from bilten import logs, openapi
+from bilten.app import create_app
+from bilten.wire import JSONResponse, Struct, read_json
+
+
+class Seat(Struct):
+    row: str
+    number: int
+
+
+class Order(Struct):
+    event_id: str
+    seats: list[Seat]
+    note: str | None = None
+
+
+log = logging.getLogger("tests.echo")
+
+
+@openapi.endpoint(summary="Echo an order.", tag="test", body=Order, response=Order)
+async def echo(request: Request):
+    order = await read_json(request, Order)
+    log.info("echoing an order")
+    return JSONResponse(order)
+
+
+@openapi.endpoint(summary="Always fails.", tag="test")
+async def boom(request: Request):
+    raise RuntimeError("secret internals")
+
+
+@pytest.fixture
+async def app_client(settings):
+    app = create_app(settings)
+    app.router.routes += [
+        Route("/_test/echo", echo, methods=["POST"]),
+        Route("/_test/boom", boom, methods=["GET"]),
+    ]
+    async with LifespanManager(app) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app, raise_app_exceptions=False),
+            base_url="http://bilten.test",
+        ) as c:
+            yield c
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]
+
+
+async def test_unknown_route_is_a_404_in_the_error_shape(client):
+    response = await client.get("/no/such/thing")
+    assert_error(response, 404, "not_found")
+    assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_wrong_method_is_a_405_in_the_error_shape(client):
+    response = await client.delete("/health")
+    assert_error(response, 405, "method_not_allowed")
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
+async def test_request_id_is_echoed_when_given_and_replaced_when_unsafe(client):
+    response = await client.get("/health", headers={"X-Request-Id": "trace-123.abc"})
+    assert response.headers["x-request-id"] == "trace-123.abc"
+    response = await client.get("/health", headers={"X-Request-Id": "bad id\twith spaces"})
+    assert response.headers["x-request-id"] != "bad id\twith spaces"
+    assert len(response.headers["x-request-id"]) == 32
+    first = (await client.get("/health")).headers["x-request-id"]
+    second = (await client.get("/health")).headers["x-request-id"]
+    assert first != second
+
+
+async def test_valid_body_is_decoded_into_structs(app_client):
+    body = {"event_id": "e1", "seats": [{"row": "A", "number": 3}]}
+    response = await app_client.post("/_test/echo", json=body)
+    assert response.status_code == 200
+    assert response.json() == {**body, "note": None}
+
+
+async def test_malformed_json_is_a_400(app_client):
+    response = await app_client.post(
+        "/_test/echo", content=b'{"event_id": "e1", ', headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, "bad_request")
+
+
+async def test_wrong_content_type_is_a_400(app_client):
+    response = await app_client.post("/_test/echo", data={"event_id": "e1"})
+    assert_error(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"event_id": "e1", "seats": [{"row": "A", "number": "three"}]}, "seats[0].number"),
+        ({"seats": []}, None),  # a missing field is named in the message
+        ({"event_id": "e1", "seats": [], "price": 1}, None),
+        ({"event_id": 7, "seats": []}, "event_id"),
+    ],
+)
+async def test_failing_field_is_a_422_naming_it(app_client, body, field):
+    error = assert_error(await app_client.post("/_test/echo", json=body), 422, "validation_error")
+    reported = error["details"]["fields"][0]
+    if field:
+        assert reported["field"] == field
+        assert field in error["message"]
+    else:
+        assert any(name in error["message"] for name in ("event_id", "price"))
+
+
+async def test_json_body_over_one_megabyte_is_a_413(app_client):
+    big = json.dumps({"event_id": "x" * (1024 * 1024), "seats": []})
+    response = await app_client.post(
+        "/_test/echo", content=big, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 413, "payload_too_large")
+
+
+async def test_streamed_body_over_the_limit_is_a_413_without_content_length(app_client):
+    async def chunks():
+        for _ in range(20):
+            yield b"x" * 65536
+
+    response = await app_client.post(
+        "/_test/echo", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_error(response, 413, "payload_too_large")
+
+
+async def test_unexpected_error_is_a_500_with_request_id_and_no_traceback(app_client, caplog):
+    response = await app_client.get("/_test/boom", headers={"X-Request-Id": "req-500"})
+    error = assert_error(response, 500, "internal_error")
+    assert error["details"] == {"request_id": "req-500"}
+    assert "secret internals" not in response.text
+    assert "Traceback" not in response.text
+    assert response.headers["x-request-id"] == "req-500"
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert logged and logged[-1].exc_info is not None
+    assert "secret internals" in str(logged[-1].exc_info[1])
+
+
+async def test_every_log_line_carries_the_request_id(app_client, caplog):
+    caplog.set_level(logging.INFO)
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.addFilter(logs._RequestIdFilter())
+    handler.setFormatter(logs.JsonFormatter())
+    logging.getLogger().addHandler(handler)
+    try:
+        await app_client.post(
+            "/_test/echo",
+            json={"event_id": "e", "seats": []},
+            headers={"X-Request-Id": "req-log-1"},
+        )
+    finally:
+        logging.getLogger().removeHandler(handler)
+    entries = [msgspec.json.decode(line) for line in lines]
+    echo_lines = [e for e in entries if e["msg"] == "echoing an order"]
+    assert echo_lines and echo_lines[0]["request_id"] == "req-log-1"
+    assert echo_lines[0]["level"] == "info"
+    assert echo_lines[0]["ts"].endswith("Z")
