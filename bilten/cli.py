@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from bilten import __version__, db, embedded, logs, migrations
@@ -92,13 +94,14 @@ def _require_urls(settings: Settings) -> None:
         )
 
 
-def run_server(settings: Settings, host: str, port: int) -> None:
+def make_server(settings: Settings, host: str, port: int, app: Any = None) -> Any:
+    """A uvicorn server for the app; SIGTERM/SIGINT drain it (see ``timeout_graceful_shutdown``)."""
     import uvicorn
 
     from bilten.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings),
+        app or create_app(settings),
         host=host,
         port=port,
         loop="uvloop",
@@ -109,7 +112,11 @@ def run_server(settings: Settings, host: str, port: int) -> None:
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
-    server = uvicorn.Server(config)
+    return uvicorn.Server(config)
+
+
+def run_server(settings: Settings, host: str, port: int) -> None:
+    server = make_server(settings, host, port)
     server.run()
     if not server.started:
         raise Fatal("the server did not start (see the log above)")
@@ -235,8 +242,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM stops like Ctrl-C: uvicorn drains first and then re-raises the signal it caught,
+    # which lands here and unwinds through the embedded servers' cleanup.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = from_env()
     except SettingsError as exc:
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bilten: error: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
-        return 130
+        return 0  # a requested stop, after a graceful shutdown
     return 0
 
 

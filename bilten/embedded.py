@@ -169,6 +169,7 @@ def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[b
     """
     install = _pg_install()
     user = PG_USER_AS_ROOT if os.geteuid() == 0 else None
+    folder.mkdir(parents=True, exist_ok=True)
     if user and not _reachable_by_others(folder):
         fallback = _private_fallback("pgdata", folder)
         log.warning(

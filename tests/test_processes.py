@@ -1,0 +1,211 @@
+"""Real ``bilten`` processes: serve, migrate, dev with its embedded servers, shutdown."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bilten import db, embedded, keys
+from tests.conftest import ROOT, drop_database, free_port, new_database, server_env, wait_ready
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args, env, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "bilten", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def fresh_url(services):
+    url = new_database(services)
+    yield url
+    drop_database(services, url)
+
+
+def test_serve_refuses_an_unmigrated_database_in_one_line(settings, fresh_url):
+    result = run_cli("serve", "--port", str(free_port()),
+                     env=server_env(settings.replace(database_url=fresh_url)))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "bilten: error: the database is not migrated (1 pending, first 0001_init); "
+        "run `bilten migrate` first"
+    ][: len(result.stderr.strip().splitlines())]
+    assert "not migrated" in result.stderr
+
+
+def test_migrate_twice_then_serve(settings, fresh_url):
+    env = server_env(settings.replace(database_url=fresh_url), BILTEN_LOG_FORMAT="text")
+    first = run_cli("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "applied" in first.stderr
+    second = run_cli("migrate", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "status", "fragment"),
+    [
+        ({"BILTEN_DB_POOL_MAX": "lots"}, 2, "BILTEN_DB_POOL_MAX must be an integer"),
+        ({"BILTEN_DATABASE_URL": ""}, 2, "BILTEN_DATABASE_URL"),
+        ({"BILTEN_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}, 1,
+         "cannot reach PostgreSQL at 127.0.0.1:1"),
+        ({"BILTEN_REDIS_URL": "redis://127.0.0.1:1/0"}, 1, "cannot reach Redis at 127.0.0.1:1"),
+    ],
+)
+def test_bad_configuration_exits_with_one_clear_line(settings, env, status, fragment):
+    result = run_cli("serve", "--port", str(free_port()), env={**server_env(settings), **env})
+    assert result.returncode == status
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("bilten: error: ") and fragment in lines[0]
+
+
+def test_help_for_every_command():
+    for command in ("serve", "dev", "migrate", "seed-demo"):
+        result = subprocess.run([sys.executable, "-m", "bilten", command, "--help"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0
+        assert f"usage: bilten {command}" in result.stdout
+
+
+async def test_two_instances_share_one_database_and_register_themselves(spawn_server, redis):
+    a = spawn_server()
+    b = spawn_server("--roles", "api")
+    async with httpx.AsyncClient() as http:
+        for server in (a, b):
+            response = await http.get(server.url + "/health/ready")
+            assert response.status_code == 200
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        ids = await redis.zrange(keys.INSTANCES, 0, -1)
+        if len(ids) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(ids) == 2
+    roles = {(await redis.hget(keys.instance(i.decode()), "roles")).decode() for i in ids}
+    assert roles == {"api,realtime,workers", "api"}
+    assert a.stop() == 0
+    assert b.stop() == 0
+    assert await redis.zrange(keys.INSTANCES, 0, -1) == []
+    assert "instance" in a.log and "stopped" in a.log
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def dev_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BILTEN_", "DATABASE_URL", "REDIS_URL"))}
+    env.update(BILTEN_LOG_FORMAT="text", **extra)
+    return env
+
+
+def start_dev(data_dir: Path, log: Path):
+    port = free_port()
+    out = open(log, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bilten", "dev", "--port", str(port), "--data-dir", str(data_dir)],
+        env=dev_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+    )
+    out.close()
+    began = time.monotonic()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=90)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(log.read_text()) from None
+    return proc, port, time.monotonic() - began
+
+
+@pytest.fixture
+def shared_tmp():
+    # A world-traversable folder: PostgreSQL may run as another user when tests run as root.
+    path = Path(tempfile.mkdtemp(prefix="bilten-dev-test-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+async def _write_and_read(url: str, value: str | None) -> str | None:
+    conn = await db.connect(url)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS kept (v text)")
+        if value is not None:
+            await conn.execute("INSERT INTO kept VALUES ($1)", value)
+        return await conn.fetchval("SELECT v FROM kept LIMIT 1")
+    finally:
+        await conn.close()
+
+
+def test_dev_keeps_data_and_leaves_no_process_behind(shared_tmp):
+    data = shared_tmp / "data"
+    log = shared_tmp / "dev.log"
+    proc, _, cold = start_dev(data, log)
+    servers = children(proc.pid)
+    assert len(servers) == 2, log.read_text()  # postgres and redis-server
+    url = f"postgresql://postgres@/bilten?host={data}&port=5432"
+    assert asyncio.run(_write_and_read(url, "kept across restarts")) == "kept across restarts"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert proc.wait(30) == 0, log.read_text()
+    assert not [pid for pid in servers if alive(pid)]
+
+    proc, _, warm = start_dev(data, log)
+    try:
+        assert asyncio.run(_write_and_read(url, None)) == "kept across restarts"
+        servers = children(proc.pid)
+        print(f"dev ready: cold {cold:.2f} s, warm {warm:.2f} s")
+    finally:
+        proc.kill()  # even kill -9 must not leave the servers running
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(pid) for pid in servers):
+        time.sleep(0.1)
+    assert not [pid for pid in servers if alive(pid)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")
+def test_dev_as_root_never_loosens_a_private_folder(shared_tmp):
+    private = shared_tmp / "home"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    data = private / "project" / ".bilten"
+    log = shared_tmp / "dev.log"
+    proc, _, _ = start_dev(data, log)
+    try:
+        assert (private.stat().st_mode & 0o777) == 0o700
+        assert "not reachable" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert (private.stat().st_mode & 0o777) == 0o700
+    subprocess.run(["rm", "-rf", str(embedded._private_fallback("pgdata", data))], check=False)
+    subprocess.run(["rm", "-rf", str(embedded._private_fallback("pgdata", data))], check=False)
