@@ -63,7 +63,11 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 started_at=time.time(),
             )
             start_workers(app)
-            log.info("instance %s started (roles %s)", settings.instance_id, ",".join(sorted(settings.roles)))
+            log.info(
+                "instance %s started (roles %s)",
+                settings.instance_id,
+                ",".join(sorted(settings.roles)),
+            )
             try:
                 yield {"bilten": app}
             finally:
@@ -79,6 +83,6 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes.build(settings.roles),
         middleware=[Middleware(RequestContext)],
-        exception_handlers=errors.HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=errors.HANDLERS,
         lifespan=lambda _app: lifespan(settings),
     )

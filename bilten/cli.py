@@ -84,8 +84,10 @@ async def _migrate(settings: Settings) -> None:
 def _require_urls(settings: Settings) -> None:
     missing = [
         name
-        for name, url in (("BILTEN_DATABASE_URL", settings.database_url),
-                          ("BILTEN_REDIS_URL", settings.redis_url))
+        for name, url in (
+            ("BILTEN_DATABASE_URL", settings.database_url),
+            ("BILTEN_REDIS_URL", settings.redis_url),
+        )
         if not url
     ]
     if missing:

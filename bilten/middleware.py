@@ -24,7 +24,7 @@ def _incoming_request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER:
             if _VALID_REQUEST_ID.match(value):
-                return value.decode()
+                return bytes(value).decode()
             break
     return uuid.uuid4().hex
 
@@ -32,8 +32,7 @@ def _incoming_request_id(scope: Scope) -> str:
 def route_template(scope: Scope) -> str:
     """The matched route's path template: metrics labels never carry raw paths."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) and isinstance(route, Route) else UNMATCHED
+    return route.path if isinstance(route, Route) else UNMATCHED
 
 
 class RequestContext:
@@ -95,7 +94,5 @@ class RequestContext:
             metrics.HTTP_IN_FLIGHT.dec()
             route = route_template(scope)
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-            metrics.HTTP_LATENCY.labels(method, route).observe(
-                time.perf_counter() - begun
-            )
+            metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - begun)
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()

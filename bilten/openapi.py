@@ -81,9 +81,7 @@ def document(routes: Sequence[BaseRoute], *, title: str, version: str) -> dict[s
             raise UndocumentedRoute(f"route {path} has no @endpoint declaration")
         template = _PARAM.sub(r"{\1}", path)
         for method in methods:
-            paths.setdefault(template, {})[method] = _operation(
-                operation, template, method, types
-            )
+            paths.setdefault(template, {})[method] = _operation(operation, template, method, types)
     schemas = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )[1]
@@ -93,7 +91,9 @@ def document(routes: Sequence[BaseRoute], *, title: str, version: str) -> dict[s
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
         },
     }
 
@@ -104,8 +104,13 @@ def _operation(op: Operation, template: str, method: str, types: set[type]) -> d
         for name in _PARAM.findall(template)
     ]
     params += [
-        {"name": name, "in": "query", "required": False, "schema": {"type": kind},
-         "description": text}
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": kind},
+            "description": text,
+        }
         for name, kind, text in op.query
     ]
     success: dict[str, Any] = {"description": "Success."}
@@ -124,8 +129,7 @@ def _operation(op: Operation, template: str, method: str, types: set[type]) -> d
     if op.auth:
         codes += ["unauthorized"]
     for code in codes:
-        status = str(CODES[code])
-        entry = responses.setdefault(status, {"description": "", "content": error_schema})
+        entry = responses.setdefault(str(CODES[code]), {"description": "", "content": error_schema})
         entry["description"] = ", ".join(filter(None, [entry["description"], code]))
     result: dict[str, Any] = {
         "summary": op.summary,

@@ -98,18 +98,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     level = env.get("BILTEN_LOG_LEVEL", "INFO").upper()
     if level not in LOG_LEVELS:
-        raise SettingsError(f"BILTEN_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        raise SettingsError(
+            f"BILTEN_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
     log_format = env.get("BILTEN_LOG_FORMAT", "json").lower()
     if log_format not in ("json", "text"):
         raise SettingsError(f"BILTEN_LOG_FORMAT must be json or text, got {log_format!r}")
     pool_min = _int(env, "BILTEN_DB_POOL_MIN", 2, minimum=0)
     pool_max = _int(env, "BILTEN_DB_POOL_MAX", 10, minimum=1)
     if pool_min > pool_max:
-        raise SettingsError(f"BILTEN_DB_POOL_MIN ({pool_min}) exceeds BILTEN_DB_POOL_MAX ({pool_max})")
+        raise SettingsError(
+            f"BILTEN_DB_POOL_MIN ({pool_min}) exceeds BILTEN_DB_POOL_MAX ({pool_max})"
+        )
     settings = Settings(
-        database_url=_url(
-            env, ("BILTEN_DATABASE_URL", "DATABASE_URL"), ("postgres", "postgresql")
-        ),
+        database_url=_url(env, ("BILTEN_DATABASE_URL", "DATABASE_URL"), ("postgres", "postgresql")),
         redis_url=_url(env, ("BILTEN_REDIS_URL", "REDIS_URL"), ("redis", "rediss", "unix")),
         db_pool_min=pool_min,
         db_pool_max=pool_max,

@@ -52,7 +52,9 @@ class Supervisor:
             else:
                 if self.stop_event.is_set():
                     return
-                log.warning("worker %s returned before shutdown; restarting in %.1f s", name, backoff)
+                log.warning(
+                    "worker %s returned before shutdown; restarting in %.1f s", name, backoff
+                )
             if time.monotonic() - began >= HEALTHY_AFTER:
                 backoff = self.backoff_min
             self.restarts[name] += 1
@@ -71,7 +73,9 @@ class Supervisor:
         tasks = list(self.tasks.values())
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
-            log.warning("worker %s did not stop within %.1f s; cancelling", task.get_name(), timeout)
+            log.warning(
+                "worker %s did not stop within %.1f s; cancelling", task.get_name(), timeout
+            )
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()

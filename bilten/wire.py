@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,15 +22,21 @@ class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of request bodies: unknown fields are an error, not silently dropped."""
 
 
-@lru_cache(maxsize=None)
-def _decoder(type_: type[T]) -> msgspec.json.Decoder[T]:
-    return msgspec.json.Decoder(type_)
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(type_: Any) -> msgspec.json.Decoder[Any]:
+    decoder = _decoders.get(type_)
+    if decoder is None:
+        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    return decoder
 
 
 def decode(raw: bytes, type_: type[T]) -> T:
     """Decode JSON bytes into ``type_``, raising the API's 400/422 errors."""
     try:
-        return _decoder(type_).decode(raw)
+        value: T = _decoder(type_).decode(raw)
+        return value
     except msgspec.ValidationError as exc:
         match = _PATH.match(str(exc))
         assert match is not None

@@ -142,7 +142,11 @@ def free_port() -> int:
 
 
 def server_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILTEN_", "DATABASE_URL", "REDIS_URL"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BILTEN_", "DATABASE_URL", "REDIS_URL"))
+    }
     env.update(
         BILTEN_DATABASE_URL=settings.database_url,
         BILTEN_REDIS_URL=settings.redis_url,

@@ -50,8 +50,12 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_count_requests_by_route_template_not_raw_path(client):
-    before = sample((await client.get("/metrics")).text, "bilten_http_requests_total",
-                    route="/health", status="200")
+    before = sample(
+        (await client.get("/metrics")).text,
+        "bilten_http_requests_total",
+        route="/health",
+        status="200",
+    )
     for _ in range(3):
         await client.get("/health")
     await client.get("/events/3f1c0d7e-secret-path")
@@ -111,8 +115,14 @@ def test_path_parameters_and_bodies_are_described():
     class Thing(Struct):
         name: str
 
-    @openapi.endpoint(summary="Make a thing.", tag="t", body=Thing, response=Thing, status=201,
-                      errors=("conflict",))
+    @openapi.endpoint(
+        summary="Make a thing.",
+        tag="t",
+        body=Thing,
+        response=Thing,
+        status=201,
+        errors=("conflict",),
+    )
     async def make(request):  # pragma: no cover - never called
         raise AssertionError
 

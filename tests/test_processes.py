@@ -21,7 +21,11 @@ pytestmark = pytest.mark.slow
 def run_cli(*args, env, timeout=60):
     return subprocess.run(
         [sys.executable, "-m", "bilten", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -33,13 +37,20 @@ def fresh_url(services):
 
 
 def test_serve_refuses_an_unmigrated_database_in_one_line(settings, fresh_url):
-    result = run_cli("serve", "--port", str(free_port()),
-                     env=server_env(settings.replace(database_url=fresh_url)))
+    result = run_cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        env=server_env(settings.replace(database_url=fresh_url)),
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "bilten: error: the database is not migrated (1 pending, first 0001_init); "
-        "run `bilten migrate` first"
-    ][: len(result.stderr.strip().splitlines())]
+    assert (
+        result.stderr.strip().splitlines()
+        == [
+            "bilten: error: the database is not migrated (1 pending, first 0001_init); "
+            "run `bilten migrate` first"
+        ][: len(result.stderr.strip().splitlines())]
+    )
     assert "not migrated" in result.stderr
 
 
@@ -58,8 +69,11 @@ def test_migrate_twice_then_serve(settings, fresh_url):
     [
         ({"BILTEN_DB_POOL_MAX": "lots"}, 2, "BILTEN_DB_POOL_MAX must be an integer"),
         ({"BILTEN_DATABASE_URL": ""}, 2, "BILTEN_DATABASE_URL"),
-        ({"BILTEN_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}, 1,
-         "cannot reach PostgreSQL at 127.0.0.1:1"),
+        (
+            {"BILTEN_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"},
+            1,
+            "cannot reach PostgreSQL at 127.0.0.1:1",
+        ),
         ({"BILTEN_REDIS_URL": "redis://127.0.0.1:1/0"}, 1, "cannot reach Redis at 127.0.0.1:1"),
     ],
 )
@@ -73,8 +87,12 @@ def test_bad_configuration_exits_with_one_clear_line(settings, env, status, frag
 
 def test_help_for_every_command():
     for command in ("serve", "dev", "migrate", "seed-demo"):
-        result = subprocess.run([sys.executable, "-m", "bilten", command, "--help"],
-                                capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, "-m", "bilten", command, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert result.returncode == 0
         assert f"usage: bilten {command}" in result.stdout
 
@@ -123,8 +141,11 @@ def children(pid: int) -> list[int]:
 
 
 def dev_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BILTEN_", "DATABASE_URL", "REDIS_URL"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BILTEN_", "DATABASE_URL", "REDIS_URL"))
+    }
     env.update(BILTEN_LOG_FORMAT="text", **extra)
     return env
 
@@ -134,7 +155,10 @@ def start_dev(data_dir: Path, log: Path):
     out = open(log, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bilten", "dev", "--port", str(port), "--data-dir", str(data_dir)],
-        env=dev_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        env=dev_env(),
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
     out.close()
     began = time.monotonic()

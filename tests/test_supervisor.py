@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 
 from bilten.supervisor import Supervisor
 
@@ -20,7 +21,7 @@ async def test_crashing_worker_is_restarted_with_growing_backoff():
             break
         await asyncio.sleep(0.01)
     assert len(runs) == 4
-    gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.08
     assert supervisor.restarts["flaky"] == 3
     await supervisor.stop(timeout=1)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import time
+from typing import cast
 
 from bilten import keys
 from bilten.state import State
@@ -59,7 +60,9 @@ def worker(app: State, interval: float = INTERVAL) -> Worker:
 
 
 async def live_instances(app: State) -> list[dict[bytes, bytes]]:
-    ids = await app.redis.zrangebyscore(keys.INSTANCES, time.time() - TTL, "+inf")
+    ids = cast(
+        list[bytes], await app.redis.zrangebyscore(keys.INSTANCES, time.time() - TTL, "+inf")
+    )
     if not ids:
         return []
     async with app.redis.pipeline(transaction=False) as pipe:
