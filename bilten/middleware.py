@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +35,15 @@ def route_template(scope: Scope) -> str:
     """The matched route's path template: metrics labels never carry raw paths."""
     route = scope.get("route")
     return route.path if isinstance(route, Route) else UNMATCHED
+
+
+@functools.cache
+def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
+    # labels() takes a lock and builds a key per call; the label sets are few, so keep them.
+    return (
+        metrics.HTTP_LATENCY.labels(method, route),
+        metrics.HTTP_REQUESTS.labels(method, route, str(status)),
+    )
 
 
 class RequestContext:
@@ -92,7 +103,7 @@ class RequestContext:
                 )
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
-            route = route_template(scope)
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-            metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - begun)
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            latency, count = _series(method, route_template(scope), status)
+            latency.observe(time.perf_counter() - begun)
+            count.inc()
