@@ -1,4 +1,4 @@
-"""The yardstick: a Starlette hello-world, served exactly like Bilten (uvicorn, uvloop, httptools)."""
+"""The yardstick: a Starlette hello-world served like Bilten (uvicorn, uvloop, httptools)."""
 
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse

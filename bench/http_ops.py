@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bilten, hello_world, report, services, wrk  # noqa: E402
+from bench.common import bilten, hello_world, report, services, wrk
 
 
 def main() -> None:
