@@ -22,6 +22,17 @@ class SettingsError(ValueError):
     """Invalid configuration: the message is one line meant for the operator."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """At most ``limit`` hits per ``window`` seconds; ``limit == 0`` switches the limit off."""
+
+    limit: int
+    window: int
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.window}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     # Empty URLs mean "start the embedded servers" (``bilten dev`` and the tests only).
@@ -30,7 +41,26 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 10
     redis_pool_max: int = 50
+    # Signs access tokens; older keys still verify tokens they signed (rotation).
     secret_key: str = dataclasses.field(default="", repr=False)
+    old_secret_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    access_token_ttl: int = 15 * 60
+    refresh_token_ttl: int = 30 * 24 * 3600
+    # argon2id cost; changing it rehashes each password at its next login.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 64 * 1024
+    argon2_parallelism: int = 2
+    limit_login_email: Rate = Rate(5, 60)
+    limit_login_ip: Rate = Rate(30, 60)
+    limit_register_ip: Rate = Rate(20, 3600)
+    limit_forgot_email: Rate = Rate(3, 3600)
+    limit_api_ip: Rate = Rate(1200, 60)
+    smtp_url: str = dataclasses.field(default="", repr=False)
+    mail_from: str = "Bilten <no-reply@bilten.localhost>"
+    mail_dir: Path | None = None  # where mail goes without SMTP; None: <data_dir>/mail
+    mail_max_attempts: int = 8
+    mail_poll_interval: float = 1.0
+    public_url: str = "http://127.0.0.1:8000"
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -84,6 +114,16 @@ def _url(env: Mapping[str, str], names: tuple[str, ...], schemes: tuple[str, ...
     return ""
 
 
+def _rate(env: Mapping[str, str], name: str, default: Rate) -> Rate:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    limit, _, window = raw.partition("/")
+    if not (limit.isdigit() and window.isdigit() and int(window) > 0):
+        raise SettingsError(f"{name} must look like 5/60 (hits per seconds), got {raw!r}")
+    return Rate(int(limit), int(window))
+
+
 def parse_roles(raw: str) -> frozenset[str]:
     roles = frozenset(r.strip() for r in raw.split(",") if r.strip())
     unknown = roles - ROLES
@@ -117,6 +157,25 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         db_pool_max=pool_max,
         redis_pool_max=_int(env, "BILTEN_REDIS_POOL_MAX", 50, minimum=1),
         secret_key=env.get("BILTEN_SECRET_KEY", ""),
+        old_secret_keys=tuple(
+            k.strip() for k in env.get("BILTEN_OLD_SECRET_KEYS", "").split(",") if k.strip()
+        ),
+        access_token_ttl=_int(env, "BILTEN_ACCESS_TOKEN_TTL", 15 * 60, minimum=10),
+        refresh_token_ttl=_int(env, "BILTEN_REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60),
+        argon2_time_cost=_int(env, "BILTEN_ARGON2_TIME_COST", 3, minimum=1),
+        argon2_memory_kib=_int(env, "BILTEN_ARGON2_MEMORY_KIB", 64 * 1024, minimum=1024),
+        argon2_parallelism=_int(env, "BILTEN_ARGON2_PARALLELISM", 2, minimum=1),
+        limit_login_email=_rate(env, "BILTEN_LIMIT_LOGIN_EMAIL", Rate(5, 60)),
+        limit_login_ip=_rate(env, "BILTEN_LIMIT_LOGIN_IP", Rate(30, 60)),
+        limit_register_ip=_rate(env, "BILTEN_LIMIT_REGISTER_IP", Rate(20, 3600)),
+        limit_forgot_email=_rate(env, "BILTEN_LIMIT_FORGOT_EMAIL", Rate(3, 3600)),
+        limit_api_ip=_rate(env, "BILTEN_LIMIT_API_IP", Rate(1200, 60)),
+        smtp_url=_url(env, ("BILTEN_SMTP_URL",), ("smtp", "smtps")),
+        mail_from=env.get("BILTEN_MAIL_FROM", "") or "Bilten <no-reply@bilten.localhost>",
+        mail_dir=Path(env["BILTEN_MAIL_DIR"]) if env.get("BILTEN_MAIL_DIR") else None,
+        mail_max_attempts=_int(env, "BILTEN_MAIL_MAX_ATTEMPTS", 8, minimum=1),
+        mail_poll_interval=_float(env, "BILTEN_MAIL_POLL_INTERVAL", 1.0),
+        public_url=env.get("BILTEN_PUBLIC_URL", "").rstrip("/") or "http://127.0.0.1:8000",
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),
@@ -124,6 +183,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ready_timeout=_float(env, "BILTEN_READY_TIMEOUT", 1.0),
         shutdown_timeout=_float(env, "BILTEN_SHUTDOWN_TIMEOUT", 10.0),
     )
-    if settings.secret_key and len(settings.secret_key) < 32:
-        raise SettingsError("BILTEN_SECRET_KEY must be at least 32 characters")
+    for key in (settings.secret_key, *settings.old_secret_keys):
+        if key and len(key) < 32:
+            raise SettingsError("BILTEN_SECRET_KEY and BILTEN_OLD_SECRET_KEYS need 32+ characters")
     return settings

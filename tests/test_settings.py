@@ -47,7 +47,9 @@ def test_secret_never_in_repr():
         ({"BILTEN_DB_POOL_MIN": "9", "BILTEN_DB_POOL_MAX": "3"}, "exceeds"),
         ({"BILTEN_LOG_LEVEL": "loud"}, "BILTEN_LOG_LEVEL"),
         ({"BILTEN_ROLES": "api,cron"}, "roles"),
-        ({"BILTEN_SECRET_KEY": "short"}, "at least 32"),
+        ({"BILTEN_SECRET_KEY": "short"}, "32+ characters"),
+        ({"BILTEN_LIMIT_LOGIN_EMAIL": "five"}, "BILTEN_LIMIT_LOGIN_EMAIL must look like 5/60"),
+        ({"BILTEN_SMTP_URL": "http://mail"}, "BILTEN_SMTP_URL must start with"),
         ({"BILTEN_READY_TIMEOUT": "-1"}, "positive"),
     ],
 )
