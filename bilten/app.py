@@ -11,12 +11,14 @@ import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from bilten import db, errors, migrations, routes
-from bilten.middleware import RequestContext
+from bilten import cache, db, errors, mail, migrations, passwords, routes, tokens
+from bilten.media import LocalStorage
+from bilten.middleware import ApiBudget, RequestContext
 from bilten.settings import Settings
 from bilten.state import State
 from bilten.supervisor import Supervisor
 from bilten.workers import heartbeat
+from bilten.workers import mail as mail_worker
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,10 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 def start_workers(app: State) -> None:
     app.supervisor.start("heartbeat", heartbeat.worker(app))
+    app.supervisor.start("cache-invalidation", cache.invalidation_listener(app.redis, app.caches))
     if "workers" in app.settings.roles:
-        pass  # queue workers, mail sender, outbox relay and sweepers register here
+        transport = mail.transport_from_settings(app.settings)
+        app.supervisor.start("mail", mail_worker.worker(app, transport))
 
 
 @contextlib.asynccontextmanager
@@ -60,6 +64,10 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 db=pool,
                 redis=redis,
                 supervisor=Supervisor(),
+                signer=tokens.signer(settings),
+                passwords=passwords.from_settings(settings),
+                caches=cache.Caches(),
+                media=LocalStorage(settings.media_dir or settings.data_dir / "media"),
                 started_at=time.time(),
             )
             start_workers(app)
@@ -82,7 +90,7 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
 def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes.build(settings.roles),
-        middleware=[Middleware(RequestContext)],
+        middleware=[Middleware(RequestContext), Middleware(ApiBudget)],
         exception_handlers=errors.HANDLERS,
         lifespan=lambda _app: lifespan(settings),
     )

@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bilten import __version__, db, embedded, logs, migrations
+from bilten import __version__, db, embedded, logs, mail, migrations
 from bilten.settings import Settings, SettingsError, from_env, parse_roles
 
 log = logging.getLogger("bilten")
@@ -94,6 +97,8 @@ def _require_urls(settings: Settings) -> None:
         raise Fatal(
             f"{' and '.join(missing)} must be set (or run `bilten dev` for embedded servers)", 2
         )
+    if not settings.secret_key:
+        raise Fatal("BILTEN_SECRET_KEY must be set (32+ random characters)", 2)
 
 
 def make_server(settings: Settings, host: str, port: int, app: Any = None) -> Any:
@@ -145,21 +150,39 @@ def _embedded_if_needed(settings: Settings) -> Iterator[Settings]:
         raise Fatal(str(exc)) from None
 
 
+def _dev_secret(folder: Path) -> str:
+    """The signing key of a dev data folder: made once, kept private, reused on restart."""
+    path = folder / "secret_key"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     if args.roles:
         settings = settings.replace(roles=parse_roles(args.roles))
     _require_urls(settings)
+    try:
+        if settings.smtp_url:  # a malformed SMTP URL stops us here, in one line
+            mail.SmtpTransport.from_url(settings.smtp_url)
+    except SettingsError as exc:
+        raise Fatal(str(exc), 2) from None
     asyncio.run(preflight(settings))
     run_server(settings, args.host, args.port)
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
     if args.data_dir:
-        from pathlib import Path
-
         settings = settings.replace(data_dir=Path(args.data_dir))
+    if not settings.secret_key:
+        settings = settings.replace(secret_key=_dev_secret(settings.data_dir))
     with _embedded_if_needed(settings) as settings:
         asyncio.run(_migrate(settings))
+        if args.seed_demo:
+            asyncio.run(_seed_demo(settings))
         print(f"Bilten is running at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
         run_server(settings, args.host, args.port)
 
@@ -174,22 +197,59 @@ def _require_urls_db(settings: Settings) -> None:
         raise Fatal("BILTEN_DATABASE_URL must be set (`bilten dev` migrates its own database)", 2)
 
 
-def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> None:
+async def _seed_demo(settings: Settings) -> None:
     from bilten import demo
 
-    _require_urls_db(settings)
+    conn = await db.connect(settings.database_url)
+    try:
+        if await migrations.pending(conn):
+            raise Fatal("the database is not migrated; run `bilten migrate` first")
+        event_id, created = await demo.seed(conn, settings)
+    finally:
+        await conn.close()
+    print(
+        f"demo event {event_id} {'is published' if created else 'exists already'}; "
+        f"organizer {demo.EMAIL} / {demo.PASSWORD!r}",
+        flush=True,
+    )
 
-    async def seed() -> None:
+
+def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> None:
+    _require_urls_db(settings)
+    asyncio.run(_seed_demo(settings))
+
+
+def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> None:
+    from bilten import passwords, users
+
+    _require_urls_db(settings)
+    if not passwords.MIN_LENGTH <= len(args.password) <= passwords.MAX_LENGTH:
+        raise Fatal(
+            f"the password must be {passwords.MIN_LENGTH} to {passwords.MAX_LENGTH} characters", 2
+        )
+
+    async def create() -> str:
+        password_hash = await passwords.from_settings(settings).hash(args.password)
         conn = await db.connect(settings.database_url)
         try:
-            if await migrations.pending(conn):
-                raise Fatal("the database is not migrated; run `bilten migrate` first")
-            event_id = await demo.seed(conn)
+            async with conn.transaction():
+                found = await users.credentials(conn, args.email)
+                if found is None:
+                    user = await users.create(
+                        conn,
+                        email=args.email,
+                        password_hash=password_hash,
+                        name=args.name,
+                        role="admin",
+                    )
+                    return f"created admin {user.email}"
+                await users.set_role(conn, found[0].id, "admin")
+                await users.set_password_hash(conn, found[0].id, password_hash)
+                return f"made {found[0].email} an admin and set its password"
         finally:
             await conn.close()
-        print(f"demo event {event_id} is published", flush=True)
 
-    asyncio.run(seed())
+    print(asyncio.run(create()), flush=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -224,6 +284,9 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     dev.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     dev.add_argument("--data-dir", help="data folder (default BILTEN_DATA_DIR or .bilten)")
+    dev.add_argument(
+        "--seed-demo", action="store_true", help="also create the demo event (see seed-demo)"
+    )
     dev.set_defaults(run=cmd_dev)
 
     migrate = sub.add_parser(
@@ -241,6 +304,17 @@ def parser() -> argparse.ArgumentParser:
         "published event with two price tiers and a standing ticket type.",
     )
     seed.set_defaults(run=cmd_seed_demo)
+
+    admin = sub.add_parser(
+        "create-admin",
+        help="create an admin account, or make an existing account an admin",
+        description="Admins are made only here, never through the API. An existing account "
+        "with this email becomes an admin and gets the given password.",
+    )
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--password", required=True, help="10 to 256 characters")
+    admin.add_argument("--name", default="Administrator")
+    admin.set_defaults(run=cmd_create_admin)
     return top
 
 

@@ -27,7 +27,9 @@ async def _init_connection(conn: Connection) -> None:
 
 
 async def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Connection:
-    return await asyncpg.connect(url, timeout=timeout)
+    conn = await asyncpg.connect(url, timeout=timeout)
+    await _init_connection(conn)
+    return conn
 
 
 async def create_pool(settings: Settings) -> Pool:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 CODES: dict[str, int] = {
     "validation_error": 422,
     "bad_request": 400,
+    "invalid_token": 400,
     "unauthorized": 401,
     "invalid_credentials": 401,
     "forbidden": 403,

@@ -35,3 +35,20 @@ WORKER_RESTARTS = Counter(
 
 def generate_latest() -> bytes:
     return _generate_latest(REGISTRY)
+
+
+MAIL_SENT = Counter(
+    "bilten_mail_sent_total",
+    "Mails accepted by the mail server (or written to the mail folder), by template.",
+    ("template",),
+)
+MAIL_FAILED = Counter(
+    "bilten_mail_failed_total",
+    "Mail attempts that failed and will be retried, by template.",
+    ("template",),
+)
+MAIL_DEAD = Counter(
+    "bilten_mail_dead_total",
+    "Mails given up on (refused for good, or out of attempts), by template.",
+    ("template",),
+)

@@ -9,10 +9,11 @@ import time
 import uuid
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bilten import errors, logs, metrics
+from bilten import errors, logs, metrics, ratelimit
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,37 @@ def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
         metrics.HTTP_LATENCY.labels(method, route),
         metrics.HTTP_REQUESTS.labels(method, route, str(status)),
     )
+
+
+class ApiBudget:
+    """The general per-IP request budget of the API, shared by all instances (in Redis).
+
+    Operations endpoints are exempt: load balancers and scrapers poll them.
+    """
+
+    EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.EXEMPT):
+            app = scope["state"]["bilten"]
+            rate = app.settings.limit_api_ip
+            if rate.limit:
+                client = scope.get("client")
+                try:
+                    outcome = await ratelimit.hit(
+                        app.redis, "api_ip", client[0] if client else "-", rate
+                    )
+                except RedisError:
+                    # The general budget fails open: Redis trouble must not stop the API.
+                    log.warning("API budget unavailable (Redis error); request let through")
+                    outcome = ratelimit.Outcome(True, 0, 0)
+                if not outcome.allowed:
+                    await errors.response(ratelimit.limited(outcome))(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 class RequestContext:

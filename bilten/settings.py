@@ -61,6 +61,7 @@ class Settings:
     mail_max_attempts: int = 8
     mail_poll_interval: float = 1.0
     public_url: str = "http://127.0.0.1:8000"
+    media_dir: Path | None = None  # uploaded images; None: <data_dir>/media
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -176,6 +177,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         mail_max_attempts=_int(env, "BILTEN_MAIL_MAX_ATTEMPTS", 8, minimum=1),
         mail_poll_interval=_float(env, "BILTEN_MAIL_POLL_INTERVAL", 1.0),
         public_url=env.get("BILTEN_PUBLIC_URL", "").rstrip("/") or "http://127.0.0.1:8000",
+        media_dir=Path(env["BILTEN_MEDIA_DIR"]) if env.get("BILTEN_MEDIA_DIR") else None,
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),

@@ -8,9 +8,13 @@ from typing import Any
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from bilten.cache import Caches
 from bilten.db import Pool
+from bilten.media import Storage
+from bilten.passwords import Passwords
 from bilten.settings import Settings
 from bilten.supervisor import Supervisor
+from bilten.tokens import Signer
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,10 @@ class State:
     db: Pool
     redis: Redis
     supervisor: Supervisor
+    signer: Signer
+    passwords: Passwords
+    caches: Caches
+    media: Storage
     started_at: float
 
 

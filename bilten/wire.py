@@ -19,7 +19,10 @@ _PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTAL
 
 
 class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Base of request bodies: unknown fields are an error, not silently dropped."""
+    """Base of request bodies: unknown fields are an error, not silently dropped.
+
+    ``kw_only`` does not pass to subclasses: declare them ``class X(Struct, kw_only=True)``.
+    """
 
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
@@ -32,21 +35,25 @@ def _decoder(type_: Any) -> msgspec.json.Decoder[Any]:
     return decoder
 
 
+def _invalid(exc: msgspec.ValidationError) -> ApiError:
+    match = _PATH.match(str(exc))
+    assert match is not None
+    field = (match["path"] or "").lstrip(".") or None
+    message = match["message"].replace("`", "")
+    return ApiError(
+        "validation_error",
+        f"{field}: {message}" if field else message,
+        {"fields": [{"field": field, "message": message}]},
+    )
+
+
 def decode(raw: bytes, type_: type[T]) -> T:
     """Decode JSON bytes into ``type_``, raising the API's 400/422 errors."""
     try:
         value: T = _decoder(type_).decode(raw)
         return value
     except msgspec.ValidationError as exc:
-        match = _PATH.match(str(exc))
-        assert match is not None
-        field = (match["path"] or "").lstrip(".") or None
-        message = match["message"].replace("`", "")
-        raise ApiError(
-            "validation_error",
-            f"{field}: {message}" if field else message,
-            {"fields": [{"field": field, "message": message}]},
-        ) from None
+        raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise ApiError("bad_request", f"Malformed JSON body: {exc}") from None
 
@@ -75,6 +82,15 @@ async def read_json(request: Request, type_: type[T], limit: int = JSON_MAX_BYTE
     if media != "application/json" and not media.endswith("+json"):
         raise ApiError("bad_request", "Content-Type must be application/json.")
     return decode(await read_body(request, limit), type_)
+
+
+def read_query(request: Request, type_: type[T]) -> T:
+    """The query string as ``type_`` (strings converted to numbers and times); 422 naming the
+    parameter otherwise."""
+    try:
+        return msgspec.convert(dict(request.query_params), type_, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
 
 
 def encode(data: Any) -> bytes:

@@ -34,6 +34,7 @@ from bilten.app import create_app
 from bilten.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret-key-0123456789abcdef-0123456789abcdef-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ def database_url(services: Services, template_database: str) -> Iterator[str]:
     drop_database(services, url)
 
 
+async def truncate(database_url: str, *tables: str) -> None:
+    """Empty tables (and what references them) so a test starts from a known state."""
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
 async def redis_url(services: Services) -> str:
     client = aioredis.Redis.from_url(services.redis_url)
@@ -123,6 +133,11 @@ def settings(database_url: str, redis_url: str) -> Settings:
         db_pool_max=5,
         log_format="text",
         shutdown_timeout=5,
+        secret_key=TEST_SECRET,
+        # Cheap hashing keeps the suite fast; the production cost is the settings' default.
+        argon2_time_cost=1,
+        argon2_memory_kib=1024,
+        argon2_parallelism=1,
     )
 
 
@@ -152,6 +167,7 @@ def server_env(settings: Settings, **extra: str) -> dict[str, str]:
         BILTEN_REDIS_URL=settings.redis_url,
         BILTEN_DB_POOL_MAX="4",
         BILTEN_SHUTDOWN_TIMEOUT="5",
+        BILTEN_SECRET_KEY=settings.secret_key,
         **extra,
     )
     return env

@@ -15,12 +15,12 @@ from bilten.app import create_app
 from bilten.wire import JSONResponse, Struct, read_json
 
 
-class Seat(Struct):
+class Seat(Struct, kw_only=True):
     row: str
     number: int
 
 
-class Order(Struct):
+class Order(Struct, kw_only=True):
     event_id: str
     seats: list[Seat]
     note: str | None = None

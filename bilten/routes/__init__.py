@@ -6,12 +6,12 @@ from collections.abc import Set
 
 from starlette.routing import BaseRoute
 
-from bilten.routes import ops
+from bilten.routes import auth, events, ops, users, venues
 
 
 def build(roles: Set[str]) -> list[BaseRoute]:
     """Operations endpoints are always served; the API areas only with the ``api`` role."""
     table: list[BaseRoute] = [*ops.routes]
     if "api" in roles:
-        pass  # the API areas register here as they are added
+        table += [*auth.routes, *users.routes, *venues.routes, *events.routes]
     return table

@@ -1,0 +1,122 @@
+"""In-process caches of hot catalog reads, kept coherent across instances through Redis.
+
+A change to an event (details, holds, bookings) calls :func:`changed` after it commits: the
+local entry is dropped and a message on the catalog channel tells every other instance to drop
+theirs. Pub/sub may lose a message while a connection is down, so entries also age out, and a
+listener that (re)subscribes starts from empty caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from redis.asyncio import Redis
+
+from bilten import keys
+from bilten.supervisor import Worker
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+DETAIL_MAX_AGE = 5.0
+SEAT_MAP_MAX_AGE = 60.0  # entries are also checked against the current version
+MAX_ENTRIES = 2000
+
+
+@dataclass
+class LocalCache(Generic[V]):
+    """A bounded map whose entries expire; :meth:`token` guards loads against stale puts.
+
+    A load takes a token before reading the database and puts with it; a drop or clear in
+    between invalidates the token, so a value read before a change never outlives the change.
+    """
+
+    max_age: float
+    max_entries: int = MAX_ENTRIES
+    entries: OrderedDict[str, tuple[float, V]] = field(default_factory=OrderedDict)
+    epoch: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def token(self, key: str) -> tuple[int, int]:
+        return self.epoch, self.drops.get(key, 0)
+
+    def get(self, key: str) -> V | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self.entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: str, value: V, token: tuple[int, int] | None = None) -> None:
+        if token is not None and token != self.token(key):
+            return  # changed while it was being loaded
+        self.entries[key] = (time.monotonic() + self.max_age, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self.entries.pop(key, None)
+        self.drops[key] = self.drops.get(key, 0) + 1
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.drops.clear()
+        self.epoch += 1
+
+
+@dataclass
+class Caches:
+    details: LocalCache[Any] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
+    seat_maps: LocalCache[Any] = field(default_factory=lambda: LocalCache(SEAT_MAP_MAX_AGE))
+
+    def drop(self, event_id: str) -> None:
+        self.details.drop(event_id)
+        self.seat_maps.drop(event_id)
+
+    def clear(self) -> None:
+        self.details.clear()
+        self.seat_maps.clear()
+
+
+async def changed(redis: Redis, caches: Caches, event_id: str) -> None:
+    """Call after committing a change to ``event_id``: every instance forgets its cached copy."""
+    caches.drop(event_id)
+    try:
+        await redis.publish(keys.CATALOG_CHANGED, event_id)
+    except Exception:
+        log.warning("could not announce a change of event %s; other instances age it out", event_id)
+
+
+def invalidation_listener(redis: Redis, caches: Caches) -> Worker:
+    async def read(pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                caches.drop(message["data"].decode())
+
+    async def run(stop: asyncio.Event) -> None:
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.CATALOG_CHANGED)
+            caches.clear()  # whatever changed while we were not listening
+            reader = asyncio.ensure_future(read(pubsub))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((reader, stopping), return_when=asyncio.FIRST_COMPLETED)
+            for task in (reader, stopping):
+                task.cancel()
+            if reader.done() and not reader.cancelled():
+                reader.result()  # a lost connection: the supervisor restarts us
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    return run

@@ -1,0 +1,124 @@
+"""Refresh-token families and one-time tokens (email verification, password reset).
+
+Only digests of the tokens are stored; the client holds the only copy of each secret.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from bilten import tokens
+from bilten.db import Connection
+
+VERIFY_EMAIL = "verify_email"
+RESET_PASSWORD = "reset_password"
+
+
+class RefreshRefused(Exception):
+    """The refresh token is unknown, expired, revoked, or was spent before (family revoked)."""
+
+
+async def start_family(conn: Connection, user_id: str, ttl: int) -> str:
+    token, digest = tokens.opaque()
+    await conn.execute(
+        """INSERT INTO refresh_tokens (token_hash, family_id, user_id, expires_at)
+           VALUES ($1, $2, $3, now() + make_interval(secs => $4))""",
+        digest,
+        uuid.uuid4(),
+        user_id,
+        ttl,
+    )
+    return token
+
+
+@dataclass(frozen=True)
+class Rotated:
+    user_id: str
+    token: str
+
+
+async def rotate(conn: Connection, token: str, ttl: int) -> Rotated:
+    """Spend ``token`` and issue its successor in the same family.
+
+    A token presented a second time means two parties hold it: the whole family is revoked, and
+    that revocation is committed even though the caller gets an error.
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """SELECT family_id, user_id::text, spent_at IS NOT NULL AS spent,
+                      revoked_at IS NOT NULL AS revoked, expires_at < now() AS expired
+               FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE""",
+            tokens.digest(token),
+        )
+        if row is None or row["revoked"] or row["expired"]:
+            raise RefreshRefused
+        if row["spent"]:
+            await revoke_family(conn, row["family_id"])
+            reused = True
+        else:
+            reused = False
+            await conn.execute(
+                "UPDATE refresh_tokens SET spent_at = now() WHERE token_hash = $1",
+                tokens.digest(token),
+            )
+            successor, digest = tokens.opaque()
+            await conn.execute(
+                """INSERT INTO refresh_tokens (token_hash, family_id, user_id, expires_at)
+                   VALUES ($1, $2, $3, now() + make_interval(secs => $4))""",
+                digest,
+                row["family_id"],
+                row["user_id"],
+                ttl,
+            )
+    if reused:
+        raise RefreshRefused
+    return Rotated(row["user_id"], successor)
+
+
+async def revoke_family(conn: Connection, family_id: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
+        family_id,
+    )
+
+
+async def revoke_family_of(conn: Connection, token: str) -> None:
+    await conn.execute(
+        """UPDATE refresh_tokens SET revoked_at = now()
+           WHERE revoked_at IS NULL AND family_id =
+                 (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)""",
+        tokens.digest(token),
+    )
+
+
+async def revoke_all(conn: Connection, user_id: str) -> None:
+    await conn.execute(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        user_id,
+    )
+
+
+async def issue_one_time(conn: Connection, user_id: str, purpose: str, ttl: int) -> str:
+    token, digest = tokens.opaque()
+    await conn.execute(
+        """INSERT INTO user_tokens (token_hash, user_id, purpose, expires_at)
+           VALUES ($1, $2, $3, now() + make_interval(secs => $4))""",
+        digest,
+        user_id,
+        purpose,
+        ttl,
+    )
+    return token
+
+
+async def use_one_time(conn: Connection, token: str, purpose: str) -> str | None:
+    """Spend a one-time token; the user's id, or None when unknown, used or expired."""
+    user_id: str | None = await conn.fetchval(
+        """UPDATE user_tokens SET used_at = now()
+           WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()
+           RETURNING user_id::text""",
+        tokens.digest(token),
+        purpose,
+    )
+    return user_id

@@ -1,0 +1,68 @@
+"""Rate limits shared by every instance: fixed windows counted atomically in Redis.
+
+One Lua script increments a window's counter and reads its remaining time in one step, so
+concurrent requests on any number of instances never slip past a limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from bilten import keys
+from bilten.errors import ApiError
+from bilten.settings import Rate
+
+# KEYS[1] counter; ARGV[1] window in ms; ARGV[2] amount to add (0 reads, negative refunds).
+_HIT = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+"""
+
+
+_HIT_SHA = hashlib.sha1(_HIT.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    allowed: bool
+    count: int
+    retry_after: int  # seconds until the window ends
+
+
+async def hit(redis: Redis, name: str, subject: str, rate: Rate, amount: int = 1) -> Outcome:
+    """Count ``amount`` hits for ``subject`` under limit ``name``; allowed while within ``rate``."""
+    if rate.limit == 0:
+        return Outcome(True, 0, 0)
+    key = keys.rate_limit(name, subject)
+    args = (rate.window * 1000, amount)
+    try:
+        count, ttl_ms = await redis.evalsha(_HIT_SHA, 1, key, *args)
+    except NoScriptError:
+        count, ttl_ms = await redis.eval(_HIT, 1, key, *args)
+    return Outcome(int(count) <= rate.limit, int(count), max(1, math.ceil(int(ttl_ms) / 1000)))
+
+
+async def enforce(redis: Redis, name: str, subject: str, rate: Rate) -> None:
+    """Count one hit; raise 429 ``rate_limited`` with ``Retry-After`` when over the limit."""
+    outcome = await hit(redis, name, subject, rate)
+    if not outcome.allowed:
+        raise limited(outcome)
+
+
+def limited(outcome: Outcome) -> ApiError:
+    return ApiError(
+        "rate_limited",
+        f"Too many requests; try again in {outcome.retry_after} s.",
+        {"retry_after": outcome.retry_after},
+        headers={"Retry-After": str(outcome.retry_after)},
+    )

@@ -1,0 +1,298 @@
+"""Authentication: register, login, refresh, logout, me, email verification, password reset."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bilten import credentials, mail, openapi, passwords, ratelimit, security, tokens, users
+from bilten.errors import ApiError
+from bilten.state import State, state
+from bilten.users import User
+from bilten.wire import JSONResponse, Struct, read_json
+
+log = logging.getLogger(__name__)
+
+VERIFY_TTL = 24 * 3600
+RESET_TTL = 3600
+
+Email = Annotated[str, msgspec.Meta(max_length=254, pattern=r"^\s*[^@\s]+@[^@\s]+\.[^@\s]+\s*$")]
+Password = Annotated[
+    str, msgspec.Meta(min_length=passwords.MIN_LENGTH, max_length=passwords.MAX_LENGTH)
+]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class RegisterBody(Struct, kw_only=True):
+    email: Email
+    password: Password
+    name: Name
+    role: Literal["attendee", "organizer"] = "attendee"
+
+
+class LoginBody(Struct, kw_only=True):
+    email: Annotated[str, msgspec.Meta(max_length=254)]
+    password: Annotated[str, msgspec.Meta(max_length=passwords.MAX_LENGTH)]
+
+
+class RefreshBody(Struct, kw_only=True):
+    refresh_token: Token
+
+
+class TokenBody(Struct, kw_only=True):
+    token: Token
+
+
+class EmailBody(Struct, kw_only=True):
+    email: Email
+
+
+class ResetBody(Struct, kw_only=True):
+    token: Token
+    password: Password
+
+
+class Session(msgspec.Struct, kw_only=True):
+    user: User
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    status: Literal["accepted"] = "accepted"
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _session(app: State, conn: object, user: User) -> Session:
+    refresh = await credentials.start_family(conn, user.id, app.settings.refresh_token_ttl)
+    return Session(
+        user=user,
+        access_token=app.signer.issue(user.id, user.role),
+        refresh_token=refresh,
+        expires_in=app.settings.access_token_ttl,
+    )
+
+
+async def _send_verification(app: State, conn: object, user: User) -> None:
+    token = await credentials.issue_one_time(conn, user.id, credentials.VERIFY_EMAIL, VERIFY_TTL)
+    await mail.enqueue(
+        conn,
+        key=f"verify_email:{tokens.digest(token).hex()[:24]}",
+        template="verify_email",
+        to=user.email,
+        context={
+            "name": user.name,
+            "token": token,
+            "link": f"{app.settings.public_url}/verify-email?token={token}",
+        },
+    )
+
+
+@openapi.endpoint(
+    summary="Create an account (attendee or organizer) and sign in.",
+    tag="auth",
+    body=RegisterBody,
+    response=Session,
+    status=201,
+    errors=("email_taken", "rate_limited"),
+)
+async def register(request: Request) -> Response:
+    app = state(request)
+    body = await read_json(request, RegisterBody)
+    await ratelimit.enforce(
+        app.redis, "register_ip", client_ip(request), app.settings.limit_register_ip
+    )
+    password_hash = await app.passwords.hash(body.password)
+    async with app.db.acquire() as conn, conn.transaction():
+        user = await users.create(
+            conn, email=body.email, password_hash=password_hash, name=body.name, role=body.role
+        )
+        await _send_verification(app, conn, user)
+        session = await _session(app, conn, user)
+    return JSONResponse(session, status_code=201)
+
+
+@openapi.endpoint(
+    summary="Sign in with email and password.",
+    tag="auth",
+    body=LoginBody,
+    response=Session,
+    errors=("invalid_credentials", "rate_limited"),
+    description="Repeated failures are limited per email and per IP (429 with Retry-After).",
+)
+async def login(request: Request) -> Response:
+    app = state(request)
+    body = await read_json(request, LoginBody)
+    email = users.normalise_email(body.email)
+    # Each attempt is counted before the password is checked, so parallel guesses cannot slip
+    # past the limit; a successful attempt is refunded, leaving only failures counted.
+    limits = (
+        ("login_email", email, app.settings.limit_login_email),
+        ("login_ip", client_ip(request), app.settings.limit_login_ip),
+    )
+    outcomes = [await ratelimit.hit(app.redis, *limit) for limit in limits]
+    denied = [o for o in outcomes if not o.allowed]
+    if denied:
+        raise ratelimit.limited(max(denied, key=lambda o: o.retry_after))
+    async with app.db.acquire() as conn:
+        found = await users.credentials(conn, email)
+        ok = await app.passwords.verify(found[1] if found else None, body.password)
+        if not ok or found is None:
+            raise ApiError("invalid_credentials", "Wrong email or password.")
+        user, password_hash = found
+        if app.passwords.needs_rehash(password_hash):
+            await users.set_password_hash(conn, user.id, await app.passwords.hash(body.password))
+        session = await _session(app, conn, user)
+    for limit in limits:
+        await ratelimit.hit(app.redis, *limit, amount=-1)
+    return JSONResponse(session)
+
+
+@openapi.endpoint(
+    summary="Trade a refresh token for a new pair; the old one is spent.",
+    tag="auth",
+    body=RefreshBody,
+    response=Session,
+    errors=("unauthorized",),
+    description="Presenting a spent refresh token revokes its whole family.",
+)
+async def refresh(request: Request) -> Response:
+    app = state(request)
+    body = await read_json(request, RefreshBody)
+    async with app.db.acquire() as conn:
+        try:
+            rotated = await credentials.rotate(
+                conn, body.refresh_token, app.settings.refresh_token_ttl
+            )
+        except credentials.RefreshRefused:
+            raise ApiError("unauthorized", "The refresh token is invalid or revoked.") from None
+        user = await users.get(conn, rotated.user_id)
+    if user is None:
+        raise ApiError("unauthorized", "The refresh token is invalid or revoked.")
+    return JSONResponse(
+        Session(
+            user=user,
+            access_token=app.signer.issue(user.id, user.role),
+            refresh_token=rotated.token,
+            expires_in=app.settings.access_token_ttl,
+        )
+    )
+
+
+@openapi.endpoint(
+    summary="Sign out: revoke the refresh token's family.", tag="auth", body=RefreshBody, status=204
+)
+async def logout(request: Request) -> Response:
+    app = state(request)
+    body = await read_json(request, RefreshBody)
+    async with app.db.acquire() as conn:
+        await credentials.revoke_family_of(conn, body.refresh_token)
+    return Response(status_code=204)
+
+
+@openapi.endpoint(summary="The signed-in user.", tag="auth", response=User, auth=True)
+async def me(request: Request) -> Response:
+    who = security.authenticate(request)
+    async with state(request).db.acquire() as conn:
+        user = await users.get(conn, who.user_id)
+    if user is None:
+        raise ApiError("unauthorized", "The account no longer exists.")
+    return JSONResponse(user)
+
+
+@openapi.endpoint(
+    summary="Confirm an email address with the token from the verification mail.",
+    tag="auth",
+    body=TokenBody,
+    response=User,
+    errors=("invalid_token",),
+)
+async def verify_email(request: Request) -> Response:
+    body = await read_json(request, TokenBody)
+    async with state(request).db.acquire() as conn, conn.transaction():
+        user_id = await credentials.use_one_time(conn, body.token, credentials.VERIFY_EMAIL)
+        if user_id is None:
+            raise ApiError("invalid_token", "The verification token is invalid or expired.")
+        await users.mark_verified(conn, user_id)
+        user = await users.get(conn, user_id)
+    return JSONResponse(user)
+
+
+@openapi.endpoint(
+    summary="Mail a password-reset token; always 202, whether or not the account exists.",
+    tag="auth",
+    body=EmailBody,
+    response=Accepted,
+    status=202,
+    errors=("rate_limited",),
+)
+async def forgot_password(request: Request) -> Response:
+    app = state(request)
+    body = await read_json(request, EmailBody)
+    email = users.normalise_email(body.email)
+    await ratelimit.enforce(app.redis, "forgot_email", email, app.settings.limit_forgot_email)
+    async with app.db.acquire() as conn, conn.transaction():
+        found = await users.credentials(conn, email)
+        if found is not None:
+            user = found[0]
+            token = await credentials.issue_one_time(
+                conn, user.id, credentials.RESET_PASSWORD, RESET_TTL
+            )
+            await mail.enqueue(
+                conn,
+                key=f"password_reset:{tokens.digest(token).hex()[:24]}",
+                template="password_reset",
+                to=user.email,
+                context={
+                    "name": user.name,
+                    "token": token,
+                    "link": f"{app.settings.public_url}/reset-password?token={token}",
+                    "expires_minutes": RESET_TTL // 60,
+                },
+            )
+    return JSONResponse(Accepted(), status_code=202)
+
+
+@openapi.endpoint(
+    summary="Set a new password with the token from the reset mail; signs out everywhere.",
+    tag="auth",
+    body=ResetBody,
+    status=204,
+    errors=("invalid_token",),
+)
+async def reset_password(request: Request) -> Response:
+    app = state(request)
+    body = await read_json(request, ResetBody)
+    password_hash = await app.passwords.hash(body.password)
+    async with app.db.acquire() as conn, conn.transaction():
+        user_id = await credentials.use_one_time(conn, body.token, credentials.RESET_PASSWORD)
+        if user_id is None:
+            raise ApiError("invalid_token", "The reset token is invalid or expired.")
+        await users.set_password_hash(conn, user_id, password_hash)
+        await credentials.revoke_all(conn, user_id)
+        # Whoever reads the mail controls the address.
+        await users.mark_verified(conn, user_id)
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/auth/register", register, methods=["POST"]),
+    Route("/auth/login", login, methods=["POST"]),
+    Route("/auth/refresh", refresh, methods=["POST"]),
+    Route("/auth/logout", logout, methods=["POST"]),
+    Route("/auth/me", me, methods=["GET"]),
+    Route("/auth/verify-email", verify_email, methods=["POST"]),
+    Route("/auth/forgot-password", forgot_password, methods=["POST"]),
+    Route("/auth/reset-password", reset_password, methods=["POST"]),
+]

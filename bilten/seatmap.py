@@ -1,0 +1,131 @@
+"""Seat maps and event details, served from caches.
+
+A seat map is encoded once per version: the bytes live in this process (checked against the
+event's current version, one indexed lookup) and in Redis under a key naming the version, so
+another instance never re-encodes what one has built. Event details are cached in-process only
+and dropped on change (see :mod:`bilten.cache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import msgspec
+
+from bilten import events, keys
+from bilten.db import Connection
+from bilten.state import State
+
+SeatStatus = Literal["available", "held", "sold"]
+REDIS_TTL = 3600
+
+
+class Seat(msgspec.Struct, kw_only=True):
+    id: str
+    section: str
+    row: str
+    number: int
+    label: str
+    x: float
+    y: float
+    tier: str
+    price_cents: int
+    status: SeatStatus
+
+
+class SeatMap(msgspec.Struct, kw_only=True):
+    event_id: str
+    version: int
+    seats: list[Seat]
+
+
+_encoder = msgspec.json.Encoder()
+
+# An expired hold is available at once, before any sweeper gets to it.
+SEAT_STATUS = """CASE WHEN es.status = 'held' AND es.hold_expires_at <= now() THEN 'available'
+                      ELSE es.status END"""
+
+_HEAD = """SELECT e.status, e.organizer_id::text AS organizer_id,
+                  coalesce((SELECT version FROM event_seats WHERE event_id = e.id
+                            ORDER BY version DESC LIMIT 1), 0) AS version
+           FROM events e WHERE e.id = $1"""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    version: int
+    body: bytes
+    status: str
+    organizer_id: str
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+async def _build(conn: Connection, event_id: str) -> Encoded | None:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await conn.fetchrow(_HEAD, event_id)
+        if head is None:
+            return None
+        rows = await conn.fetch(
+            f"""SELECT s.id::text AS id, sec.name AS section, s.row_label AS row, s.number,
+                       s.label, s.x, s.y, t.name AS tier, t.price_cents, {SEAT_STATUS} AS status
+                FROM event_seats es
+                JOIN seats s ON s.id = es.seat_id
+                JOIN sections sec ON sec.id = s.section_id
+                JOIN price_tiers t ON t.id = es.tier_id
+                WHERE es.event_id = $1
+                ORDER BY sec.position, s.row_index, s.number""",
+            event_id,
+        )
+    seat_map = SeatMap(
+        event_id=event_id, version=head["version"], seats=[Seat(**dict(r)) for r in rows]
+    )
+    return Encoded(head["version"], _encoder.encode(seat_map), head["status"], head["organizer_id"])
+
+
+async def seat_map(app: State, event_id: str) -> Encoded | None:
+    """The event's encoded seat map at its current version; None when there is no such event."""
+    async with app.db.acquire() as conn:
+        head = await conn.fetchrow(_HEAD, event_id)
+        if head is None:
+            return None
+        version = head["version"]
+        cached: Encoded | None = app.caches.seat_maps.get(event_id)
+        if cached is not None and cached.version == version:
+            return cached
+        shared = cast(bytes | None, await app.redis.get(keys.seat_map(event_id, version)))
+        if shared is not None:
+            found = Encoded(version, shared, head["status"], head["organizer_id"])
+        else:
+            built = await _build(conn, event_id)
+            if built is None:
+                return None
+            found = built
+            await app.redis.set(keys.seat_map(event_id, found.version), found.body, ex=REDIS_TTL)
+    app.caches.seat_maps.put(event_id, found)
+    return found
+
+
+@dataclass(frozen=True)
+class Detail:
+    body: bytes
+    status: str
+    organizer_id: str
+
+
+async def detail(app: State, event_id: str) -> Detail | None:
+    """The encoded event detail, from this process's cache when it has a fresh copy."""
+    cached: Detail | None = app.caches.details.get(event_id)
+    if cached is not None:
+        return cached
+    token = app.caches.details.token(event_id)
+    async with app.db.acquire() as conn:
+        event = await events.get(conn, event_id)
+    if event is None:
+        return None
+    found = Detail(_encoder.encode(event), event.status, event.organizer_id)
+    app.caches.details.put(event_id, found, token)
+    return found

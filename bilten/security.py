@@ -1,0 +1,61 @@
+"""Who is calling: the bearer token of a request, and the one way a route requires a role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import HTTPConnection
+
+from bilten.errors import ApiError
+from bilten.state import state
+from bilten.tokens import InvalidToken
+
+ROLES = ("attendee", "organizer", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    role: str
+
+
+def bearer(conn: HTTPConnection) -> str | None:
+    header = conn.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError("unauthorized", "The Authorization header must be 'Bearer <token>'.")
+    return token.strip()
+
+
+def principal_from_token(conn: HTTPConnection, token: str) -> Principal:
+    try:
+        claims = state(conn).signer.verify(token)
+    except InvalidToken:
+        raise ApiError("unauthorized", "The access token is invalid or expired.") from None
+    if claims.role not in ROLES:
+        raise ApiError("unauthorized", "The access token is invalid or expired.")
+    return Principal(claims.user_id, claims.role)
+
+
+def authenticate(conn: HTTPConnection) -> Principal:
+    """The caller, or 401 ``unauthorized``."""
+    token = bearer(conn)
+    if token is None:
+        raise ApiError("unauthorized", "This needs an access token (Authorization: Bearer ...).")
+    return principal_from_token(conn, token)
+
+
+def optional(conn: HTTPConnection) -> Principal | None:
+    """The caller if a token was sent (a bad one is still a 401), else ``None``."""
+    token = bearer(conn)
+    return None if token is None else principal_from_token(conn, token)
+
+
+def require(conn: HTTPConnection, *roles: str) -> Principal:
+    """The caller, who must hold one of ``roles`` (admin always may): else 401 or 403."""
+    who = authenticate(conn)
+    if who.role != "admin" and who.role not in roles:
+        raise ApiError("forbidden", f"This needs the {' or '.join(roles)} role.")
+    return who

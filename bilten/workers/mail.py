@@ -1,0 +1,168 @@
+"""The mail sender: claims due jobs from ``mail_jobs``, sends them, records each outcome.
+
+A claim sets a lease (``locked_until``) and counts the attempt. A sender that dies mid-send
+leaves the lease to run out, and the job is claimed again: delivery is at least once, and the
+job's fixed Message-ID lets mail software spot the rare duplicate. A temporary failure
+reschedules the job with exponential backoff; a permanent one, or running out of
+``mail_max_attempts``, marks it ``dead`` with ``last_error``. A finished job (sent or dead) has
+its context emptied, since it may hold tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from bilten import mail, metrics
+from bilten.db import Pool
+from bilten.settings import Settings
+from bilten.state import State
+from bilten.supervisor import Worker
+
+log = logging.getLogger(__name__)
+
+BATCH = 20
+CONCURRENCY = 5  # SMTP connections at once; relays throttle clients that open many
+# A claim must outlast the slowest batch: BATCH / CONCURRENCY rounds of mail.SMTP_TIMEOUT.
+LEASE = 300.0
+BACKOFF_BASE = 15.0  # seconds; after attempt n the job waits BACKOFF_BASE * 2**n: 30 s, 1 min...
+BACKOFF_MAX = 3600.0
+JITTER = 0.1  # up to 10 % more, so jobs that failed together do not retry together
+
+_CLAIM = """
+UPDATE mail_jobs
+SET attempts = attempts + 1, locked_until = now() + make_interval(secs => $2)
+WHERE id IN (
+    SELECT id FROM mail_jobs
+    WHERE status = 'pending' AND run_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY run_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, job_key, template, recipient, context, attempts
+"""
+# Sent by any sender is final, even one whose lease ran out.
+_SENT = """
+UPDATE mail_jobs
+SET status = 'sent', sent_at = now(), locked_until = NULL, context = '{}'
+WHERE id = $1
+"""
+# The failure updates match the attempt they record, so a sender whose lease ran out cannot
+# undo the claim of the sender that took the job over.
+_RETRY = """
+UPDATE mail_jobs
+SET run_at = now() + make_interval(secs => $3), locked_until = NULL, last_error = $4
+WHERE id = $1 AND attempts = $2 AND status = 'pending'
+"""
+_DEAD = """
+UPDATE mail_jobs
+SET status = 'dead', locked_until = NULL, last_error = $3, context = '{}'
+WHERE id = $1 AND attempts = $2 AND status = 'pending'
+"""
+_RELEASE = """
+UPDATE mail_jobs SET locked_until = NULL
+WHERE id = $1 AND attempts = $2 AND status = 'pending'
+"""
+
+
+async def claim(pool: Pool, *, limit: int = BATCH, lease: float = LEASE) -> list[Any]:
+    """Take up to ``limit`` due jobs for ``lease`` seconds; each claim counts as an attempt."""
+    jobs: list[Any] = await pool.fetch(_CLAIM, limit, lease)
+    return jobs
+
+
+def retry_delay(attempts: int, base: float = BACKOFF_BASE, ceiling: float = BACKOFF_MAX) -> float:
+    return min(base * 2.0**attempts, ceiling) * (1 + JITTER * random.random())
+
+
+async def _deliver(
+    pool: Pool,
+    settings: Settings,
+    transport: mail.Transport,
+    job: Any,
+    backoff: float,
+) -> None:
+    job_id, attempts, template = job["id"], job["attempts"], job["template"]
+    try:
+        message = mail.render(
+            settings, template, job["recipient"], job["context"], key=job["job_key"]
+        )
+        await transport.send(message)
+    except Exception as exc:
+        error = mail.describe(exc)
+        if isinstance(exc, mail.PermanentError) or attempts >= settings.mail_max_attempts:
+            await asyncio.shield(pool.execute(_DEAD, job_id, attempts, error))
+            metrics.MAIL_DEAD.labels(template).inc()
+            log.error(
+                "mail job %s (%s) is dead after %d attempts: %s", job_id, template, attempts, error
+            )
+        else:
+            delay = retry_delay(attempts, backoff)
+            await asyncio.shield(pool.execute(_RETRY, job_id, attempts, delay, error))
+            metrics.MAIL_FAILED.labels(template).inc()
+            log.warning(
+                "mail job %s (%s) attempt %d failed, retrying in %.0f s: %s",
+                job_id,
+                template,
+                attempts,
+                delay,
+                error,
+            )
+    else:
+        await asyncio.shield(pool.execute(_SENT, job_id))
+        metrics.MAIL_SENT.labels(template).inc()
+        log.info("mail job %s (%s) sent", job_id, template)
+
+
+async def run_once(
+    pool: Pool,
+    settings: Settings,
+    transport: mail.Transport,
+    *,
+    limit: int = BATCH,
+    lease: float = LEASE,
+    backoff: float = BACKOFF_BASE,
+) -> int:
+    """Claim the due jobs (up to ``limit``), send them, and return how many were claimed."""
+    jobs = await claim(pool, limit=limit, lease=lease)
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def deliver(job: Any) -> None:
+        try:
+            async with gate:
+                await _deliver(pool, settings, transport, job, backoff)
+        except asyncio.CancelledError:
+            # Shutting down: free the job for the next sender now, not when the lease ends.
+            await asyncio.shield(pool.execute(_RELEASE, job["id"], job["attempts"]))
+            raise
+
+    async with asyncio.TaskGroup() as group:
+        for job in jobs:
+            group.create_task(deliver(job))
+    return len(jobs)
+
+
+def worker(
+    app: State,
+    transport: mail.Transport,
+    *,
+    limit: int = BATCH,
+    lease: float = LEASE,
+    backoff: float = BACKOFF_BASE,
+) -> Worker:
+    """Send mail until ``stop``; after a batch short of ``limit``, wait for the poll interval."""
+
+    async def run(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            claimed = await run_once(
+                app.db, app.settings, transport, limit=limit, lease=lease, backoff=backoff
+            )
+            if claimed < limit:  # the queue is drained
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), app.settings.mail_poll_interval)
+
+    return run

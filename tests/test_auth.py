@@ -1,0 +1,323 @@
+"""Authentication over HTTP: registration, login, tokens, rotation, forgery, rate limits."""
+
+import asyncio
+import base64
+import json
+import time
+
+import jwt
+import pytest
+
+from bilten import passwords
+from bilten.tokens import AUDIENCE, ISSUER, key_id
+from tests.conftest import TEST_SECRET, truncate
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+async def no_users(database_url):
+    await truncate(database_url, "users")
+
+
+async def register(client, email="ann@example.com", password=PASSWORD, name="Ann", **extra):
+    return await client.post(
+        "/auth/register", json={"email": email, "password": password, "name": name, **extra}
+    )
+
+
+async def login(client, email="ann@example.com", password=PASSWORD):
+    return await client.post("/auth/login", json={"email": email, "password": password})
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_register_signs_in_and_me_answers(client):
+    response = await register(client, email="  Ann@Example.COM ", role="organizer")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] == 900
+    assert body["user"]["email"] == "ann@example.com"
+    assert body["user"]["role"] == "organizer"
+    assert body["user"]["email_verified"] is False
+    assert len(body["refresh_token"]) >= 43  # 256 bits, URL-safe base64
+    me = await client.get("/auth/me", headers=bearer(body["access_token"]))
+    assert me.status_code == 200
+    assert me.json() == body["user"]
+    assert set(me.json()) == {"id", "email", "name", "role", "email_verified"}
+
+
+async def test_access_token_claims(client):
+    body = (await register(client)).json()
+    token = body["access_token"]
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "HS256"
+    assert header["kid"] == key_id(TEST_SECRET)
+    claims = jwt.decode(token, TEST_SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    assert claims["sub"] == body["user"]["id"]
+    assert claims["role"] == "attendee"
+    assert claims["iss"] == ISSUER
+    assert claims["exp"] - claims["iat"] == 900
+    assert claims["jti"]
+
+
+async def test_duplicate_email_is_a_409_whatever_its_case(client):
+    assert (await register(client)).status_code == 201
+    response = await register(client, email="ANN@example.com")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "email_taken"
+
+
+async def test_concurrent_registrations_of_one_email_make_one_account(client):
+    responses = await asyncio.gather(
+        *(register(client, email="race@example.com") for _ in range(5))
+    )
+    assert sorted(r.status_code for r in responses) == [201, 409, 409, 409, 409]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": "not-an-email", "password": PASSWORD, "name": "A"}, "email"),
+        ({"email": "a@example.com", "password": "short", "name": "A"}, "password"),
+        ({"email": "a@example.com", "password": "x" * 257, "name": "A"}, "password"),
+        ({"email": "a@example.com", "password": PASSWORD, "name": ""}, "name"),
+        ({"email": "a@example.com", "password": PASSWORD, "name": "A", "role": "admin"}, "role"),
+        ({"email": "a@example.com", "password": PASSWORD}, None),
+    ],
+)
+async def test_invalid_registration_is_a_422_naming_the_field(client, body, field):
+    response = await client.post("/auth/register", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    if field:
+        assert error["details"]["fields"][0]["field"] == field
+    else:
+        assert "name" in error["message"]
+
+
+async def test_login_and_wrong_password_and_unknown_email(client):
+    await register(client)
+    ok = await login(client, email="ANN@example.com")
+    assert ok.status_code == 200
+    assert ok.json()["user"]["email"] == "ann@example.com"
+    wrong = await login(client, password="wrong password!")
+    unknown = await login(client, email="nobody@example.com")
+    for response in (wrong, unknown):
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_credentials"
+    assert wrong.json()["error"]["message"] == unknown.json()["error"]["message"]
+
+
+async def test_unknown_email_costs_as_much_as_a_wrong_password(settings):
+    hasher = passwords.from_settings(settings.replace(argon2_memory_kib=16 * 1024))
+    stored = await hasher.hash(PASSWORD)
+
+    async def timed(password_hash):
+        began = time.perf_counter()
+        for _ in range(5):
+            assert not await hasher.verify(password_hash, "wrong password!")
+        return time.perf_counter() - began
+
+    known, unknown = await timed(stored), await timed(None)
+    assert 0.5 < unknown / known < 2
+
+
+async def test_refresh_rotates_and_reuse_revokes_the_family(client):
+    first = (await register(client)).json()["refresh_token"]
+    response = await client.post("/auth/refresh", json={"refresh_token": first})
+    assert response.status_code == 200
+    second = response.json()["refresh_token"]
+    assert second != first
+    assert (
+        await client.get("/auth/me", headers=bearer(response.json()["access_token"]))
+    ).status_code == 200
+    # The spent token comes back: someone copied it. The whole family dies, the live one too.
+    reuse = await client.post("/auth/refresh", json={"refresh_token": first})
+    assert reuse.status_code == 401
+    assert reuse.json()["error"]["code"] == "unauthorized"
+    after = await client.post("/auth/refresh", json={"refresh_token": second})
+    assert after.status_code == 401
+
+
+async def test_concurrent_refreshes_of_one_token_yield_one_winner_at_most(client):
+    token = (await register(client)).json()["refresh_token"]
+    responses = await asyncio.gather(
+        *(client.post("/auth/refresh", json={"refresh_token": token}) for _ in range(4))
+    )
+    winners = [r for r in responses if r.status_code == 200]
+    assert len(winners) <= 1
+    # The reuse among them revoked the family: even the winner's token is dead.
+    for winner in winners:
+        again = await client.post(
+            "/auth/refresh", json={"refresh_token": winner.json()["refresh_token"]}
+        )
+        assert again.status_code == 401
+
+
+async def test_logout_revokes_the_family(client):
+    session = (await register(client)).json()
+    other = (await login(client)).json()
+    response = await client.post("/auth/logout", json={"refresh_token": session["refresh_token"]})
+    assert response.status_code == 204
+    refused = await client.post("/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    assert refused.status_code == 401
+    # Another device's session (another family) lives on.
+    kept = await client.post("/auth/refresh", json={"refresh_token": other["refresh_token"]})
+    assert kept.status_code == 200
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def claims_for(user_id, role="attendee", **changes):
+    now = int(time.time())
+    return {
+        "sub": user_id,
+        "role": role,
+        "iat": now,
+        "exp": now + 600,
+        "jti": "x",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        **changes,
+    }
+
+
+async def test_forged_tokens_are_refused(client):
+    session = (await register(client)).json()
+    user_id = session["user"]["id"]
+    token = session["access_token"]
+    header, _payload, signature = token.split(".")
+    tampered_payload = b64(claims_for(user_id, role="admin"))
+    forged = {
+        "tampered payload": f"{header}.{tampered_payload}.{signature}",
+        "alg none": f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': key_id(TEST_SECRET)})}."
+        f"{b64(claims_for(user_id))}.",
+        "refresh token as access token": session["refresh_token"],
+        "expired": jwt.encode(
+            claims_for(user_id, iat=int(time.time()) - 3600, exp=int(time.time()) - 60),
+            TEST_SECRET,
+            algorithm="HS256",
+            headers={"kid": key_id(TEST_SECRET)},
+        ),
+        "other key": jwt.encode(
+            claims_for(user_id),
+            "another-secret-key-of-sufficient-length-000",
+            algorithm="HS256",
+            headers={"kid": key_id(TEST_SECRET)},
+        ),
+        "unknown kid": jwt.encode(
+            claims_for(user_id), TEST_SECRET, algorithm="HS256", headers={"kid": "nope"}
+        ),
+        "wrong audience": jwt.encode(
+            claims_for(user_id, aud="elsewhere"),
+            TEST_SECRET,
+            algorithm="HS256",
+            headers={"kid": key_id(TEST_SECRET)},
+        ),
+        "HS512": jwt.encode(
+            claims_for(user_id),
+            TEST_SECRET,
+            algorithm="HS512",
+            headers={"kid": key_id(TEST_SECRET)},
+        ),
+        "garbage": "not.a.token",
+    }
+    for name, bad in forged.items():
+        response = await client.get("/auth/me", headers=bearer(bad))
+        assert response.status_code == 401, name
+        assert response.json()["error"]["code"] == "unauthorized", name
+    missing = await client.get("/auth/me")
+    assert missing.status_code == 401
+    basic = await client.get("/auth/me", headers={"Authorization": "Basic YTpi"})
+    assert basic.status_code == 401
+
+
+async def test_tokens_of_a_rotated_out_key_still_verify(settings, client):
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten.app import create_app
+
+    old_token = (await register(client)).json()["access_token"]
+    rotated = settings.replace(
+        secret_key="the-new-signing-key-0123456789abcdef-xyz", old_secret_keys=(TEST_SECRET,)
+    )
+    async with LifespanManager(create_app(rotated)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as new:
+            assert (await new.get("/auth/me", headers=bearer(old_token))).status_code == 200
+            fresh = (await login(new)).json()["access_token"]
+            assert jwt.get_unverified_header(fresh)["kid"] == key_id(rotated.secret_key)
+    # An instance that never knew the new key refuses its tokens.
+    assert (await client.get("/auth/me", headers=bearer(fresh))).status_code == 401
+
+
+async def test_thirty_wrong_passwords_meet_a_429_early(client):
+    await register(client)
+    statuses = []
+    for _ in range(30):
+        response = await login(client, password="wrong password!")
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            retry_after = int(response.headers["retry-after"])
+            assert 0 < retry_after <= 60
+            assert response.json()["error"]["code"] == "rate_limited"
+    assert 429 in statuses
+    assert statuses.index(429) <= 5
+    # Even the right password waits for the window now.
+    assert (await login(client)).status_code == 429
+
+
+async def test_parallel_guesses_cannot_pass_the_limit(client):
+    await register(client, email="par@example.com")
+    responses = await asyncio.gather(
+        *(login(client, email="par@example.com", password=f"guess-number-{i}") for i in range(20))
+    )
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(401) == 5
+    assert statuses.count(429) == 15
+
+
+async def test_successful_logins_are_not_counted(client):
+    await register(client, email="often@example.com")
+    for _ in range(8):
+        assert (await login(client, email="often@example.com")).status_code == 200
+
+
+async def test_password_is_rehashed_when_parameters_change(settings, client):
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten import db
+    from bilten.app import create_app
+
+    await register(client, email="rehash@example.com")
+
+    async def stored():
+        conn = await db.connect(settings.database_url)
+        try:
+            return await conn.fetchval(
+                "SELECT password_hash FROM users WHERE email = 'rehash@example.com'"
+            )
+        finally:
+            await conn.close()
+
+    before = await stored()
+    assert "t=1" in before
+    stronger = settings.replace(argon2_time_cost=2)
+    async with LifespanManager(create_app(stronger)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as c:
+            assert (await login(c, email="rehash@example.com")).status_code == 200
+    after = await stored()
+    assert after != before and "t=2" in after
+    assert (await login(client, email="rehash@example.com")).status_code == 200
