@@ -79,6 +79,7 @@ def bilten(database_url: str, redis_url: str, **env: str) -> Iterator[str]:
         BILTEN_DATABASE_URL=database_url,
         BILTEN_REDIS_URL=redis_url,
         BILTEN_LOG_LEVEL="WARNING",
+        BILTEN_SECRET_KEY=secrets.token_urlsafe(48),
         **env,
     )
     proc = subprocess.Popen(

@@ -148,12 +148,14 @@ async def create(conn: Connection, organizer_id: str, venue_id: str, body: dict[
     if tiers:
         await conn.execute(
             """INSERT INTO price_tiers (event_id, name, price_cents, sections)
-               SELECT $1, t.name, t.price, ARRAY(SELECT jsonb_array_elements_text(t.sections))
-               FROM unnest($2::text[], $3::int[], $4::jsonb[]) AS t(name, price, sections)""",
+               SELECT $1, t.name, t.price,
+                      ARRAY(SELECT jsonb_array_elements_text(t.sections::jsonb))
+               FROM unnest($2::text[], $3::int[], $4::text[]) AS t(name, price, sections)""",
             event_id,
             [t["name"] for t in tiers],
             [t["price_cents"] for t in tiers],
-            [t["sections"] for t in tiers],
+            # Each tier's section list as a JSON text: arrays of arrays must be rectangular.
+            [msgspec.json.encode(t["sections"]).decode() for t in tiers],
         )
         # The whole inventory in one set-based statement.
         await conn.execute(

@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 
@@ -9,6 +10,7 @@ import jwt
 import pytest
 
 from bilten import passwords
+from bilten.settings import Rate
 from bilten.tokens import AUDIENCE, ISSUER, key_id
 from tests.conftest import TEST_SECRET, truncate
 
@@ -321,3 +323,40 @@ async def test_password_is_rehashed_when_parameters_change(settings, client):
     after = await stored()
     assert after != before and "t=2" in after
     assert (await login(client, email="rehash@example.com")).status_code == 200
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings):
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten.app import create_app
+
+    async with LifespanManager(create_app(settings)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as c:
+            yield c
+
+
+async def test_registrations_are_limited_per_ip(settings):
+    async with app_client(settings.replace(limit_register_ip=Rate(3, 3600))) as c:
+        statuses = [(await register(c, email=f"r{i}@example.com")).status_code for i in range(5)]
+    assert statuses == [201, 201, 201, 429, 429]
+
+
+async def test_the_general_api_budget_is_per_ip_and_spares_operations(settings):
+    async with app_client(settings.replace(limit_api_ip=Rate(5, 60))) as c:
+        statuses = [(await c.get("/auth/me")).status_code for _ in range(7)]
+        assert statuses == [401] * 5 + [429] * 2
+        limited = await c.get("/auth/me")
+        assert int(limited.headers["retry-after"]) > 0
+        assert (await c.get("/health")).status_code == 200
+        assert (await c.get("/metrics")).status_code == 200
+
+
+async def test_limits_are_shared_by_instances(settings):
+    limited = settings.replace(limit_api_ip=Rate(4, 60))
+    async with app_client(limited) as a, app_client(limited) as b:
+        statuses = [(await (a if i % 2 else b).get("/auth/me")).status_code for i in range(6)]
+    assert statuses == [401] * 4 + [429] * 2
