@@ -11,7 +11,8 @@ from bilten.routes import auth, events, ops, users, venues
 
 def build(roles: Set[str]) -> list[BaseRoute]:
     """Operations endpoints are always served; the API areas only with the ``api`` role."""
-    table: list[BaseRoute] = [*ops.routes]
+    table: list[BaseRoute] = []
     if "api" in roles:
-        table += [*auth.routes, *users.routes, *venues.routes, *events.routes]
-    return table
+        # Routes are matched in order: the hottest reads come first.
+        table += [*events.routes, *venues.routes, *auth.routes, *users.routes]
+    return [*table, *ops.routes]
