@@ -62,6 +62,13 @@ class Settings:
     mail_poll_interval: float = 1.0
     public_url: str = "http://127.0.0.1:8000"
     media_dir: Path | None = None  # uploaded images; None: <data_dir>/media
+    payment_provider: str = "test"  # test | stripe
+    stripe_api_key: str = dataclasses.field(default="", repr=False)
+    stripe_base_url: str = "https://api.stripe.com"
+    stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
+    payment_timeout: float = 10.0
+    payment_retries: int = 3
+    test_payment_latency_ms: int = 0
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -178,6 +185,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         mail_poll_interval=_float(env, "BILTEN_MAIL_POLL_INTERVAL", 1.0),
         public_url=env.get("BILTEN_PUBLIC_URL", "").rstrip("/") or "http://127.0.0.1:8000",
         media_dir=Path(env["BILTEN_MEDIA_DIR"]) if env.get("BILTEN_MEDIA_DIR") else None,
+        payment_provider=env.get("BILTEN_PAYMENT_PROVIDER", "test"),
+        stripe_api_key=env.get("BILTEN_STRIPE_API_KEY", ""),
+        stripe_base_url=_url(env, ("BILTEN_STRIPE_BASE_URL",), ("http", "https")).rstrip("/")
+        or "https://api.stripe.com",
+        stripe_webhook_secret=env.get("BILTEN_STRIPE_WEBHOOK_SECRET", ""),
+        payment_timeout=_float(env, "BILTEN_PAYMENT_TIMEOUT", 10.0),
+        payment_retries=_int(env, "BILTEN_PAYMENT_RETRIES", 3, minimum=0),
+        test_payment_latency_ms=_int(env, "BILTEN_TEST_PAYMENT_LATENCY_MS", 0, minimum=0),
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),
@@ -185,6 +200,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ready_timeout=_float(env, "BILTEN_READY_TIMEOUT", 1.0),
         shutdown_timeout=_float(env, "BILTEN_SHUTDOWN_TIMEOUT", 10.0),
     )
+    if settings.payment_provider not in ("test", "stripe"):
+        raise SettingsError(
+            f"BILTEN_PAYMENT_PROVIDER must be test or stripe, got {settings.payment_provider!r}"
+        )
+    if settings.payment_provider == "stripe" and not settings.stripe_api_key:
+        raise SettingsError("BILTEN_STRIPE_API_KEY must be set when BILTEN_PAYMENT_PROVIDER=stripe")
     for key in (settings.secret_key, *settings.old_secret_keys):
         if key and len(key) < 32:
             raise SettingsError("BILTEN_SECRET_KEY and BILTEN_OLD_SECRET_KEYS need 32+ characters")
