@@ -11,12 +11,28 @@ import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from bilten import cache, db, errors, mail, migrations, passwords, routes, tokens
+from bilten import (
+    cache,
+    db,
+    errors,
+    keys,
+    mail,
+    migrations,
+    outbox,
+    passwords,
+    payments,
+    queue,
+    routes,
+    tokens,
+)
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
+from bilten.pubsub import Hub
+from bilten.sagas import booking, recovery
 from bilten.settings import Settings
 from bilten.state import State
 from bilten.supervisor import Supervisor
+from bilten.waiters import Waiters
 from bilten.workers import heartbeat
 from bilten.workers import mail as mail_worker
 
@@ -38,12 +54,20 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
-def start_workers(app: State) -> None:
+async def start_workers(app: State) -> None:
+    await cache.listen(app.hub, app.caches)
+    await app.hub.subscribe(keys.BOOKING_DONE, app.waiters.on_message)
+    app.supervisor.start("pubsub", app.hub.worker())
     app.supervisor.start("heartbeat", heartbeat.worker(app))
-    app.supervisor.start("cache-invalidation", cache.invalidation_listener(app.redis, app.caches))
     if "workers" in app.settings.roles:
         transport = mail.transport_from_settings(app.settings)
         app.supervisor.start("mail", mail_worker.worker(app, transport))
+        app.supervisor.start("outbox", outbox.relay(app.db, app.redis))
+        app.supervisor.start("recovery", recovery.worker(app))
+        for n in range(app.settings.booking_workers):
+            app.supervisor.start(
+                f"bookings-{n}", queue.worker(app, booking.run_batch, booking.announce)
+            )
 
 
 @contextlib.asynccontextmanager
@@ -68,9 +92,12 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 passwords=passwords.from_settings(settings),
                 caches=cache.Caches(),
                 media=LocalStorage(settings.media_dir or settings.data_dir / "media"),
+                hub=Hub(redis),
+                payments=payments.provider_from_settings(settings, redis),
+                waiters=Waiters(),
                 started_at=time.time(),
             )
-            start_workers(app)
+            await start_workers(app)
             log.info(
                 "instance %s started (roles %s)",
                 settings.instance_id,
@@ -80,6 +107,7 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 yield {"bilten": app}
             finally:
                 await app.supervisor.stop(settings.shutdown_timeout)
+                await app.payments.aclose()
                 log.info("instance %s stopped", settings.instance_id)
         finally:
             await redis.aclose()

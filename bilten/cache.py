@@ -8,8 +8,6 @@ listener that (re)subscribes starts from empty caches.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -19,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 
 from bilten import keys
-from bilten.supervisor import Worker
+from bilten.pubsub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +95,7 @@ async def changed(redis: Redis, caches: Caches, event_id: str) -> None:
         log.warning("could not announce a change of event %s; other instances age it out", event_id)
 
 
-def invalidation_listener(redis: Redis, caches: Caches) -> Worker:
-    async def read(pubsub: Any) -> None:
-        async for message in pubsub.listen():
-            if message["type"] == "message":
-                caches.drop(message["data"].decode())
-
-    async def run(stop: asyncio.Event) -> None:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(keys.CATALOG_CHANGED)
-            caches.clear()  # whatever changed while we were not listening
-            reader = asyncio.ensure_future(read(pubsub))
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait((reader, stopping), return_when=asyncio.FIRST_COMPLETED)
-            for task in (reader, stopping):
-                task.cancel()
-            if reader.done() and not reader.cancelled():
-                reader.result()  # a lost connection: the supervisor restarts us
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    return run
+async def listen(hub: Hub, caches: Caches) -> None:
+    """Drop cached copies when any instance announces a change."""
+    hub.on_connect.append(caches.clear)  # whatever changed while we were not listening
+    await hub.subscribe(keys.CATALOG_CHANGED, lambda data: caches.drop(data.decode()))

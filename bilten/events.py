@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
@@ -266,7 +267,8 @@ async def set_image(conn: Connection, event_id: str, url: str) -> None:
 # --- search ---------------------------------------------------------------------------------
 
 _cursor_encoder = msgspec.json.Encoder()
-_cursor_decoder = msgspec.json.Decoder(tuple[datetime, str])
+# Typed strictly: a forged cursor must be a 422, never a malformed query parameter.
+_cursor_decoder = msgspec.json.Decoder(tuple[Annotated[datetime, msgspec.Meta(tz=True)], uuid.UUID])
 
 
 def encode_cursor(starts_at: datetime, event_id: str) -> str:
@@ -275,7 +277,7 @@ def encode_cursor(starts_at: datetime, event_id: str) -> str:
     )
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         return _cursor_decoder.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, msgspec.DecodeError):
@@ -331,7 +333,7 @@ async def search(
         where.append(f"e.min_price_cents <= {arg(max_price)}")
     if cursor:
         after_start, after_id = decode_cursor(cursor)
-        where.append(f"(e.starts_at, e.id) > ({arg(after_start)}, {arg(after_id)}::uuid)")
+        where.append(f"(e.starts_at, e.id) > ({arg(after_start)}, {arg(after_id)})")
     rows = await conn.fetch(
         f"""SELECT {SUMMARY} FROM events e WHERE {" AND ".join(where)}
             ORDER BY e.starts_at, e.id LIMIT {arg(limit + 1)}""",

@@ -22,3 +22,48 @@ CATALOG_CHANGED = f"{PREFIX}:catalog:changed"  # pub/sub: an event id whose cach
 def seat_map(event_id: str, version: int) -> str:
     """The encoded seat map of an event at one version (immutable, so safely shared)."""
     return f"{PREFIX}:seatmap:{event_id}:{version}"
+
+
+def seats_channel(event_id: str) -> str:
+    """Pub/sub: seat-map deltas of one event (the realtime room ``event:{id}``)."""
+    return f"{PREFIX}:room:event:{event_id}"
+
+
+def user_channel(user_id: str) -> str:
+    """Pub/sub: personal messages for one user (booking results, payment status)."""
+    return f"{PREFIX}:room:user:{user_id}"
+
+
+BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: a booking id whose saga ended
+QUEUE_ACTIVE = f"{PREFIX}:q:active"  # set of events whose booking queue may hold requests
+QUEUE_GROUP = "bookers"
+
+
+def queue(event_id: str) -> str:
+    """Stream of booking requests for one event, in arrival order."""
+    return f"{PREFIX}:q:{event_id}"
+
+
+def queue_ticket(event_id: str) -> str:
+    """Counter: requests ever enqueued for the event (a request's place in line)."""
+    return f"{PREFIX}:q:{event_id}:ticket"
+
+
+def queue_served(event_id: str) -> str:
+    """Counter: requests finished for the event; position = ticket - served."""
+    return f"{PREFIX}:q:{event_id}:served"
+
+
+def queue_lease(event_id: str) -> str:
+    """The worker currently draining the event's queue (expires unless renewed)."""
+    return f"{PREFIX}:q:{event_id}:lease"
+
+
+def booking_request(request_id: str) -> str:
+    """Hash: the status of a booking request, for cheap polling."""
+    return f"{PREFIX}:req:{request_id}"
+
+
+def test_payment(key: str) -> str:
+    """Hash: the built-in test payment provider's ledger entry for one idempotency key."""
+    return f"{PREFIX}:testpay:{key}"

@@ -90,7 +90,8 @@ def reencode(data: bytes) -> tuple[str, bytes]:
                 "The image is damaged or truncated.",
                 {"fields": [{"field": "file", "message": "unreadable image"}]},
             ) from None
-    kind = image.format or "PNG"
+    # A camera's multi-picture JPEG opens as MPO: its first picture is kept, as a JPEG.
+    kind = "JPEG" if image.format == "MPO" else image.format or "PNG"
     ext, _ = FORMATS[kind]
     decoded: Image.Image = image
     if kind == "JPEG" and image.mode not in ("RGB", "L"):

@@ -52,3 +52,32 @@ MAIL_DEAD = Counter(
     "Mails given up on (refused for good, or out of attempts), by template.",
     ("template",),
 )
+PAYMENT_CALLS = Counter(
+    "bilten_payment_calls_total",
+    "Attempts at a payment provider call, by provider, operation and outcome "
+    "(ok, declined, error, timeout, circuit_open).",
+    ("provider", "operation", "outcome"),
+)
+PAYMENT_LATENCY = Histogram(
+    "bilten_payment_call_duration_seconds",
+    "Time of one attempt at a payment provider call, by provider and operation.",
+    ("provider", "operation"),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PAYMENT_CIRCUIT = Gauge(
+    "bilten_payment_circuit_state",
+    "Circuit breaker of each payment provider: 0 closed, 1 half-open (one trial call), 2 open.",
+    ("provider",),
+)
+
+BOOKINGS = Counter(
+    "bilten_bookings_total",
+    "Bookings that ended, by outcome and failure code.",
+    ("outcome", "code"),
+)
+SAGA_SECONDS = Histogram(
+    "bilten_saga_duration_seconds",
+    "From the first step of a booking saga to its end.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+QUEUE_DEPTH = Gauge("bilten_booking_queue_depth", "Booking requests waiting, seen on enqueue.")

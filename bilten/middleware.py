@@ -6,8 +6,8 @@ import functools
 import itertools
 import logging
 import re
-import time
 import secrets
+import time
 from typing import Any
 
 from redis.exceptions import RedisError

@@ -69,6 +69,10 @@ class Settings:
     payment_timeout: float = 10.0
     payment_retries: int = 3
     test_payment_latency_ms: int = 0
+    hold_ttl: int = 600
+    booking_workers: int = 4  # queue-draining coroutines per instance
+    queue_max: int = 10_000  # waiting requests per event before 503
+    queue_lease_ms: int = 10_000  # a dead worker's events are taken over after this
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -193,6 +197,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         payment_timeout=_float(env, "BILTEN_PAYMENT_TIMEOUT", 10.0),
         payment_retries=_int(env, "BILTEN_PAYMENT_RETRIES", 3, minimum=0),
         test_payment_latency_ms=_int(env, "BILTEN_TEST_PAYMENT_LATENCY_MS", 0, minimum=0),
+        hold_ttl=_int(env, "BILTEN_HOLD_TTL", 600, minimum=5),
+        booking_workers=_int(env, "BILTEN_BOOKING_WORKERS", 4, minimum=1),
+        queue_max=_int(env, "BILTEN_QUEUE_MAX", 10_000, minimum=1),
+        queue_lease_ms=_int(env, "BILTEN_QUEUE_LEASE_MS", 10_000, minimum=500),
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),

@@ -12,9 +12,12 @@ from bilten.cache import Caches
 from bilten.db import Pool
 from bilten.media import Storage
 from bilten.passwords import Passwords
+from bilten.payments.resilience import ResilientProvider
+from bilten.pubsub import Hub
 from bilten.settings import Settings
 from bilten.supervisor import Supervisor
 from bilten.tokens import Signer
+from bilten.waiters import Waiters
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class State:
     passwords: Passwords
     caches: Caches
     media: Storage
+    hub: Hub
+    payments: ResilientProvider
+    waiters: Waiters
     started_at: float
 
 

@@ -97,13 +97,14 @@ async def create(conn: Connection, owner_id: str, fields: dict[str, Any]) -> str
                 f"Row labels must be unique within section {s['name']!r}.",
                 {"fields": [{"field": "sections.rows", "message": "duplicate row label"}]},
             )
-    section_rows, seat_rows = layout(sections)
-    if len(seat_rows) > MAX_SEATS:
+    # Counted before the layout is built: a small body can describe millions of seats.
+    if sum(row["seats"] for s in sections for row in s["rows"]) > MAX_SEATS:
         raise ApiError(
             "validation_error",
             f"A venue has at most {MAX_SEATS} seats.",
             {"fields": [{"field": "sections", "message": "too many seats"}]},
         )
+    section_rows, seat_rows = layout(sections)
     async with conn.transaction():
         venue_id: str = await conn.fetchval(
             """INSERT INTO venues (owner_id, name, address, city, country, timezone, seat_count)

@@ -6,7 +6,7 @@ from collections.abc import Set
 
 from starlette.routing import BaseRoute
 
-from bilten.routes import auth, events, ops, users, venues
+from bilten.routes import auth, bookings, events, holds, ops, users, venues
 
 
 def build(roles: Set[str]) -> list[BaseRoute]:
@@ -14,5 +14,12 @@ def build(roles: Set[str]) -> list[BaseRoute]:
     table: list[BaseRoute] = []
     if "api" in roles:
         # Routes are matched in order: the hottest reads come first.
-        table += [*events.routes, *venues.routes, *auth.routes, *users.routes]
+        table += [
+            *events.routes,
+            *holds.routes,
+            *bookings.routes,
+            *venues.routes,
+            *auth.routes,
+            *users.routes,
+        ]
     return [*table, *ops.routes]

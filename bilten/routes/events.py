@@ -76,8 +76,8 @@ class SearchQuery(msgspec.Struct, kw_only=True):
     q: Annotated[str, msgspec.Meta(max_length=200)] | None = None
     category: str | None = None
     city: str | None = None
-    starts_from: datetime | None = msgspec.field(default=None, name="from")
-    starts_to: datetime | None = msgspec.field(default=None, name="to")
+    starts_from: When | None = msgspec.field(default=None, name="from")
+    starts_to: When | None = msgspec.field(default=None, name="to")
     min_price: Annotated[int, msgspec.Meta(ge=0)] | None = None
     max_price: Annotated[int, msgspec.Meta(ge=0)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
@@ -257,6 +257,13 @@ async def get_event(request: Request) -> Response:
     return Response(found.body, media_type="application/json")
 
 
+def _not_modified(if_none_match: str, etag: str) -> bool:
+    """If-None-Match compares weakly (RFC 9110): a proxy that compressed the body may have
+    marked the tag weak, and the client sends it back so."""
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return etag in tags or "*" in tags
+
+
 @openapi.endpoint(
     summary="The seat map: every seat with its status, tier and price.",
     tag="events",
@@ -270,7 +277,7 @@ async def get_seats(request: Request) -> Response:
     if found is None or not _visible(request, found.status, found.organizer_id):
         raise _not_found()
     headers = {"ETag": found.etag, "Cache-Control": "no-cache"}
-    if found.etag in (tag.strip() for tag in request.headers.get("if-none-match", "").split(",")):
+    if _not_modified(request.headers.get("if-none-match", ""), found.etag):
         return Response(status_code=304, headers=headers)
     return Response(found.body, media_type="application/json", headers=headers)
 
@@ -289,11 +296,13 @@ async def _uploaded_file(request: Request) -> bytes:
         form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=10).parse()
     except MultiPartException as exc:
         raise ApiError("bad_request", f"Malformed multipart body: {exc.message}") from None
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise events.invalid("file", "a file field named 'file' is required")
-    data = await upload.read()
-    await form.close()
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise events.invalid("file", "a file field named 'file' is required")
+        data = await upload.read()
+    finally:
+        await form.close()  # any file of another name is spooled too
     if len(data) > media.MAX_UPLOAD_BYTES:
         raise ApiError("payload_too_large", f"Images are at most {media.MAX_UPLOAD_BYTES} bytes.")
     return data

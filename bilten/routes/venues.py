@@ -19,6 +19,7 @@ from bilten.wire import JSONResponse, Struct, read_json
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=20)]
+Coordinate = Annotated[float, msgspec.Meta(ge=-1e6, le=1e6)]
 
 
 class RowIn(Struct, kw_only=True):
@@ -29,8 +30,9 @@ class RowIn(Struct, kw_only=True):
 class SectionIn(Struct, kw_only=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=50)]
     rows: Annotated[list[RowIn], msgspec.Meta(min_length=1, max_length=500)]
-    x: float | None = None
-    y: float | None = None
+    # Bounded so that every seat's coordinates fit the database's real columns.
+    x: Coordinate | None = None
+    y: Coordinate | None = None
 
 
 class NewVenue(Struct, kw_only=True):

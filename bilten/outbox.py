@@ -1,0 +1,96 @@
+"""The transactional outbox: state changes recorded in the same transaction as the change, and
+a relay that publishes them to Redis afterwards, in order, at least once.
+
+Topics: ``seats`` (a seat-map delta for an event's room), ``user`` (a message for one user's
+channel: booking results, payment status). Consumers must tolerate redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from bilten import keys
+from bilten.db import Connection, Pool
+from bilten.supervisor import Worker
+
+log = logging.getLogger(__name__)
+
+RELAY_LOCK = 0x6F7574626F78  # "outbox": one relay at a time keeps the order
+BATCH = 500
+_encoder = msgspec.json.Encoder()
+
+
+async def add(conn: Connection, topic: str, payload: dict[str, Any]) -> None:
+    await conn.execute("INSERT INTO outbox (topic, payload) VALUES ($1, $2)", topic, payload)
+
+
+async def seat_changes(
+    conn: Connection, event_id: str, changes: Iterable[tuple[str, str, int]]
+) -> None:
+    """Record that seats changed: ``(seat_id, status, version)`` each."""
+    rows = list(changes)
+    if rows:
+        await add(
+            conn,
+            "seats",
+            {
+                "type": "seats",
+                "event_id": event_id,
+                "version": max(v for _, _, v in rows),
+                "changes": [{"seat_id": s, "status": st, "version": v} for s, st, v in rows],
+            },
+        )
+
+
+async def to_user(conn: Connection, user_id: str, message: dict[str, Any]) -> None:
+    await add(conn, "user", {"user_id": user_id, "message": message})
+
+
+def channel_for(topic: str, payload: dict[str, Any]) -> tuple[str, Any]:
+    if topic == "seats":
+        return keys.seats_channel(payload["event_id"]), payload
+    if topic == "user":
+        return keys.user_channel(payload["user_id"]), payload["message"]
+    raise ValueError(f"unknown outbox topic {topic!r}")
+
+
+async def relay_once(pool: Pool, redis: Redis, limit: int = BATCH) -> int:
+    """Publish the oldest committed rows and delete them; returns how many."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
+            return 0
+        rows = await conn.fetch("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT $1", limit)
+        if not rows:
+            return 0
+        changed_events = set()
+        async with redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                channel, message = channel_for(row["topic"], row["payload"])
+                pipe.publish(channel, _encoder.encode(message))
+                if row["topic"] == "seats":
+                    changed_events.add(row["payload"]["event_id"])
+            for event_id in changed_events:
+                pipe.publish(keys.CATALOG_CHANGED, event_id)
+            await pipe.execute()
+        # Published first, deleted after: a crash in between publishes again (at least once).
+        await conn.execute(
+            "DELETE FROM outbox WHERE id = ANY ($1::bigint[])", [r["id"] for r in rows]
+        )
+        return len(rows)
+
+
+def relay(pool: Pool, redis: Redis, interval: float = 0.02) -> Worker:
+    async def run(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if await relay_once(pool, redis) < BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+
+    return run

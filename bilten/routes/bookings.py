@@ -1,0 +1,380 @@
+"""Bookings: requests into the event's queue, their outcome, reads, cancellation, webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bilten import bookings, errors, keys, openapi, queue, security
+from bilten.bookings import Booking, Failure
+from bilten.errors import ApiError
+from bilten.payments import webhooks
+from bilten.routes.holds import Quantity, SeatIds, what
+from bilten.sagas import booking as saga
+from bilten.state import State, state
+from bilten.wire import JSONResponse, Struct, read_json, read_query
+
+MAX_WAIT = 30.0
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)")
+
+
+class PaymentIn(Struct, kw_only=True):
+    method: Literal["card"]
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class BookingIn(Struct, kw_only=True):
+    event_id: uuid.UUID
+    hold_id: uuid.UUID | None = None
+    seat_ids: SeatIds | None = None
+    ticket_type_id: uuid.UUID | None = None
+    quantity: Quantity | None = None
+    payment: PaymentIn
+
+
+class Queued(msgspec.Struct, kw_only=True):
+    request_id: str
+    status: Literal["queued", "processing"]
+    position: int
+
+
+class Confirmed(msgspec.Struct, kw_only=True):
+    request_id: str
+    status: Literal["confirmed"]
+    booking: Booking
+
+
+class RequestStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str
+    status: Literal["queued", "processing", "confirmed", "failed", "cancelled"]
+    position: int | None = None
+    booking_id: str | None = None
+    error: Failure | None = None
+
+
+class BookingPage(msgspec.Struct, kw_only=True):
+    items: list[Booking]
+    next_cursor: str | None
+
+
+class BookingQuery(msgspec.Struct, kw_only=True):
+    status: Literal["pending", "confirmed", "failed", "cancelled"] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
+    cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
+class Received(msgspec.Struct, kw_only=True):
+    received: bool
+    duplicate: bool = False
+
+
+def _idempotency_key(request: Request) -> str:
+    key = request.headers.get("idempotency-key", "").strip()
+    if not key or len(key) > 200:
+        raise ApiError(
+            "validation_error",
+            "Idempotency-Key: a header of 1 to 200 characters is required",
+            {"fields": [{"field": "Idempotency-Key", "message": "required header"}]},
+        )
+    return key
+
+
+def _wait_seconds(request: Request, default: float) -> float:
+    match = _PREFER_WAIT.search(request.headers.get("prefer", ""))
+    return min(float(match[1]), MAX_WAIT) if match else default
+
+
+async def _answer(app: State, booking_id: str, user_id: str) -> Response | None:
+    """The final answer for a finished booking; None while it is still under way."""
+    async with app.db.acquire() as conn:
+        found = await bookings.get(conn, booking_id, user_id)
+    if found is None or found.status == "pending":
+        return None
+    if found.status == "confirmed":
+        return JSONResponse(
+            Confirmed(request_id=booking_id, status="confirmed", booking=found), status_code=201
+        )
+    failure = found.failure or Failure(code="conflict", message=f"The booking is {found.status}.")
+    details = {**failure.details, "request_id": booking_id, "booking_id": booking_id}
+    headers = {"Retry-After": "5"} if failure.code == "unavailable" else None
+    return errors.response(ApiError(failure.code, failure.message, details, headers=headers))
+
+
+async def _queued(app: State, booking_id: str, event_id: str) -> Response:
+    raw: Any = await app.redis.hgetall(keys.booking_request(booking_id))
+    status = raw.get(b"status", b"queued").decode()
+    ticket = int(raw.get(b"ticket", 0))
+    position = await queue.position(app.redis, event_id, ticket) if ticket else 0
+    return JSONResponse(
+        Queued(
+            request_id=booking_id,
+            status="processing" if status == "processing" else "queued",
+            position=position,
+        ),
+        status_code=202,
+    )
+
+
+async def _book(request: Request, default_wait: float) -> Response:
+    who = security.authenticate(request)
+    key = _idempotency_key(request)
+    body = await read_json(request, BookingIn)
+    if body.hold_id is not None and (body.seat_ids or body.ticket_type_id or body.quantity):
+        raise ApiError(
+            "validation_error",
+            "hold_id: give a hold, or seats, or a ticket type with a quantity",
+            {"fields": [{"field": "hold_id", "message": "only one way to say what to book"}]},
+        )
+    wanted: dict[str, Any] = {}
+    if body.hold_id is not None:
+        wanted["hold_id"] = str(body.hold_id)
+    else:
+        seat_ids, ticket_type_id, quantity = what(body.seat_ids, body.ticket_type_id, body.quantity)
+        wanted = {"seat_ids": seat_ids, "ticket_type_id": ticket_type_id, "quantity": quantity}
+    wait = _wait_seconds(request, default_wait)
+    app = state(request)
+    event_id = str(body.event_id)
+    async with app.db.acquire() as conn:
+        event = await conn.fetchrow("SELECT status, currency FROM events WHERE id = $1", event_id)
+        if event is None or event["status"] == "draft":
+            raise ApiError("not_found", "No such event.")
+        booking_id, new = await bookings.create_request(
+            conn,
+            booking_id=str(uuid.uuid4()),
+            user_id=who.user_id,
+            event_id=event_id,
+            key=key,
+            digest=bookings.body_hash(body),
+            request=wanted,
+            currency=event["currency"],
+            provider=app.payments.name,
+            token=body.payment.token,
+        )
+        if new:
+            try:
+                position = await queue.enqueue(
+                    app.redis, event_id, booking_id, who.user_id, app.settings.queue_max
+                )
+            except Exception:
+                # Never accepted: forget it, so a retry with the same key starts afresh.
+                await conn.execute("DELETE FROM bookings WHERE id = $1", booking_id)
+                raise
+    future = app.waiters.register(booking_id) if wait > 0 else None
+    try:
+        answer = await _answer(app, booking_id, who.user_id)
+        if answer is None and future is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), wait)
+            answer = await _answer(app, booking_id, who.user_id)
+    finally:
+        if future is not None:
+            app.waiters.discard(booking_id, future)
+    if answer is not None:
+        return answer
+    if new:
+        return JSONResponse(
+            Queued(request_id=booking_id, status="queued", position=position), status_code=202
+        )
+    return await _queued(app, booking_id, event_id)
+
+
+@openapi.endpoint(
+    summary="Ask to book: the request joins the event's queue (202), or with `Prefer: wait=N` "
+    "the answer comes when the outcome is known.",
+    tag="bookings",
+    body=BookingIn,
+    response=Queued,
+    status=202,
+    auth=True,
+    errors=(
+        "seat_unavailable",
+        "sold_out",
+        "hold_expired",
+        "payment_declined",
+        "idempotency_mismatch",
+        "not_found",
+        "unavailable",
+    ),
+    extra_responses={201: "Confirmed (with Prefer: wait=N)."},
+    description="Header Idempotency-Key is required: the same key and body return the same "
+    "request; the same key with another body is 422 idempotency_mismatch.",
+)
+async def create_booking(request: Request) -> Response:
+    return await _book(request, 0.0)
+
+
+@openapi.endpoint(
+    summary="Book and wait for the outcome (POST /bookings with Prefer: wait=30).",
+    tag="bookings",
+    body=BookingIn,
+    response=Confirmed,
+    status=201,
+    auth=True,
+    errors=(
+        "seat_unavailable",
+        "sold_out",
+        "hold_expired",
+        "payment_declined",
+        "idempotency_mismatch",
+        "not_found",
+        "unavailable",
+    ),
+    extra_responses={202: "Still queued after 30 seconds."},
+)
+async def purchase(request: Request) -> Response:
+    return await _book(request, MAX_WAIT)
+
+
+@openapi.endpoint(
+    summary="Where a booking request stands.",
+    tag="bookings",
+    response=RequestStatus,
+    auth=True,
+    errors=("not_found",),
+)
+async def request_status(request: Request) -> Response:
+    who = security.authenticate(request)
+    request_id = str(request.path_params["request_id"])
+    app = state(request)
+    raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
+    owner = raw.get(b"user_id", b"").decode()
+    status = raw.get(b"status", b"").decode()
+    if owner and owner != who.user_id and who.role != "admin":
+        raise ApiError("not_found", "No such booking request.")
+    if status in ("queued", "processing"):
+        event_id = raw[b"event_id"].decode()
+        ticket = int(raw.get(b"ticket", 0))
+        return JSONResponse(
+            RequestStatus(
+                request_id=request_id,
+                status="queued" if status == "queued" else "processing",
+                position=await queue.position(app.redis, event_id, ticket),
+            )
+        )
+    async with app.db.acquire() as conn:
+        found = await bookings.get(conn, request_id, None if who.role == "admin" else who.user_id)
+    if found is None:
+        raise ApiError("not_found", "No such booking request.")
+    return JSONResponse(
+        RequestStatus(
+            request_id=request_id,
+            status="processing" if found.status == "pending" else found.status,
+            booking_id=found.id,
+            error=found.failure,
+        )
+    )
+
+
+@openapi.endpoint(
+    summary="One of my bookings (admins: any).",
+    tag="bookings",
+    response=Booking,
+    auth=True,
+    errors=("not_found",),
+)
+async def get_booking(request: Request) -> Response:
+    who = security.authenticate(request)
+    async with state(request).db.acquire() as conn:
+        found = await bookings.get(
+            conn,
+            str(request.path_params["booking_id"]),
+            None if who.role == "admin" else who.user_id,
+        )
+    if found is None:
+        raise ApiError("not_found", "No such booking.")
+    return JSONResponse(found)
+
+
+@openapi.endpoint(
+    summary="My bookings, newest first.",
+    tag="bookings",
+    response=BookingPage,
+    auth=True,
+    query=(
+        ("status", "string", "pending, confirmed, failed or cancelled"),
+        ("limit", "integer", "page size, 1 to 100 (default 20)"),
+        ("cursor", "string", "next_cursor of the previous page"),
+    ),
+)
+async def list_bookings(request: Request) -> Response:
+    who = security.authenticate(request)
+    query = read_query(request, BookingQuery)
+    async with state(request).db.acquire() as conn:
+        items, next_cursor = await bookings.list_for(
+            conn, who.user_id, query.status, query.limit, query.cursor
+        )
+    return JSONResponse(BookingPage(items=items, next_cursor=next_cursor))
+
+
+@openapi.endpoint(
+    summary="Cancel a confirmed booking: refunded, seats released, tickets void.",
+    tag="bookings",
+    response=Booking,
+    auth=True,
+    errors=("not_found", "conflict", "unavailable"),
+)
+async def cancel_booking(request: Request) -> Response:
+    who = security.authenticate(request)
+    booking_id = str(request.path_params["booking_id"])
+    app = state(request)
+    async with app.db.acquire() as conn:
+        found = await bookings.owner(conn, booking_id)
+    if found is None or (found[0] != who.user_id and who.role != "admin"):
+        raise ApiError("not_found", "No such booking.")
+    outcome = await saga.cancel(app, booking_id)
+    await saga.announce(app, outcome)
+    async with app.db.acquire() as conn:
+        return JSONResponse(await bookings.get(conn, booking_id))
+
+
+@openapi.endpoint(
+    summary="Payment provider callbacks (Stripe-Signature verified; redelivery ignored).",
+    tag="payments",
+    response=Received,
+    errors=("bad_request", "not_found"),
+)
+async def webhook(request: Request) -> Response:
+    app = state(request)
+    if request.path_params["provider"] != "stripe" or not app.settings.stripe_webhook_secret:
+        raise ApiError("not_found", "No webhooks for this provider.")
+    payload = await request.body()
+    try:
+        event = webhooks.verify_stripe_signature(
+            payload, request.headers.get("stripe-signature"), app.settings.stripe_webhook_secret
+        )
+    except webhooks.InvalidSignature as exc:
+        raise ApiError("bad_request", f"Invalid webhook signature: {exc}") from None
+    event_id = str(event.get("id", ""))
+    kind = str(event.get("type", ""))
+    if not event_id:
+        raise ApiError("bad_request", "The event has no id.")
+    async with app.db.acquire() as conn:
+        fresh = await conn.fetchval(
+            """INSERT INTO payment_webhook_events (id, provider, type) VALUES ($1, 'stripe', $2)
+               ON CONFLICT DO NOTHING RETURNING true""",
+            event_id,
+            kind,
+        )
+    if not fresh:
+        return JSONResponse(Received(received=True, duplicate=True))
+    await saga.apply_webhook(app, kind, event.get("data", {}).get("object", {}))
+    return JSONResponse(Received(received=True))
+
+
+routes = [
+    Route("/bookings", create_booking, methods=["POST"]),
+    Route("/bookings", list_bookings, methods=["GET"]),
+    Route("/bookings/requests/{request_id:uuid}", request_status, methods=["GET"]),
+    Route("/bookings/{booking_id:uuid}", get_booking, methods=["GET"]),
+    Route("/bookings/{booking_id:uuid}/cancel", cancel_booking, methods=["POST"]),
+    Route("/tickets/purchase", purchase, methods=["POST"]),
+    Route("/payments/webhooks/{provider}", webhook, methods=["POST"]),
+]

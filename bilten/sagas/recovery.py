@@ -1,0 +1,112 @@
+"""Housekeeping that keeps the booking invariants true when instances die or providers fail.
+
+* expired holds are released (they already count as available; this frees the rows);
+* sagas left unfinished are resumed, one instance per booking (rows are claimed with
+  ``FOR UPDATE SKIP LOCKED`` and their timestamp bumped, which leases them for a while);
+* failed payments whose outcome was unknown are looked up and refunded if money was taken;
+* confirmed bookings of cancelled events are cancelled (and so refunded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from bilten import cache, holds, payments
+from bilten.sagas import booking
+from bilten.state import State
+from bilten.supervisor import Worker
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 1.0
+STALE_PENDING = 300  # seconds: a request may wait this long in a long queue
+STALE_PAYMENT = 60  # seconds: longer than a payment call with all its retries
+
+
+async def _claim(app: State, where: str, stale: int, limit: int = 50) -> list[str]:
+    rows = await app.db.fetch(
+        f"""UPDATE bookings SET updated_at = now()
+            WHERE id IN (SELECT id FROM bookings WHERE {where}
+                           AND updated_at < now() - make_interval(secs => $1)
+                         ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            RETURNING id::text""",
+        stale,
+        limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def sweep_holds(app: State) -> int:
+    async with app.db.acquire() as conn, conn.transaction():
+        changed = await holds.sweep_expired(conn)
+    for event_id in changed:
+        await cache.changed(app.redis, app.caches, event_id)
+    return len(changed)
+
+
+async def resume_sagas(app: State) -> int:
+    ids = await _claim(app, "saga_state = 'PENDING'", STALE_PENDING)
+    ids += await _claim(app, "saga_state IN ('SEATS_RESERVED', 'PAYMENT_PENDING')", STALE_PAYMENT)
+    for booking_id in ids:
+        outcome = await booking.recover(app, booking_id)
+        if outcome is not None:
+            await booking.announce(app, outcome)
+    return len(ids)
+
+
+async def settle_payments(app: State) -> int:
+    ids = await _claim(app, "payment_unsettled", 5)
+    for booking_id in ids:
+        try:
+            charge = await app.payments.lookup(key=booking_id)
+            if charge is not None and charge.status == "succeeded":
+                await app.payments.refund(
+                    key=booking_id, payment_id=charge.id, amount_cents=charge.amount_cents
+                )
+                log.warning("refunded an unconfirmed charge of booking %s", booking_id)
+        except payments.ProviderUnavailable:
+            continue  # next round
+        await app.db.execute(
+            """UPDATE bookings SET payment_unsettled = false,
+                      payment_status = CASE WHEN $2 THEN 'refunded' ELSE payment_status END
+               WHERE id = $1""",
+            booking_id,
+            charge is not None,
+        )
+    return len(ids)
+
+
+async def cancel_for_cancelled_events(app: State) -> int:
+    rows = await app.db.fetch(
+        """SELECT b.id::text FROM bookings b JOIN events e ON e.id = b.event_id
+           WHERE e.status = 'cancelled' AND b.saga_state = 'CONFIRMED' LIMIT 50"""
+    )
+    for row in rows:
+        with contextlib.suppress(Exception):
+            outcome = await booking.cancel(app, row["id"])
+            await booking.announce(app, outcome)
+    return len(rows)
+
+
+async def run_once(app: State) -> int:
+    return (
+        await sweep_holds(app)
+        + await resume_sagas(app)
+        + await settle_payments(app)
+        + await cancel_for_cancelled_events(app)
+    )
+
+
+def worker(app: State, interval: float = INTERVAL) -> Worker:
+    async def run(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await run_once(app)
+            except Exception:
+                log.exception("recovery round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    return run
