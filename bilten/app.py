@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -98,6 +99,10 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 started_at=time.time(),
             )
             await start_workers(app)
+            # Serve only once changes announced by other instances reach us; if Redis is slow
+            # to answer, cached entries still age out.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(app.hub.connected.wait(), 5)
             log.info(
                 "instance %s started (roles %s)",
                 settings.instance_id,

@@ -117,8 +117,17 @@ async def drain(
     await _ensure_group(redis, stream)
     done = 0
     # Entries a previous holder read but never acknowledged come first: they arrived first.
-    _, claimed, _ = await redis.xautoclaim(stream, keys.QUEUE_GROUP, consumer, 0, "0-0", count=1000)
-    backlog = _ids(claimed)
+    backlog: list[tuple[bytes, str]] = []
+    cursor: Any = "0-0"
+    while True:
+        # Redis 6.2 answers [cursor, entries]; 7 adds the ids of deleted entries.
+        answer: Any = await redis.xautoclaim(
+            stream, keys.QUEUE_GROUP, consumer, 0, cursor, count=500
+        )
+        cursor = answer[0]
+        backlog += _ids(answer[1])
+        if cursor in (b"0-0", "0-0"):
+            break
     while True:
         if backlog:
             batch, backlog = backlog[:BATCH], backlog[BATCH:]

@@ -31,7 +31,7 @@ from asgi_lifespan import LifespanManager
 
 from bilten import db, embedded, migrations
 from bilten.app import create_app
-from bilten.settings import Settings
+from bilten.settings import Rate, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-key-0123456789abcdef-0123456789abcdef-0123456789abcdef"
@@ -138,6 +138,9 @@ def settings(database_url: str, redis_url: str) -> Settings:
         argon2_time_cost=1,
         argon2_memory_kib=1024,
         argon2_parallelism=1,
+        # Many users come from one test client: the per-IP limits have tests of their own.
+        limit_register_ip=Rate(0, 3600),
+        limit_api_ip=Rate(0, 60),
     )
 
 

@@ -72,6 +72,8 @@ class StripeProvider:
         }
         intent = await self._request("POST", "/v1/payment_intents", data=form, idempotency_key=key)
         status = intent.get("status")
+        if not isinstance(status, str):
+            raise Transient("stripe answered a payment intent without a status")
         if status == "succeeded":
             return _charge(intent, refunded=False)
         if status == "requires_action":
@@ -205,10 +207,13 @@ def _checked(response: httpx.Response) -> dict[str, Any]:
         body = _json.decode(response.content)
     except msgspec.DecodeError:
         body = None  # a proxy's HTML error page, say
+    if response.is_success:
+        if not isinstance(body, dict):
+            # The request may have taken effect: ask again (a replay) rather than guess.
+            raise Transient(f"stripe answered {response.status_code} with an unreadable body")
+        return body
     if not isinstance(body, dict):
         body = {}
-    if response.is_success:
-        return body
     _raise_for(response, body)
 
 

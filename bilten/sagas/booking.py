@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
 from bilten import holds, keys, metrics, outbox, payments, ticketcodes
@@ -133,7 +134,7 @@ async def _adopt_hold(conn: Connection, row: Any, hold_id: str) -> tuple[str, li
     items = await _items_of_hold(conn, hold)
     if len(items) != hold["quantity"]:
         raise ApiError("hold_expired", "The hold ran out before the booking.")
-    window = f"{PAYMENT_WINDOW} seconds"
+    window = timedelta(seconds=PAYMENT_WINDOW)
     await conn.execute(
         "UPDATE holds SET expires_at = greatest(expires_at, now() + $2::interval) WHERE id = $1",
         hold_id,
@@ -303,9 +304,12 @@ async def finish(app: State, booking_id: str, result: PaymentResult) -> Outcome 
             if confirmed is not None:
                 return confirmed
             # Paid, but the seats are gone (the payment outlived its window): give it back.
-            await app.payments.refund(
-                key=booking_id, payment_id=result.id, amount_cents=result.amount_cents
-            )
+            try:
+                await app.payments.refund(
+                    key=booking_id, payment_id=result.id, amount_cents=result.amount_cents
+                )
+            except payments.PaymentDeclined as exc:
+                log.warning("refund of booking %s refused: %s", booking_id, exc.decline_code)
             await holds.release(conn, row["hold_id"], "expired")
             return await _fail(
                 conn,
@@ -430,10 +434,10 @@ async def cancel(app: State, booking_id: str) -> Outcome:
                 {"decline_code": exc.decline_code},
             ) from None
         await _release_sold(conn, row)
+        await _transition(conn, booking_id, "CONFIRMED", "CANCELLED", "cancelled")
         await conn.execute(
             "UPDATE bookings SET payment_status = 'refunded' WHERE id = $1", booking_id
         )
-        await _transition(conn, booking_id, "CONFIRMED", "CANCELLED", "cancelled")
         await outbox.to_user(conn, row["user_id"], _result(booking_id, "cancelled"))
         await outbox.to_user(
             conn,

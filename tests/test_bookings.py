@@ -1,0 +1,392 @@
+"""The booking engine over HTTP: holds, the queue, the saga, payments, idempotency, cancel."""
+
+import asyncio
+import random
+import uuid
+
+import pytest
+
+from bilten import db
+from tests.catalog_helpers import START, iso, register
+from tests.conftest import truncate
+
+WAIT = {"Prefer": "wait=10"}
+
+
+@pytest.fixture(autouse=True)
+async def clean(database_url, redis):
+    await truncate(database_url, "users", "outbox")
+
+
+async def published_event(client, rows=3, per_row=10, capacity=20, max_per_order=10):
+    organizer, _ = await register(client, f"org-{uuid.uuid4().hex[:8]}@example.com", "organizer")
+    venue = await client.post(
+        "/venues",
+        headers=organizer,
+        json={
+            "name": "Hall",
+            "address": "1 St",
+            "city": "Oslo",
+            "country": "NO",
+            "timezone": "Europe/Oslo",
+            "sections": [
+                {
+                    "name": "Main",
+                    "rows": [{"label": chr(65 + r), "seats": per_row} for r in range(rows)],
+                }
+            ],
+        },
+    )
+    assert venue.status_code == 201, venue.text
+    event = await client.post(
+        "/events",
+        headers=organizer,
+        json={
+            "title": "Show",
+            "category": "concert",
+            "venue_id": venue.json()["id"],
+            "starts_at": iso(START),
+            "ends_at": iso(START.replace(hour=23)),
+            "currency": "EUR",
+            "max_tickets_per_order": max_per_order,
+            "price_tiers": [{"name": "Main", "price_cents": 4500, "sections": ["Main"]}],
+            "ticket_types": [{"name": "Standing", "price_cents": 1500, "capacity": capacity}],
+        },
+    )
+    assert event.status_code == 201, event.text
+    event_id = event.json()["id"]
+    assert (await client.post(f"/events/{event_id}/publish", headers=organizer)).status_code == 200
+    seats = (await client.get(f"/events/{event_id}/seats")).json()["seats"]
+    standing = event.json()["ticket_types"][0]["id"]
+    return event_id, [s["id"] for s in seats], standing, organizer
+
+
+async def buyer(client, n=None):
+    return (await register(client, f"buyer-{n if n is not None else uuid.uuid4().hex[:10]}@x.com"))[
+        0
+    ]
+
+
+def book(client, auth, body, key=None, headers=WAIT):
+    return client.post(
+        "/bookings",
+        json={"payment": {"method": "card", "token": "tok_visa"}, **body},
+        headers={**auth, "Idempotency-Key": key or uuid.uuid4().hex, **headers},
+    )
+
+
+async def seat_statuses(client, event_id):
+    seats = (await client.get(f"/events/{event_id}/seats")).json()["seats"]
+    return {s["id"]: s["status"] for s in seats}
+
+
+async def test_hold_then_book_confirms_with_tickets(client):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    hold = await client.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:2]}
+    )
+    assert hold.status_code == 201, hold.text
+    assert sorted(hold.json()["seat_ids"]) == sorted(seats[:2])
+    assert hold.json()["amount_cents"] == 9000
+    assert (await seat_statuses(client, event_id))[seats[0]] == "held"
+    response = await book(client, auth, {"event_id": event_id, "hold_id": hold.json()["id"]})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["status"] == "confirmed"
+    booking = body["booking"]
+    assert booking["status"] == "confirmed"
+    assert booking["total_cents"] == 9000 and booking["currency"] == "EUR"
+    assert booking["payment"] == {"status": "succeeded", "provider": "test", "amount_cents": 9000}
+    assert {i["seat_id"] for i in booking["items"]} == set(seats[:2])
+    assert len(booking["tickets"]) == 2 and all(t["code"] for t in booking["tickets"])
+    statuses = await seat_statuses(client, event_id)
+    assert statuses[seats[0]] == statuses[seats[1]] == "sold"
+    again = await client.get(f"/bookings/{booking['id']}", headers=auth)
+    assert again.json() == booking
+
+
+async def test_general_admission_units(client):
+    event_id, _, standing, _ = await published_event(client, capacity=5)
+    auth = await buyer(client)
+    response = await book(
+        client, auth, {"event_id": event_id, "ticket_type_id": standing, "quantity": 3}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["booking"]["total_cents"] == 4500
+    detail = (await client.get(f"/events/{event_id}")).json()
+    assert detail["ticket_types"][0]["remaining"] == 2
+    too_many = await book(
+        client,
+        await buyer(client),
+        {"event_id": event_id, "ticket_type_id": standing, "quantity": 3},
+    )
+    assert too_many.status_code == 409
+    assert too_many.json()["error"]["code"] == "sold_out"
+
+
+async def test_declined_card_releases_the_seats(client):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    response = await client.post(
+        "/bookings",
+        json={
+            "event_id": event_id,
+            "seat_ids": seats[:2],
+            "payment": {"method": "card", "token": "tok_chargeDeclined"},
+        },
+        headers={**auth, "Idempotency-Key": "k1", **WAIT},
+    )
+    assert response.status_code == 402, response.text
+    error = response.json()["error"]
+    assert error["code"] == "payment_declined"
+    assert error["details"]["decline_code"]
+    statuses = await seat_statuses(client, event_id)
+    assert statuses[seats[0]] == statuses[seats[1]] == "available"
+    booking = await client.get(f"/bookings/{error['details']['booking_id']}", headers=auth)
+    assert booking.json()["status"] == "failed"
+    assert booking.json()["payment"]["status"] == "failed"
+    assert booking.json()["failure"]["code"] == "payment_declined"
+
+
+async def test_provider_failure_is_unavailable_with_nothing_charged(client, settings):
+    import redis.asyncio as aioredis
+
+    from bilten.payments import TestProvider
+
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    response = await client.post(
+        "/bookings",
+        json={
+            "event_id": event_id,
+            "seat_ids": seats[:1],
+            "payment": {"method": "card", "token": "tok_processingError"},
+        },
+        headers={**auth, "Idempotency-Key": "k-err", **WAIT},
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "unavailable"
+    assert response.headers["retry-after"]
+    assert (await seat_statuses(client, event_id))[seats[0]] == "available"
+    booking_id = response.json()["error"]["details"]["booking_id"]
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        assert await TestProvider(r).lookup(key=booking_id) is None
+    finally:
+        await r.aclose()
+
+
+async def test_same_key_same_body_is_one_booking_other_body_is_422(client, settings):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    body = {"event_id": event_id, "seat_ids": seats[:1]}
+    first = await book(client, auth, body, key="same")
+    second = await book(client, auth, body, key="same")
+    assert first.status_code == second.status_code == 201
+    assert first.json()["booking"]["id"] == second.json()["booking"]["id"]
+    other = await book(client, auth, {"event_id": event_id, "seat_ids": seats[1:2]}, key="same")
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_mismatch"
+    conn = await db.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM bookings") == 1
+    finally:
+        await conn.close()
+    missing = await client.post(
+        "/bookings",
+        headers=auth,
+        json={
+            "event_id": event_id,
+            "seat_ids": seats[2:3],
+            "payment": {"method": "card", "token": "tok_visa"},
+        },
+    )
+    assert missing.status_code == 422
+    assert missing.json()["error"]["details"]["fields"][0]["field"] == "Idempotency-Key"
+
+
+async def test_concurrent_retries_with_one_key_make_one_booking(client, settings):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    body = {"event_id": event_id, "seat_ids": seats[:2]}
+    responses = await asyncio.gather(*(book(client, auth, body, key="burst") for _ in range(6)))
+    ids = {r.json()["booking"]["id"] for r in responses if r.status_code == 201}
+    assert len(ids) == 1, [r.text for r in responses]
+    conn = await db.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM bookings") == 1
+    finally:
+        await conn.close()
+
+
+async def test_queued_request_then_its_status(client):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    response = await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert queued["status"] == "queued" and queued["position"] >= 1
+    for _ in range(200):
+        status = await client.get(f"/bookings/requests/{queued['request_id']}", headers=auth)
+        if status.json()["status"] == "confirmed":
+            break
+        await asyncio.sleep(0.02)
+    assert status.json() == {
+        "request_id": queued["request_id"],
+        "status": "confirmed",
+        "booking_id": queued["request_id"],
+    }
+    stranger = await buyer(client)
+    hidden = await client.get(f"/bookings/requests/{queued['request_id']}", headers=stranger)
+    assert hidden.status_code == 404
+    assert (
+        await client.get(f"/bookings/{queued['request_id']}", headers=stranger)
+    ).status_code == 404
+
+
+async def test_purchase_is_the_synchronous_flow(client):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    response = await client.post(
+        "/tickets/purchase",
+        json={
+            "event_id": event_id,
+            "seat_ids": seats[:1],
+            "payment": {"method": "card", "token": "tok_visa"},
+        },
+        headers={**auth, "Idempotency-Key": "p1"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["booking"]["status"] == "confirmed"
+
+
+async def test_120_buyers_fight_over_30_seats(client, settings):
+    event_id, seats, _, _ = await published_event(client, rows=3, per_row=10)
+    buyers = await asyncio.gather(*(buyer(client, f"fight{i}") for i in range(120)))
+    rng = random.Random(7)
+    wanted = [rng.sample(seats, rng.randint(1, 2)) for _ in buyers]
+    responses = await asyncio.gather(
+        *(
+            book(client, auth, {"event_id": event_id, "seat_ids": want})
+            for auth, want in zip(buyers, wanted, strict=True)
+        )
+    )
+    confirmed = [r.json()["booking"] for r in responses if r.status_code == 201]
+    losers = [r for r in responses if r.status_code != 201]
+    assert confirmed
+    assert all(
+        r.status_code == 409 and r.json()["error"]["code"] == "seat_unavailable" for r in losers
+    ), {r.status_code for r in losers}
+    sold_by_bookings = [i["seat_id"] for b in confirmed for i in b["items"]]
+    assert len(sold_by_bookings) == len(set(sold_by_bookings)), "a seat was sold twice"
+    statuses = await seat_statuses(client, event_id)
+    assert {s for s, st in statuses.items() if st == "sold"} == set(sold_by_bookings)
+    conn = await db.connect(settings.database_url)
+    try:
+        tickets = await conn.fetchval(
+            "SELECT count(*) FROM tickets WHERE event_id = $1 AND status = 'valid'", event_id
+        )
+    finally:
+        await conn.close()
+    assert tickets == len(sold_by_bookings)
+
+
+async def test_45_buyers_for_a_20_unit_quota(client):
+    event_id, _, standing, _ = await published_event(client, capacity=20)
+    buyers = await asyncio.gather(*(buyer(client, f"ga{i}") for i in range(45)))
+    responses = await asyncio.gather(
+        *(
+            book(client, auth, {"event_id": event_id, "ticket_type_id": standing, "quantity": 1})
+            for auth in buyers
+        )
+    )
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(201) == 20
+    assert all(r.json()["error"]["code"] == "sold_out" for r in responses if r.status_code != 201)
+    detail = (await client.get(f"/events/{event_id}")).json()
+    assert detail["ticket_types"][0]["remaining"] == 0
+
+
+async def test_holds_conflict_release_and_expire(client, settings):
+    event_id, seats, _, _ = await published_event(client)
+    ann, bob = await buyer(client), await buyer(client)
+    held = await client.post(
+        "/holds", headers=ann, json={"event_id": event_id, "seat_ids": seats[:2]}
+    )
+    assert held.status_code == 201
+    clash = await client.post(
+        "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[1:3]}
+    )
+    assert clash.status_code == 409
+    assert clash.json()["error"]["code"] == "seat_unavailable"
+    assert clash.json()["error"]["details"]["seat_ids"] == [seats[1]]
+    # All or nothing: the free seat of the refused request was not taken either.
+    assert (await seat_statuses(client, event_id))[seats[2]] == "available"
+    assert (await client.delete(f"/holds/{held.json()['id']}", headers=bob)).status_code == 404
+    assert (await client.delete(f"/holds/{held.json()['id']}", headers=ann)).status_code == 204
+    assert (await seat_statuses(client, event_id))[seats[0]] == "available"
+    again = await client.post(
+        "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[:2]}
+    )
+    assert again.status_code == 201
+    conn = await db.connect(settings.database_url)
+    try:
+        await conn.execute(
+            "UPDATE holds SET expires_at = now() - interval '1 second' WHERE id = $1",
+            again.json()["id"],
+        )
+        await conn.execute(
+            "UPDATE event_seats SET hold_expires_at = now() - interval '1 second' "
+            "WHERE hold_id = $1",
+            again.json()["id"],
+        )
+    finally:
+        await conn.close()
+    # Expired: available at once, before any sweeper runs.
+    taken = await client.post(
+        "/holds", headers=ann, json={"event_id": event_id, "seat_ids": seats[:1]}
+    )
+    assert taken.status_code == 201
+    late = await book(client, bob, {"event_id": event_id, "hold_id": again.json()["id"]})
+    assert late.status_code == 410
+    assert late.json()["error"]["code"] == "hold_expired"
+
+
+async def test_per_order_and_per_user_limits(client):
+    event_id, seats, _, _ = await published_event(client, max_per_order=3)
+    auth = await buyer(client)
+    too_many = await client.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:4]}
+    )
+    assert too_many.status_code == 422
+    first = await client.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:2]}
+    )
+    assert first.status_code == 201
+    second = await client.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[2:4]}
+    )
+    assert second.status_code == 409
+    assert second.json()["error"]["details"]["limit"] == 3
+
+
+async def test_cancel_refunds_releases_and_voids(client):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    booking = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:2]})).json()
+    booking_id = booking["booking"]["id"]
+    cancelled = await client.post(f"/bookings/{booking_id}/cancel", headers=auth)
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["payment"]["status"] == "refunded"
+    assert (await seat_statuses(client, event_id))[seats[0]] == "available"
+    twice = await client.post(f"/bookings/{booking_id}/cancel", headers=auth)
+    assert twice.status_code == 409
+    stranger = await buyer(client)
+    assert (
+        await client.post(f"/bookings/{booking_id}/cancel", headers=stranger)
+    ).status_code == 404
+    mine = await client.get("/bookings?status=cancelled", headers=auth)
+    assert [b["id"] for b in mine.json()["items"]] == [booking_id]
+    assert (await client.get("/bookings?status=confirmed", headers=auth)).json()["items"] == []

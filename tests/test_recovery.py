@@ -1,0 +1,141 @@
+"""Crashes in the middle of a sale: a killed instance loses no accepted request."""
+
+import asyncio
+import signal
+import time
+import uuid
+
+import httpx
+import pytest
+
+from bilten import db
+from tests.catalog_helpers import START, iso
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "a long enough password"
+
+
+async def register(http, url, email, role="attendee"):
+    response = await http.post(
+        f"{url}/auth/register",
+        json={"email": email, "password": PASSWORD, "name": email, "role": role},
+    )
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+async def test_killing_an_instance_mid_sale_loses_nothing(spawn_server, settings, database_url):
+    env = {
+        "BILTEN_TEST_PAYMENT_LATENCY_MS": "300",
+        "BILTEN_QUEUE_LEASE_MS": "1000",
+        "BILTEN_HOLD_TTL": "30",
+        "BILTEN_BOOKING_WORKERS": "2",
+        "BILTEN_LIMIT_REGISTER_IP": "0/60",
+        "BILTEN_LIMIT_API_IP": "0/60",
+        "BILTEN_ARGON2_MEMORY_KIB": "1024",
+        "BILTEN_ARGON2_TIME_COST": "1",
+    }
+    a = spawn_server(**env)
+    b = spawn_server(**env)
+    async with httpx.AsyncClient(timeout=30) as http:
+        organizer = await register(http, a.url, f"org-{uuid.uuid4().hex[:6]}@x.com", "organizer")
+        venue = await http.post(
+            f"{a.url}/venues",
+            headers=organizer,
+            json={
+                "name": "Hall",
+                "address": "1 St",
+                "city": "Oslo",
+                "country": "NO",
+                "timezone": "UTC",
+                "sections": [{"name": "Main", "rows": [{"label": "A", "seats": 20}]}],
+            },
+        )
+        event = await http.post(
+            f"{a.url}/events",
+            headers=organizer,
+            json={
+                "title": "Crash",
+                "category": "test",
+                "venue_id": venue.json()["id"],
+                "starts_at": iso(START),
+                "ends_at": iso(START.replace(hour=23)),
+                "currency": "EUR",
+                "price_tiers": [{"name": "Main", "price_cents": 1000, "sections": ["Main"]}],
+            },
+        )
+        event_id = event.json()["id"]
+        await http.post(f"{a.url}/events/{event_id}/publish", headers=organizer)
+        seats = [
+            s["id"] for s in (await http.get(f"{a.url}/events/{event_id}/seats")).json()["seats"]
+        ]
+        buyers = await asyncio.gather(
+            *(register(http, a.url, f"crash-{uuid.uuid4().hex[:8]}@x.com") for _ in range(30))
+        )
+        # 30 requests for 20 seats, every one accepted (202) by instance A.
+        responses = await asyncio.gather(
+            *(
+                http.post(
+                    f"{a.url}/bookings",
+                    headers={**auth, "Idempotency-Key": f"k{i}"},
+                    json={
+                        "event_id": event_id,
+                        "seat_ids": [seats[i % 20]],
+                        "payment": {"method": "card", "token": "tok_visa"},
+                    },
+                )
+                for i, auth in enumerate(buyers)
+            )
+        )
+        assert all(r.status_code == 202 for r in responses), [r.text for r in responses]
+        accepted = [r.json()["request_id"] for r in responses]
+    await asyncio.sleep(0.2)  # A is in the middle of the sale now
+    a.process.send_signal(signal.SIGKILL)
+    a.process.wait(10)
+
+    conn = await db.connect(database_url)
+    try:
+        unfinished = await conn.fetchval(
+            "SELECT count(*) FROM bookings WHERE id = ANY ($1::uuid[]) "
+            "AND saga_state NOT IN ('CONFIRMED', 'FAILED')",
+            accepted,
+        )
+        assert unfinished > 0, "the crash came after the sale: nothing to recover"
+        deadline = time.monotonic() + 60
+        while True:
+            states = await conn.fetch(
+                "SELECT saga_state, count(*) FROM bookings WHERE id = ANY ($1::uuid[]) "
+                "GROUP BY saga_state",
+                accepted,
+            )
+            counts = {r["saga_state"]: r["count"] for r in states}
+            if set(counts) <= {"CONFIRMED", "FAILED"}:
+                break
+            assert time.monotonic() < deadline, f"unfinished after the crash: {counts}\n{b.log}"
+            await asyncio.sleep(0.2)
+        assert sum(counts.values()) == 30, counts
+        assert counts.get("CONFIRMED") == 20, counts
+        sold = await conn.fetchval(
+            "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'sold'", event_id
+        )
+        assert sold == 20
+        twice = await conn.fetchval(
+            """SELECT count(*) FROM (SELECT seat_id FROM tickets WHERE event_id = $1
+                                     AND status <> 'void' GROUP BY seat_id HAVING count(*) > 1) t""",
+            event_id,
+        )
+        assert twice == 0
+        stale = await conn.fetchval(
+            "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'held' "
+            "AND hold_expires_at < now()",
+            event_id,
+        )
+        assert stale == 0
+        unpaid = await conn.fetchval(
+            "SELECT count(*) FROM bookings WHERE saga_state = 'CONFIRMED' "
+            "AND payment_status <> 'succeeded'"
+        )
+        assert unpaid == 0
+    finally:
+        await conn.close()
