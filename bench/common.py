@@ -72,14 +72,26 @@ def services() -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def bilten(database_url: str, redis_url: str, **env: str) -> Iterator[str]:
+def bilten(
+    database_url: str, redis_url: str, *, secret_key: str | None = None, **env: str
+) -> Iterator[str]:
+    """A ``bilten serve`` process; ``secret_key`` (else a random one) signs its tokens."""
+    with bilten_process(database_url, redis_url, secret_key=secret_key, **env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def bilten_process(
+    database_url: str, redis_url: str, *, secret_key: str | None = None, **env: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like :func:`bilten`, also yielding the process (for its pid)."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BILTEN_")}
     environment.update(
         BILTEN_DATABASE_URL=database_url,
         BILTEN_REDIS_URL=redis_url,
         BILTEN_LOG_LEVEL="WARNING",
-        BILTEN_SECRET_KEY=secrets.token_urlsafe(48),
+        BILTEN_SECRET_KEY=secret_key or secrets.token_urlsafe(48),
         **env,
     )
     proc = subprocess.Popen(
@@ -90,10 +102,15 @@ def bilten(database_url: str, redis_url: str, **env: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url + "/health/ready", proc)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
-        proc.wait(15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left behind; the caller still learns it did not drain
+            proc.wait(5)
+            raise
 
 
 @contextlib.contextmanager

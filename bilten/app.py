@@ -102,7 +102,7 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
             # Serve only once changes announced by other instances reach us; if Redis is slow
             # to answer, cached entries still age out.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(app.hub.connected.wait(), 5)
+                await asyncio.wait_for(app.hub.connected.wait(), 1)
             log.info(
                 "instance %s started (roles %s)",
                 settings.instance_id,

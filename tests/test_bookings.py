@@ -390,3 +390,132 @@ async def test_cancel_refunds_releases_and_voids(client):
     mine = await client.get("/bookings?status=cancelled", headers=auth)
     assert [b["id"] for b in mine.json()["items"]] == [booking_id]
     assert (await client.get("/bookings?status=confirmed", headers=auth)).json()["items"] == []
+
+
+async def test_a_full_queue_answers_503_and_keeps_nothing(settings, database_url):
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten.app import create_app
+
+    # No workers: requests wait in the queue, which holds two.
+    quiet = settings.replace(roles=frozenset({"api"}), queue_max=2)
+    async with LifespanManager(create_app(quiet)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as c:
+            event_id, seats, _, _ = await published_event(c)
+            auth = await buyer(c)
+            statuses = []
+            for n in range(3):
+                response = await book(
+                    c, auth, {"event_id": event_id, "seat_ids": [seats[n]]}, key=f"q{n}", headers={}
+                )
+                statuses.append(response.status_code)
+            assert statuses == [202, 202, 503]
+            assert response.json()["error"]["code"] == "unavailable"
+            assert response.headers["retry-after"]
+    conn = await db.connect(database_url)
+    try:
+        # The refused request left no booking behind: a retry with its key starts afresh.
+        assert (
+            await conn.fetchval("SELECT count(*) FROM bookings WHERE idempotency_key = 'q2'") == 0
+        )
+    finally:
+        await conn.close()
+
+
+async def test_queue_positions_count_down(settings):
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten.app import create_app
+
+    quiet = settings.replace(roles=frozenset({"api"}))
+    async with LifespanManager(create_app(quiet)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as c:
+            event_id, seats, _, _ = await published_event(c)
+            auth = await buyer(c)
+            queued = [
+                (
+                    await book(c, auth, {"event_id": event_id, "seat_ids": [seats[n]]}, headers={})
+                ).json()
+                for n in range(3)
+            ]
+    assert [q["position"] for q in queued] == [1, 2, 3]
+    # A worker now drains the queue; the last request ends confirmed.
+    async with LifespanManager(create_app(settings)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as c:
+            for _ in range(300):
+                status = (
+                    await c.get(f"/bookings/requests/{queued[2]['request_id']}", headers=auth)
+                ).json()
+                if status["status"] == "confirmed":
+                    break
+                await asyncio.sleep(0.02)
+            assert status["status"] == "confirmed"
+
+
+async def test_cancelling_an_event_refunds_its_bookings(client):
+    event_id, seats, _, organizer = await published_event(client)
+    auth = await buyer(client)
+    booking = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()
+    assert (await client.post(f"/events/{event_id}/cancel", headers=organizer)).status_code == 200
+    for _ in range(300):
+        found = (await client.get(f"/bookings/{booking['booking']['id']}", headers=auth)).json()
+        if found["status"] == "cancelled":
+            break
+        await asyncio.sleep(0.02)
+    assert found["status"] == "cancelled"
+    assert found["payment"]["status"] == "refunded"
+
+
+async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
+    import json
+    import time
+
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten.app import create_app
+    from bilten.payments.webhooks import sign_stripe_payload
+
+    secret = "whsec_test_secret"
+    hooked = settings.replace(stripe_webhook_secret=secret)
+    payload = json.dumps(
+        {
+            "id": "evt_1",
+            "type": "charge.refunded",
+            "data": {"object": {"metadata": {"booking_id": str(uuid.uuid4())}}},
+        }
+    ).encode()
+    now = int(time.time())
+    async with LifespanManager(create_app(hooked)) as manager:
+        async with AsyncClient(
+            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
+        ) as c:
+            url = "/payments/webhooks/stripe"
+
+            def post(body, signature):
+                headers = {"Stripe-Signature": signature} if signature else {}
+                return c.post(url, content=body, headers=headers)
+
+            assert (await post(payload, None)).status_code == 400
+            assert (
+                await post(payload, sign_stripe_payload(payload, "whsec_other", now))
+            ).status_code == 400
+            stale = sign_stripe_payload(payload, secret, now - 600)
+            assert (await post(payload, stale)).status_code == 400
+            tampered = payload.replace(b"evt_1", b"evt_2")
+            bad = await post(tampered, sign_stripe_payload(payload, secret, now))
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+            good = await post(payload, sign_stripe_payload(payload, secret, now))
+            assert good.status_code == 200 and good.json() == {"received": True, "duplicate": False}
+            again = await post(payload, sign_stripe_payload(payload, secret, now))
+            assert again.json() == {"received": True, "duplicate": True}
+            unknown = await c.post("/payments/webhooks/paypal", content=payload)
+            assert unknown.status_code == 404

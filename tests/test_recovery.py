@@ -121,8 +121,9 @@ async def test_killing_an_instance_mid_sale_loses_nothing(spawn_server, settings
         )
         assert sold == 20
         twice = await conn.fetchval(
-            """SELECT count(*) FROM (SELECT seat_id FROM tickets WHERE event_id = $1
-                                     AND status <> 'void' GROUP BY seat_id HAVING count(*) > 1) t""",
+            """SELECT count(*) FROM (
+                   SELECT seat_id FROM tickets WHERE event_id = $1 AND status <> 'void'
+                   GROUP BY seat_id HAVING count(*) > 1) t""",
             event_id,
         )
         assert twice == 0
