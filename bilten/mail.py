@@ -86,6 +86,11 @@ def message_id(key: str, sender: str) -> str:
     return f"<{digest}@{_domain(sender)}>"
 
 
+def render_text(name: str, context: Mapping[str, Any]) -> str:
+    """One template of the mail folder, rendered (text templates, e.g. for SMS)."""
+    return _templates.get_template(name).render(context)
+
+
 def render(
     settings: Settings,
     template: str,

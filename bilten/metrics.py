@@ -81,3 +81,7 @@ SAGA_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 QUEUE_DEPTH = Gauge("bilten_booking_queue_depth", "Booking requests waiting, seen on enqueue.")
+
+CHECK_INS = Counter(
+    "bilten_check_ins_total", "Tickets scanned at the door, by result.", ("result",)
+)

@@ -124,7 +124,7 @@ async def test_a_multi_picture_jpeg_is_kept_as_a_jpeg(client, organizer, event):
     with Image.open(io.BytesIO(served.content)) as stored:
         assert (stored.format, stored.size) == ("JPEG", (12, 9))
         assert getattr(stored, "n_frames", 1) == 1
-        red, green, blue = stored.convert("RGB").getpixel((6, 4))
+        red, _, blue = stored.convert("RGB").getpixel((6, 4))
         assert red > 200 and blue < 60  # the first picture
 
 

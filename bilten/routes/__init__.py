@@ -6,7 +6,7 @@ from collections.abc import Set
 
 from starlette.routing import BaseRoute
 
-from bilten.routes import auth, bookings, events, holds, ops, users, venues
+from bilten.routes import auth, bookings, events, holds, ops, tickets, users, venues
 
 
 def build(roles: Set[str]) -> list[BaseRoute]:
@@ -18,6 +18,7 @@ def build(roles: Set[str]) -> list[BaseRoute]:
             *events.routes,
             *holds.routes,
             *bookings.routes,
+            *tickets.routes,
             *venues.routes,
             *auth.routes,
             *users.routes,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from bilten import holds, keys, metrics, outbox, payments, ticketcodes
+from bilten import holds, keys, metrics, notifications, outbox, payments, ticketcodes
 from bilten.db import Connection
 from bilten.errors import ApiError
 from bilten.state import State
@@ -261,25 +261,23 @@ async def _confirm(
         "SELECT seat_id, ticket_type_id, label FROM booking_items WHERE booking_id = $1",
         row["id"],
     )
-    ticket_ids = await conn.fetch(
-        "SELECT gen_random_uuid()::text AS id FROM generate_series(1, $1)", len(items)
-    )
-    secret = app.settings.secret_key
+    ticket_ids = [str(uuid.uuid4()) for _ in items]
+    signing_key = await ticketcodes.private_key(conn, row["event_id"])
     await conn.executemany(
         """INSERT INTO tickets (id, booking_id, event_id, user_id, seat_id, ticket_type_id, label,
                                 code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
         [
             (
-                t["id"],
+                ticket_id,
                 row["id"],
                 row["event_id"],
                 row["user_id"],
                 item["seat_id"],
                 item["ticket_type_id"],
                 item["label"],
-                ticketcodes.sign(t["id"], row["event_id"], secret),
+                ticketcodes.sign(signing_key, ticket_id, row["event_id"]),
             )
-            for t, item in zip(ticket_ids, items, strict=True)
+            for ticket_id, item in zip(ticket_ids, items, strict=True)
         ],
     )
     await conn.execute(
@@ -289,6 +287,7 @@ async def _confirm(
     )
     await _transition(conn, row["id"], "PAYMENT_PENDING", "CONFIRMED")
     await outbox.to_user(conn, row["user_id"], _result(row["id"], "confirmed"))
+    await notifications.booking_changed(conn, "booking_confirmed", row["id"], row["user_id"])
     metrics.BOOKINGS.labels("confirmed", "").inc()
     return Outcome(row["id"], row["user_id"], row["event_id"], "CONFIRMED")
 
@@ -439,6 +438,7 @@ async def cancel(app: State, booking_id: str) -> Outcome:
             "UPDATE bookings SET payment_status = 'refunded' WHERE id = $1", booking_id
         )
         await outbox.to_user(conn, row["user_id"], _result(booking_id, "cancelled"))
+        await notifications.booking_changed(conn, "booking_cancelled", booking_id, row["user_id"])
         await outbox.to_user(
             conn,
             row["user_id"],

@@ -16,7 +16,7 @@ import logging
 import random
 from typing import Any
 
-from bilten import mail, metrics
+from bilten import mail, metrics, notifications
 from bilten.db import Pool
 from bilten.settings import Settings
 from bilten.state import State
@@ -43,7 +43,7 @@ WHERE id IN (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, job_key, template, recipient, context, attempts
+RETURNING id, job_key, template, recipient, context, attempts, channel
 """
 # Sent by any sender is final, even one whose lease ran out.
 _SENT = """
@@ -85,13 +85,18 @@ async def _deliver(
     transport: mail.Transport,
     job: Any,
     backoff: float,
+    sms: notifications.Sms,
 ) -> None:
     job_id, attempts, template = job["id"], job["attempts"], job["template"]
     try:
-        message = mail.render(
-            settings, template, job["recipient"], job["context"], key=job["job_key"]
-        )
-        await transport.send(message)
+        context, images = await notifications.prepare(pool, template, dict(job["context"]))
+        if job["channel"] == "sms":
+            await sms.send(job["recipient"], notifications.render_sms(template, context))
+        else:
+            message = mail.render(
+                settings, template, job["recipient"], context, key=job["job_key"], images=images
+            )
+            await transport.send(message)
     except Exception as exc:
         error = mail.describe(exc)
         if isinstance(exc, mail.PermanentError) or attempts >= settings.mail_max_attempts:
@@ -126,15 +131,17 @@ async def run_once(
     limit: int = BATCH,
     lease: float = LEASE,
     backoff: float = BACKOFF_BASE,
+    sms: notifications.Sms | None = None,
 ) -> int:
     """Claim the due jobs (up to ``limit``), send them, and return how many were claimed."""
+    sms = sms or notifications.LoggingSms()
     jobs = await claim(pool, limit=limit, lease=lease)
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def deliver(job: Any) -> None:
         try:
             async with gate:
-                await _deliver(pool, settings, transport, job, backoff)
+                await _deliver(pool, settings, transport, job, backoff, sms)
         except asyncio.CancelledError:
             # Shutting down: free the job for the next sender now, not when the lease ends.
             await asyncio.shield(pool.execute(_RELEASE, job["id"], job["attempts"]))

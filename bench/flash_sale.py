@@ -1,0 +1,1033 @@
+"""A flash sale: many buyers race for the seats of one event through the booking API.
+
+    python bench/flash_sale.py [--seats 5000] [--buyers 2000] [--instances 1] [--workers 4]
+                               [--timeout 120] [--api-budget] [--env NAME=VALUE ...]
+
+Creates a published event (one section, rows of 100 seats) and C buyers (users made in SQL,
+their access tokens signed with the secret key the servers run with), starts ``--instances``
+``bilten serve`` processes on one database and one Redis, opens one keep-alive connection per
+buyer (buyers are spread round-robin over the instances) and lets every buyer loose at once.
+Each buyer books 1-4 random seats it believes available with ``POST /bookings``
+(``Idempotency-Key``, ``Prefer: wait=30``, ``tok_visa``) until the event is sold out. Buyers
+share one view of the seat map, as if all watched the live map: a confirmed booking and the
+``seat_ids`` of a 409 remove seats from it; when it runs dry, it is reloaded from
+``GET /events/{id}/seats``. A buyer stops after ``--give-up`` 409s in a row once the map shows
+no seat available; the whole load is bounded by ``--timeout``.
+
+Then PostgreSQL is checked directly (nothing sold twice, seats sold == tickets == items of
+confirmed bookings, no hold outliving its time, every booking finished, every confirmed booking
+paid), and the same saga transactions are timed without HTTP, queue or workers: the saga's
+``reserve`` and ``finish`` called in a tight loop over a few pooled connections on a fresh event
+of the same size. The ratio of the two is what the HTTP path keeps of what the SQL can do.
+
+The load generator is one asyncio process (uvloop, a raw HTTP/1.1 client: no per-request
+client overhead beyond a write and a parse) and shares the machine's cores with the servers,
+PostgreSQL and Redis; the CPU each of them used during the load is printed, so the figures can
+be read against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+import types
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import msgspec
+import uvloop
+
+from bench.common import ROOT, bilten_process, services
+from bilten import bookings, db, events, payments, tokens, users, venues
+from bilten.sagas import booking as saga
+from bilten.settings import Settings
+
+PER_ROW = 100
+GOAL_RATE = 1000.0
+GOAL_RATIO = 0.3
+SWEEP_INTERVAL = 1.0  # bilten.sagas.recovery.INTERVAL
+GRACE = 5.0  # seconds allowed beyond a hold's expiry (sweep interval, clocks, commit lag)
+REQUEST_TIMEOUT = 45.0  # a booking answers within Prefer: wait=30 plus its own work
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+async def make_event(database_url: str, seats: int, per_person: int) -> tuple[str, list[str]]:
+    """A published event of ``seats`` seats in rows of 100; returns its id and its seat ids."""
+    conn = await db.connect(database_url)
+    try:
+        async with conn.transaction():
+            organizer = await users.create(
+                conn,
+                email=f"organizer-{uuid.uuid4().hex[:8]}@bench.test",
+                password_hash="x",
+                name="Bench",
+                role="organizer",
+            )
+            rows = [
+                {"label": f"R{i + 1}", "seats": min(PER_ROW, seats - i * PER_ROW)}
+                for i in range(math.ceil(seats / PER_ROW))
+            ]
+            venue_id = await venues.create(
+                conn,
+                organizer.id,
+                {
+                    "name": "Flash Arena",
+                    "address": "1 Loop",
+                    "city": "Oslo",
+                    "country": "NO",
+                    "timezone": "UTC",
+                    "sections": [{"name": "Floor", "rows": rows}],
+                },
+            )
+            starts = datetime.now(UTC) + timedelta(days=30)
+            event_id = await events.create(
+                conn,
+                organizer.id,
+                venue_id,
+                {
+                    "title": "Flash Sale Night",
+                    "category": "concert",
+                    "starts_at": starts,
+                    "ends_at": starts + timedelta(hours=3),
+                    "currency": "EUR",
+                    "max_tickets_per_order": per_person,
+                    "price_tiers": [{"name": "Floor", "price_cents": 5000, "sections": ["Floor"]}],
+                },
+            )
+            await events.transition(conn, event_id, "published")
+        seat_ids = [
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT seat_id::text AS id FROM event_seats WHERE event_id = $1", event_id
+            )
+        ]
+        return event_id, seat_ids
+    finally:
+        await conn.close()
+
+
+async def make_buyers(database_url: str, count: int) -> list[str]:
+    """``count`` attendees, straight into the users table (nobody logs in)."""
+    conn = await db.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """INSERT INTO users (email, password_hash, name, role)
+               SELECT 'buyer-' || g || '-' || $1 || '@bench.test', 'x', 'Buyer ' || g, 'attendee'
+               FROM generate_series(1, $2) g RETURNING id::text""",
+            secrets.token_hex(4),
+            count,
+        )
+        return [r["id"] for r in rows]
+    finally:
+        await conn.close()
+
+
+# --- a minimal HTTP/1.1 client ----------------------------------------------------------------
+
+
+class Http:
+    """One keep-alive HTTP/1.1 connection; a request at a time."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.host_header = f"Host: {self.host}:{self.port}\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(
+        self, method: str, path: str, headers: bytes = b"", body: bytes = b""
+    ) -> tuple[int, bytes]:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await self._request(method, path, headers, body)
+        except BaseException:
+            self.close()  # whatever state the connection is in, it is not reused
+            raise
+
+    async def _request(
+        self, method: str, path: str, headers: bytes, body: bytes
+    ) -> tuple[int, bytes]:
+        await self.connect()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(
+            b"%s %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n%s"
+            % (method.encode(), path.encode(), self.host_header, headers, len(body), body)
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, chunked, close = 0, False, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    break
+                parts.append(await self.reader.readexactly(size + 2))
+            data = b"".join(p[:-2] for p in parts)
+        else:
+            data = await self.reader.readexactly(length) if length else b""
+        if close:
+            self.close()
+        return status, data
+
+
+# --- the buyers' shared view of the seats -----------------------------------------------------
+
+
+class _Seat(msgspec.Struct):
+    id: str
+    status: str
+
+
+class _SeatMap(msgspec.Struct):
+    version: int
+    seats: list[_Seat]
+
+
+_decode_map = msgspec.json.Decoder(_SeatMap).decode
+
+
+class _Details(msgspec.Struct):
+    seat_ids: list[str] = []
+
+
+class _Error(msgspec.Struct):
+    code: str
+    details: _Details = msgspec.field(default_factory=_Details)
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error
+
+
+_decode_error = msgspec.json.Decoder(_ErrorBody).decode
+
+
+class View:
+    """Seats believed available: O(1) removal, random picks."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.ids: list[str] = []
+        self.where: dict[str, int] = {}
+        self.sold: set[str] = set()  # sold is final: never believed available again
+
+    def load(self, available: list[str]) -> None:
+        self.ids = [s for s in available if s not in self.sold]
+        self.where = {s: i for i, s in enumerate(self.ids)}
+
+    def drop(self, seat_ids: list[str]) -> None:
+        for seat in seat_ids:
+            i = self.where.pop(seat, None)
+            if i is None:
+                continue
+            last = self.ids.pop()
+            if last != seat:
+                self.ids[i] = last
+                self.where[last] = i
+
+    def pick(self, k: int) -> list[str]:
+        return self.rng.sample(self.ids, min(k, len(self.ids))) if self.ids else []
+
+
+@dataclass
+class MapState:
+    available: int = -1
+    held: int = 0
+    sold: int = 0
+    fetched_at: float = 0.0
+
+
+class SeatMapReader:
+    """Reloads the shared view from GET /events/{id}/seats, one fetch at a time, not too often."""
+
+    MIN_AGE = 0.25
+
+    def __init__(self, url: str, event_id: str, view: View) -> None:
+        self.http = Http(url)
+        self.path = f"/events/{event_id}/seats"
+        self.view = view
+        self.state = MapState()
+        self.task: asyncio.Task[None] | None = None
+        self.fetches = 0
+
+    async def refresh(self) -> MapState:
+        if self.task is None or self.task.done():
+            if time.monotonic() - self.state.fetched_at < self.MIN_AGE:
+                return self.state
+            self.task = asyncio.create_task(self._fetch())
+        await asyncio.shield(self.task)
+        return self.state
+
+    async def _fetch(self) -> None:
+        status, body = await self.http.request("GET", self.path)
+        if status != 200:
+            raise RuntimeError(f"GET {self.path}: {status} {body[:200]!r}")
+        seat_map = _decode_map(body)
+        counts = Counter(s.status for s in seat_map.seats)
+        self.view.load([s.id for s in seat_map.seats if s.status == "available"])
+        self.state = MapState(counts["available"], counts["held"], counts["sold"], time.monotonic())
+        self.fetches += 1
+
+
+# --- the load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    started: float = 0.0  # first request sent
+    last_confirmed: float = 0.0
+    ended: float = 0.0
+    timed_out: bool = False
+    seats_confirmed: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    statuses: Counter[int] = field(default_factory=Counter)
+    transport_errors: int = 0
+    map_fetches: int = 0
+    stopped: Counter[str] = field(default_factory=Counter)
+
+
+async def run_load(
+    urls: list[str],
+    event_id: str,
+    seat_ids: list[str],
+    buyer_tokens: list[str],
+    per_person: int,
+    timeout: float,
+    give_up: int,
+    on_start: object = None,
+) -> Load:
+    rng = random.Random(2024)
+    view = View(rng)
+    view.load(seat_ids)
+    reader = SeatMapReader(urls[0], event_id, view)
+    total = len(seat_ids)
+    load = Load()
+    sold_out = asyncio.Event()
+    body_head = b'{"event_id":"%s","payment":{"method":"card","token":"tok_visa"},"seat_ids":' % (
+        event_id.encode()
+    )
+
+    async def buyer(n: int, http: Http, token: str, go: asyncio.Event) -> None:
+        headers = (
+            b"Authorization: Bearer %s\r\nContent-Type: application/json\r\nPrefer: wait=30\r\n"
+            % token.encode()
+        )
+        bought = 0
+        streak = 0  # 409s in a row
+        attempt = 0
+        retry: tuple[bytes, list[str], bytes] | None = None  # same key after a transport error
+        await go.wait()
+        while not sold_out.is_set():
+            if retry is None:
+                allowance = per_person - bought
+                if allowance <= 0:
+                    load.stopped["per-person limit reached"] += 1
+                    return
+                picks = view.pick(rng.randint(1, min(4, allowance)))
+                if not picks:
+                    state = await reader.refresh()
+                    if state.available == 0:
+                        if state.sold == total:
+                            sold_out.set()
+                            break
+                        await asyncio.sleep(0.2)  # seats are held: they sell or come back
+                    continue
+                attempt += 1
+                key = b"Idempotency-Key: b%d-%d\r\n" % (n, attempt)
+                body = body_head + msgspec.json.encode(picks) + b"}"
+            else:
+                key, picks, body = retry
+                retry = None
+            began = time.perf_counter()
+            try:
+                status, answer = await http.request("POST", "/bookings", headers + key, body)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                load.transport_errors += 1
+                retry = (key, picks, body)
+                await asyncio.sleep(0.1)
+                continue
+            done = time.perf_counter()
+            load.statuses[status] += 1
+            if status == 201:
+                outcome = "201 confirmed"
+                bought += len(picks)
+                streak = 0
+                view.sold.update(picks)
+                view.drop(picks)
+                load.seats_confirmed += len(picks)
+                load.last_confirmed = max(load.last_confirmed, done)
+                if load.seats_confirmed >= total:
+                    sold_out.set()
+            elif status == 409:
+                error = _decode_error(answer).error
+                outcome = f"409 {error.code}"
+                streak += 1
+                view.drop(error.details.seat_ids or picks)
+                if error.code == "conflict":  # the per-person limit: this buyer is done
+                    load.stopped["per-person limit reached"] += 1
+                    load.outcomes[outcome] += 1
+                    load.latencies[outcome].append(done - began)
+                    return
+            else:
+                outcome = str(status)
+                if status >= 500 or status == 429:
+                    await asyncio.sleep(0.2)
+            load.outcomes[outcome] += 1
+            load.latencies[outcome].append(done - began)
+            if streak >= give_up:
+                state = await reader.refresh()
+                if state.available == 0:
+                    load.stopped["gave up: nothing available"] += 1
+                    return
+                streak = 0
+        load.stopped["sold out"] += 1
+
+    conns = [Http(urls[i % len(urls)]) for i in range(len(buyer_tokens))]
+    # Everyone connects first (a few hundred at a time), then the sale opens for all at once.
+    for start in range(0, len(conns), 200):
+        await asyncio.gather(*(c.connect() for c in conns[start : start + 200]))
+    go = asyncio.Event()
+    tasks = [
+        asyncio.create_task(buyer(n, http, token, go))
+        for n, (http, token) in enumerate(zip(conns, buyer_tokens, strict=True))
+    ]
+    await asyncio.sleep(0)
+    if callable(on_start):
+        on_start()
+    load.started = time.perf_counter()
+    go.set()
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*tasks)
+    except TimeoutError:
+        load.timed_out = True
+    finally:
+        load.ended = time.perf_counter()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for http in conns:
+            http.close()
+        reader.http.close()
+        load.map_fetches = reader.fetches
+    return load
+
+
+# --- CPU accounting -----------------------------------------------------------------------------
+
+
+def _cpu_by_group(server_pids: list[int]) -> dict[str, float]:
+    """CPU seconds used so far: this process, the servers, PostgreSQL, Redis, the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = defaultdict(float)
+    own = os.times()
+    found["load generator"] = own.user + own.system
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if int(entry) in server_pids:
+            found["bilten"] += used
+        elif comm == "postgres" or comm.startswith("postgres"):
+            found["postgresql"] += used
+        elif comm.startswith("redis"):
+            found["redis"] += used
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    found["machine busy"] = (sum(cpu) - cpu[3] - cpu[4]) / tick  # minus idle and iowait
+    return found
+
+
+def cpu_snapshot(server_pids: list[int]) -> dict[str, float] | None:
+    try:
+        return _cpu_by_group(server_pids)
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux, or /proc unreadable: no CPU breakdown
+
+
+# --- checks in PostgreSQL -----------------------------------------------------------------------
+
+
+async def wait_until_settled(database_url: str, event_id: str, limit: float) -> int:
+    """Wait (at most ``limit`` s) until no booking of the event is under way; returns how many
+    still are."""
+    conn = await db.connect(database_url)
+    try:
+        deadline = time.monotonic() + limit
+        while True:
+            open_ = await conn.fetchval(
+                """SELECT count(*) FROM bookings WHERE event_id = $1
+                   AND saga_state IN ('PENDING', 'SEATS_RESERVED', 'PAYMENT_PENDING')""",
+                event_id,
+            )
+            if open_ == 0 or time.monotonic() > deadline:
+                return int(open_)
+            await asyncio.sleep(0.25)
+    finally:
+        await conn.close()
+
+
+_CHECKS = {
+    "seats sold twice (tickets)": """
+        SELECT count(*) FROM (SELECT seat_id FROM tickets
+                              WHERE event_id = $1 AND seat_id IS NOT NULL AND status <> 'void'
+                              GROUP BY seat_id HAVING count(*) > 1) twice""",
+    "seats sold twice (confirmed bookings)": """
+        SELECT count(*) FROM (SELECT i.seat_id FROM booking_items i
+                              JOIN bookings b ON b.id = i.booking_id
+                              WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED'
+                                AND i.seat_id IS NOT NULL
+                              GROUP BY i.seat_id HAVING count(*) > 1) twice""",
+    "sold seats not matching a confirmed booking's item": """
+        SELECT count(*) FROM (
+            (SELECT seat_id, booking_id FROM event_seats WHERE event_id = $1 AND status = 'sold'
+             EXCEPT
+             SELECT i.seat_id, b.id FROM booking_items i JOIN bookings b ON b.id = i.booking_id
+             WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED')
+            UNION ALL
+            (SELECT i.seat_id, b.id FROM booking_items i JOIN bookings b ON b.id = i.booking_id
+             WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED'
+             EXCEPT
+             SELECT seat_id, booking_id FROM event_seats WHERE event_id = $1 AND status = 'sold')
+        ) diff""",
+    "valid tickets not matching a sold seat": """
+        SELECT count(*) FROM (
+            (SELECT seat_id, booking_id FROM tickets WHERE event_id = $1 AND status <> 'void'
+             EXCEPT
+             SELECT seat_id, booking_id FROM event_seats WHERE event_id = $1 AND status = 'sold')
+            UNION ALL
+            (SELECT seat_id, booking_id FROM event_seats WHERE event_id = $1 AND status = 'sold'
+             EXCEPT
+             SELECT seat_id, booking_id FROM tickets WHERE event_id = $1 AND status <> 'void')
+        ) diff""",
+    "active holds past their expiry": f"""
+        SELECT count(*) FROM holds WHERE event_id = $1 AND status = 'active'
+        AND expires_at < now() - interval '{GRACE} seconds'""",
+    "held seats past their expiry": f"""
+        SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'held'
+        AND hold_expires_at < now() - interval '{SWEEP_INTERVAL + GRACE} seconds'""",
+    "bookings not finished": """
+        SELECT count(*) FROM bookings WHERE event_id = $1
+        AND saga_state IN ('PENDING', 'SEATS_RESERVED', 'PAYMENT_PENDING')""",
+    "confirmed bookings not paid": """
+        SELECT count(*) FROM bookings WHERE event_id = $1 AND saga_state = 'CONFIRMED'
+        AND payment_status <> 'succeeded'""",
+    "confirmed bookings without their tickets": """
+        SELECT count(*) FROM bookings b WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED'
+        AND (SELECT count(*) FROM booking_items i WHERE i.booking_id = b.id)
+            <> (SELECT count(*) FROM tickets t WHERE t.booking_id = b.id AND t.status <> 'void')""",
+    "failed bookings still holding seats": """
+        SELECT count(*) FROM bookings b JOIN holds h ON h.id = b.hold_id
+        WHERE b.event_id = $1 AND b.saga_state = 'FAILED' AND h.status = 'active'""",
+}
+
+
+@dataclass
+class Verdict:
+    counts: dict[str, int]
+    sold: int
+    tickets: int
+    items: int
+    confirmed: int
+    failed: int
+    failures: Counter[str]
+
+    @property
+    def oversold(self) -> int:
+        return max(
+            self.counts["seats sold twice (tickets)"],
+            self.counts["seats sold twice (confirmed bookings)"],
+        )
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not any(self.counts.values())
+            and self.sold == self.tickets == self.items
+            and self.oversold == 0
+        )
+
+
+async def verify(database_url: str, event_id: str) -> Verdict:
+    conn = await db.connect(database_url)
+    try:
+        counts = {name: int(await conn.fetchval(sql, event_id)) for name, sql in _CHECKS.items()}
+        sold = await conn.fetchval(
+            "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'sold'", event_id
+        )
+        tickets = await conn.fetchval(
+            """SELECT count(*) FROM tickets WHERE event_id = $1 AND seat_id IS NOT NULL
+               AND status <> 'void'""",
+            event_id,
+        )
+        items = await conn.fetchval(
+            """SELECT count(*) FROM booking_items i JOIN bookings b ON b.id = i.booking_id
+               WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED' AND i.seat_id IS NOT NULL""",
+            event_id,
+        )
+        states = dict(
+            await conn.fetch(
+                "SELECT saga_state, count(*) FROM bookings WHERE event_id = $1 GROUP BY 1",
+                event_id,
+            )
+        )
+        failures = Counter(
+            dict(
+                await conn.fetch(
+                    """SELECT failure_code, count(*) FROM bookings
+                       WHERE event_id = $1 AND saga_state = 'FAILED' GROUP BY 1""",
+                    event_id,
+                )
+            )
+        )
+        return Verdict(
+            counts,
+            sold,
+            tickets,
+            items,
+            states.get("CONFIRMED", 0),
+            states.get("FAILED", 0),
+            failures,
+        )
+    finally:
+        await conn.close()
+
+
+# --- the SQL-only baseline ----------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    connections: int
+    bookings: int
+    seconds: float
+    create_ms: float  # per booking, measured apart (untimed in the rate)
+    reserve_ms: float
+    confirm_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.bookings / self.seconds
+
+
+async def sql_baseline(
+    database_url: str,
+    seats: int,
+    buyer_ids: list[str],
+    per_person: int,
+    connections: int,
+    secret_key: str,
+) -> Baseline:
+    """The saga's two transactions per booking (reserve, confirm) in a tight loop."""
+    event_id, seat_ids = await make_event(database_url, seats, per_person)
+    rng = random.Random(7)
+    rng.shuffle(seat_ids)
+    orders: list[list[str]] = []
+    while seat_ids:
+        k = rng.randint(1, 4)
+        orders.append(seat_ids[:k])
+        del seat_ids[:k]
+    settings = Settings(
+        database_url=database_url,
+        db_pool_min=connections,
+        db_pool_max=connections,
+        secret_key=secret_key,
+    )
+    pool = await db.create_pool(settings)
+    app = types.SimpleNamespace(db=pool, settings=settings, payments=None)
+    ids = [str(uuid.uuid4()) for _ in orders]
+    try:
+        # The booking rows, as POST /bookings records them, made beforehand.
+        todo = iter(enumerate(ids))
+        create_time = 0.0
+
+        async def create() -> None:
+            nonlocal create_time
+            async with pool.acquire() as conn:
+                for n, booking_id in todo:
+                    began = time.perf_counter()
+                    await bookings.create_request(
+                        conn,
+                        booking_id=booking_id,
+                        user_id=buyer_ids[n % len(buyer_ids)],
+                        event_id=event_id,
+                        key=booking_id,
+                        digest="bench",
+                        request={
+                            "seat_ids": orders[n],
+                            "ticket_type_id": None,
+                            "quantity": len(orders[n]),
+                        },
+                        currency="EUR",
+                        provider="test",
+                        token="tok_visa",
+                    )
+                    create_time += time.perf_counter() - began
+
+        await asyncio.gather(*(create() for _ in range(connections)))
+        work = iter(enumerate(ids))
+        reserve_time = confirm_time = 0.0
+
+        async def book() -> None:
+            nonlocal reserve_time, confirm_time
+            for n, booking_id in work:
+                began = time.perf_counter()
+                reserved = await saga.reserve(app, booking_id)  # type: ignore[arg-type]
+                assert reserved is not None and reserved.state == "PAYMENT_PENDING", reserved
+                middle = time.perf_counter()
+                charge = payments.Charge(
+                    id=f"tpay_{booking_id}",
+                    amount_cents=5000 * len(orders[n]),
+                    currency="EUR",
+                    status="succeeded",
+                )
+                done = await saga.finish(app, booking_id, charge)  # type: ignore[arg-type]
+                assert done is not None and done.state == "CONFIRMED", done
+                reserve_time += middle - began
+                confirm_time += time.perf_counter() - middle
+
+        began = time.perf_counter()
+        await asyncio.gather(*(book() for _ in range(connections)))
+        seconds = time.perf_counter() - began
+    finally:
+        await pool.close()
+    n = len(ids)
+    verdict = await verify(database_url, event_id)
+    if not verdict.ok or verdict.sold != seats:
+        raise SystemExit(f"the SQL-only baseline left a broken event: {verdict}")
+    return Baseline(
+        connections,
+        n,
+        seconds,
+        1000 * create_time / n,
+        1000 * reserve_time / n,
+        1000 * confirm_time / n,
+    )
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def goal(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def print_load(load: Load, seats: int) -> float:
+    confirmed = load.outcomes["201 confirmed"]
+    window = (load.last_confirmed or load.ended) - load.started
+    rate = confirmed / window if window > 0 and confirmed else 0.0
+    print(
+        f"load: {load.seats_confirmed}/{seats} seats confirmed in {window:.2f} s "
+        f"(first request -> last confirmation){'; TIMED OUT' if load.timed_out else ''}"
+    )
+    print(
+        f"  confirmed bookings/s   {rate:9.1f}   (goal >= {GOAL_RATE:,.0f}: "
+        f"{goal(rate >= GOAL_RATE)})"
+    )
+    print(f"  seats sold/s           {load.seats_confirmed / window if window > 0 else 0:9.1f}")
+    requests = sum(load.statuses.values())
+    print(
+        f"  requests {requests}  ({requests / (load.ended - load.started):.1f}/s); "
+        f"transport errors {load.transport_errors}; seat-map fetches {load.map_fetches}"
+    )
+    print("  by status: " + ", ".join(f"{s}: {n}" for s, n in sorted(load.statuses.items())))
+    for outcome, values in sorted(load.latencies.items()):
+        print(
+            f"  {outcome:<28} {len(values):>7}  p50 {percentile(values, 0.5):8.1f} ms  "
+            f"p99 {percentile(values, 0.99):8.1f} ms"
+        )
+    print("  buyers stopped: " + ", ".join(f"{k} {v}" for k, v in sorted(load.stopped.items())))
+    return rate
+
+
+def print_cpu(before: dict[str, float] | None, after: dict[str, float] | None, wall: float) -> None:
+    if before is None or after is None:
+        return
+    cores = os.cpu_count() or 1
+    used = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    parts = ", ".join(
+        f"{k} {used[k]:.1f} s ({100 * used[k] / wall:.0f}% of a core)"
+        for k in ("load generator", "bilten", "postgresql", "redis")
+        if k in used
+    )
+    idle = 100 * (1 - used["machine busy"] / (cores * wall))
+    print(f"  CPU over {wall:.1f} s on {cores} cores: {parts}; machine idle {idle:.0f}%")
+
+
+def print_verdict(verdict: Verdict, seats: int) -> None:
+    print("verification (PostgreSQL):")
+    print(
+        f"  oversold seats                                     {verdict.oversold:>6}   "
+        f"(goal 0: {goal(verdict.oversold == 0)})"
+    )
+    for name, count in verdict.counts.items():
+        print(f"  {name:<50} {count:>6}   {'ok' if count == 0 else 'FAILED'}")
+    same = verdict.sold == verdict.tickets == verdict.items
+    print(
+        f"  seats sold {verdict.sold}/{seats} == valid seat tickets {verdict.tickets} == "
+        f"items of confirmed bookings {verdict.items}   {'ok' if same else 'FAILED'}"
+    )
+    failures = ", ".join(f"{k} {v}" for k, v in verdict.failures.most_common())
+    print(
+        f"  bookings: confirmed {verdict.confirmed}, failed {verdict.failed}"
+        + (f" ({failures})" if failures else "")
+    )
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seats", type=int, default=5000)
+    parser.add_argument("--buyers", type=int, default=2000)
+    parser.add_argument("--instances", type=int, default=1, help="bilten serve processes")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="BILTEN_BOOKING_WORKERS of each instance"
+    )
+    parser.add_argument("--timeout", type=float, default=120, help="bound on the load, seconds")
+    parser.add_argument(
+        "--give-up", type=int, default=5, help="409s in a row before a buyer checks the map"
+    )
+    parser.add_argument(
+        "--api-budget",
+        action="store_true",
+        help="keep the per-IP API budget on (set very high): a Redis round trip per request",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the servers, e.g. BILTEN_DB_POOL_MAX=20",
+    )
+    parser.add_argument(
+        "--sql-connections",
+        default="1,4",
+        help="connection counts of the SQL-only baseline; the ratio uses the last",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the SQL-only baseline")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the first instance with py-spy (raw format) during the load",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=10)
+    args = parser.parse_args()
+    if args.seats < 1 or args.buyers < 1 or args.instances < 1:
+        parser.error("--seats, --buyers and --instances must be positive")
+    return args
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {
+        "BILTEN_LIMIT_API_IP": "100000000/60" if args.api_budget else "0/60",
+        "BILTEN_ACCESS_TOKEN_TTL": "3600",
+    }
+    if args.workers is not None:
+        env["BILTEN_BOOKING_WORKERS"] = str(args.workers)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("BILTEN_"):
+            raise SystemExit(f"--env wants BILTEN_NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
+async def drop_database(database_url: str) -> None:
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = await db.connect(db.with_database(database_url, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    args = parse_args()
+    # Every buyer may end up with a fair share and more; at least a few orders of four.
+    per_person = min(100, max(10, math.ceil(2 * args.seats / args.buyers)))
+    if per_person * args.buyers < args.seats:
+        print(f"warning: {args.buyers} buyers x {per_person} seats cannot buy {args.seats} seats")
+    env = server_env(args)
+    secret_key = secrets.token_urlsafe(48)
+    external = bool(os.environ.get("BILTEN_DATABASE_URL"))
+    print(
+        f"flash sale: {args.seats} seats, {args.buyers} buyers (at most {per_person} seats "
+        f"each), {args.instances} instance(s), booking workers "
+        f"{env.get('BILTEN_BOOKING_WORKERS', 'default')}, API budget "
+        f"{'on' if args.api_budget else 'off'}; PostgreSQL "
+        f"{'external' if external else 'embedded'}, Redis "
+        f"{'external' if os.environ.get('BILTEN_REDIS_URL') else 'embedded'}",
+        flush=True,
+    )
+    failed = False
+    with services() as (database_url, redis_url):
+        try:
+            began = time.perf_counter()
+            event_id, seat_ids = asyncio.run(make_event(database_url, args.seats, per_person))
+            buyer_ids = asyncio.run(make_buyers(database_url, args.buyers))
+            signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
+            buyer_tokens = [signer.issue(user_id, "attendee") for user_id in buyer_ids]
+            with contextlib.ExitStack() as stack:
+                started = [
+                    stack.enter_context(
+                        bilten_process(database_url, redis_url, secret_key=secret_key, **env)
+                    )
+                    for _ in range(args.instances)
+                ]
+                urls = [url for url, _ in started]
+                pids = [proc.pid for _, proc in started]
+                print(
+                    f"setup: event {event_id}, {len(buyer_ids)} buyers, instances "
+                    f"{', '.join(f'{u} (pid {p})' for u, p in zip(urls, pids, strict=True))} "
+                    f"in {time.perf_counter() - began:.1f} s",
+                    flush=True,
+                )
+                profiler: list[subprocess.Popen] = []
+
+                def on_start() -> None:
+                    if args.profile:
+                        profiler.append(
+                            subprocess.Popen(
+                                [
+                                    str(ROOT / ".venv/bin/py-spy"),
+                                    "record",
+                                    "-p",
+                                    str(pids[0]),
+                                    "-d",
+                                    str(args.profile_seconds),
+                                    "-f",
+                                    "raw",
+                                    "-o",
+                                    args.profile,
+                                    "--nonblocking",
+                                ],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            )
+                        )
+
+                cpu_before = cpu_snapshot(pids)
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    load = runner.run(
+                        run_load(
+                            urls,
+                            event_id,
+                            seat_ids,
+                            buyer_tokens,
+                            per_person,
+                            args.timeout,
+                            args.give_up,
+                            on_start,
+                        )
+                    )
+                cpu_after = cpu_snapshot(pids)
+                rate = print_load(load, args.seats)
+                print_cpu(cpu_before, cpu_after, load.ended - load.started)
+                unfinished = asyncio.run(wait_until_settled(database_url, event_id, 60))
+                if unfinished:
+                    print(f"  {unfinished} bookings still under way after 60 s")
+                for proc in profiler:
+                    try:
+                        proc.wait(args.profile_seconds + 30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                    print(f"  py-spy profile of pid {pids[0]}: {args.profile}")
+            verdict = asyncio.run(verify(database_url, event_id))
+            print_verdict(verdict, args.seats)
+            failed = not verdict.ok
+            if not args.no_baseline:
+                results = []
+                for connections in [int(c) for c in args.sql_connections.split(",") if c]:
+                    result = asyncio.run(
+                        sql_baseline(
+                            database_url,
+                            args.seats,
+                            buyer_ids,
+                            per_person,
+                            connections,
+                            secret_key,
+                        )
+                    )
+                    results.append(result)
+                    print(
+                        f"SQL-only baseline, {result.connections} connection(s): "
+                        f"{result.bookings} bookings in {result.seconds:.2f} s = "
+                        f"{result.rate:.1f} bookings/s  (per booking: reserve "
+                        f"{result.reserve_ms:.2f} ms, confirm {result.confirm_ms:.2f} ms; "
+                        f"the request row, made beforehand, {result.create_ms:.2f} ms)",
+                        flush=True,
+                    )
+                if results:
+                    ratio = rate / results[-1].rate
+                    print(
+                        f"ratio HTTP path / SQL-only ({results[-1].connections} connections): "
+                        f"{ratio:.2f}   (goal >= {GOAL_RATIO}: {goal(ratio >= GOAL_RATIO)})"
+                    )
+            print(
+                f"summary: {rate:.1f} confirmed bookings/s (goal >= {GOAL_RATE:,.0f}), "
+                f"oversold {verdict.oversold} (goal 0), "
+                f"checks {'passed' if verdict.ok else 'FAILED'}"
+            )
+        finally:
+            if external:
+                asyncio.run(drop_database(database_url))
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Notifications about bookings: by email always, by SMS too when the profile has a phone.
+
+Both go through the durable mail queue (``mail_jobs``), enqueued in the transaction that
+confirms or cancels the booking, under keys derived from the booking id: a booking gets exactly
+one confirmation and one cancellation notice however often anything is redelivered. The job
+holds only the booking id; the sender builds the message when it sends (:func:`prepare`), QR
+codes included. SMS sits behind a small interface; the built-in one writes to the log.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Protocol
+
+import segno
+
+from bilten import mail
+from bilten.db import Connection, Pool
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = ("booking_confirmed", "booking_cancelled")
+
+
+class Sms(Protocol):
+    async def send(self, to: str, text: str) -> None: ...
+
+
+class LoggingSms:
+    """SMS written to the log: the stand-in until a gateway is configured."""
+
+    async def send(self, to: str, text: str) -> None:
+        log.info("SMS to %s: %s", to, text)
+
+
+async def booking_changed(conn: Connection, template: str, booking_id: str, user_id: str) -> None:
+    """Queue the notices of a confirmed or cancelled booking (in the caller's transaction)."""
+    assert template in TEMPLATES
+    user = await conn.fetchrow("SELECT email::text, phone FROM users WHERE id = $1", user_id)
+    context = {"booking_id": booking_id}
+    await mail.enqueue(
+        conn, key=f"{template}:{booking_id}", template=template, to=user["email"], context=context
+    )
+    if user["phone"]:
+        await conn.execute(
+            """INSERT INTO mail_jobs (job_key, template, recipient, context, channel)
+               VALUES ($1, $2, $3, $4, 'sms') ON CONFLICT (job_key) DO NOTHING""",
+            f"{template}:sms:{booking_id}",
+            template,
+            user["phone"],
+            context,
+        )
+
+
+def qr_png(code: str) -> bytes:
+    out = io.BytesIO()
+    segno.make(code, error="m").save(out, kind="png", scale=4, border=2)
+    return out.getvalue()
+
+
+def money(cents: int, currency: str) -> str:
+    return f"{cents // 100}.{cents % 100:02d} {currency}"
+
+
+async def prepare(
+    pool: Pool, template: str, context: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The full context of a booking notice, and the QR images of its tickets."""
+    if template not in TEMPLATES:
+        return context, {}
+    async with pool.acquire() as conn:
+        booking = await conn.fetchrow(
+            """SELECT b.id::text, b.total_cents, b.currency, u.name AS user_name,
+                      e.title, e.starts_at, v.name AS venue, v.address, v.city, v.timezone
+               FROM bookings b JOIN users u ON u.id = b.user_id
+               JOIN events e ON e.id = b.event_id JOIN venues v ON v.id = e.venue_id
+               WHERE b.id = $1""",
+            context["booking_id"],
+        )
+        if booking is None:
+            raise LookupError(f"booking {context['booking_id']} does not exist")
+        tickets = await conn.fetch(
+            "SELECT id::text, label, code, status FROM tickets WHERE booking_id = $1 "
+            "ORDER BY label, id",
+            context["booking_id"],
+        )
+    from zoneinfo import ZoneInfo
+
+    starts = booking["starts_at"].astimezone(ZoneInfo(booking["timezone"]))
+    full = {
+        **context,
+        "name": booking["user_name"],
+        "event": booking["title"],
+        "starts": starts.strftime("%A %d %B %Y, %H:%M (%Z)"),
+        "venue": booking["venue"],
+        "address": f"{booking['address']}, {booking['city']}",
+        "total": money(booking["total_cents"], booking["currency"]),
+        "tickets": [
+            {"label": t["label"], "code": t["code"], "cid": f"ticket-{n}"}
+            for n, t in enumerate(tickets)
+        ],
+    }
+    images = (
+        {f"ticket-{n}": qr_png(t["code"]) for n, t in enumerate(tickets)}
+        if template == "booking_confirmed"
+        else {}
+    )
+    return full, images
+
+
+def render_sms(template: str, context: dict[str, Any]) -> str:
+    return " ".join(mail.render_text(f"{template}.sms.txt", context).split())
