@@ -258,3 +258,22 @@ async def test_create_admin_then_sign_in_as_admin(settings, client):
         run_cli, "create-admin", "--email", "x@example.com", "--password", "short", env=env
     )
     assert short.returncode == 2 and "10 to 256" in short.stderr
+
+
+async def test_seed_demo_creates_a_published_event_once(settings, client):
+    env = server_env(settings, BILTEN_ARGON2_MEMORY_KIB="1024", BILTEN_ARGON2_TIME_COST="1")
+    first = await asyncio.to_thread(run_cli, "seed-demo", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "is published" in first.stdout
+    event_id = first.stdout.split()[2]
+    again = await asyncio.to_thread(run_cli, "seed-demo", env=env)
+    assert again.returncode == 0 and f"demo event {event_id} exists already" in again.stdout
+    event = (await client.get(f"/events/{event_id}")).json()
+    assert event["status"] == "published"
+    assert event["seat_count"] == event["available_seats"] == 200
+    seats = (await client.get(f"/events/{event_id}/seats")).json()["seats"]
+    assert {s["tier"] for s in seats} == {"Stalls", "Balcony"}
+    login = await client.post(
+        "/auth/login", json={"email": "demo@bilten.test", "password": "demo password"}
+    )
+    assert login.status_code == 200 and login.json()["user"]["role"] == "organizer"
