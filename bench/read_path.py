@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.common import bilten, hello_world, report, services, wrk  # noqa: E402
-from bilten import db, events, users, venues  # noqa: E402
+from bench.common import bilten, hello_world, report, services, wrk
+from bilten import db, events, users, venues
 
 
 async def make_event(database_url: str, seats: int) -> str:
