@@ -137,7 +137,9 @@ async def claim_units(
             "ticket_type_id: not a ticket type of this event",
             {"fields": [{"field": "ticket_type_id", "message": "unknown ticket type"}]},
         )
-    if await conn.fetchval(_CLAIM_UNITS, ticket_type_id, quantity) is None:
+    if await conn.fetchval(_CLAIM_UNITS, ticket_type_id, quantity) is not None:
+        await outbox.catalog_changed(conn, event_id)
+    else:
         raise ApiError(
             "sold_out",
             f"Only {kind['remaining']} left of {kind['name']}.",
@@ -273,6 +275,7 @@ async def release(conn: Connection, hold_id: str, status: str = "released") -> s
             row["ticket_type_id"],
             row["quantity"],
         )
+        await outbox.catalog_changed(conn, row["event_id"])
     else:
         freed = await conn.fetch(
             """UPDATE event_seats SET status = 'available', hold_id = NULL, hold_expires_at = NULL,

@@ -19,9 +19,9 @@ def rate_limit(name: str, subject: str) -> str:
 CATALOG_CHANGED = f"{PREFIX}:catalog:changed"  # pub/sub: an event id whose caches are stale
 
 
-def seat_map(event_id: str, version: int) -> str:
-    """The encoded seat map of an event at one version (immutable, so safely shared)."""
-    return f"{PREFIX}:seatmap:{event_id}:{version}"
+def seat_map(event_id: str, tag: str) -> str:
+    """The encoded seat map of an event at one version tag (immutable, so safely shared)."""
+    return f"{PREFIX}:seatmap:{event_id}:{tag}"
 
 
 def seats_channel(event_id: str) -> str:

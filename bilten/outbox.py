@@ -2,7 +2,8 @@
 a relay that publishes them to Redis afterwards, in order, at least once.
 
 Topics: ``seats`` (a seat-map delta for an event's room), ``user`` (a message for one user's
-channel: booking results, payment status). Consumers must tolerate redelivery.
+channel: booking results, payment status), ``catalog`` (an event whose cached details are
+stale). Consumers must tolerate redelivery.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ async def seat_changes(
         )
 
 
+async def catalog_changed(conn: Connection, event_id: str) -> None:
+    """Record that what an event shows changed (units sold, say): caches everywhere drop it."""
+    await add(conn, "catalog", {"event_id": event_id})
+
+
 async def to_user(conn: Connection, user_id: str, message: dict[str, Any]) -> None:
     await add(conn, "user", {"user_id": user_id, "message": message})
 
@@ -72,10 +78,12 @@ async def relay_once(pool: Pool, redis: Redis, limit: int = BATCH) -> int:
         changed_events = set()
         async with redis.pipeline(transaction=False) as pipe:
             for row in rows:
+                if row["topic"] in ("seats", "catalog"):
+                    changed_events.add(row["payload"]["event_id"])
+                if row["topic"] == "catalog":
+                    continue
                 channel, message = channel_for(row["topic"], row["payload"])
                 pipe.publish(channel, _encoder.encode(message))
-                if row["topic"] == "seats":
-                    changed_events.add(row["payload"]["event_id"])
             for event_id in changed_events:
                 pipe.publish(keys.CATALOG_CHANGED, event_id)
             await pipe.execute()

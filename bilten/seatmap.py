@@ -18,7 +18,7 @@ from bilten.db import Connection
 from bilten.state import State
 
 SeatStatus = Literal["available", "held", "sold"]
-REDIS_TTL = 3600
+REDIS_TTL = 120  # a busy event makes a new map every moment: keep only the recent ones
 
 
 class Seat(msgspec.Struct, kw_only=True):
@@ -42,26 +42,37 @@ class SeatMap(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 
-# An expired hold is available at once, before any sweeper gets to it.
+# An expired hold is available at once in a freshly built map; a map built before the expiry
+# shows the seat held until the sweeper releases it (within a second or so).
 SEAT_STATUS = """CASE WHEN es.status = 'held' AND es.hold_expires_at <= now() THEN 'available'
                       ELSE es.status END"""
 
+# ``version`` is the greatest seat version (what deltas are compared with); ``commits`` rises with
+# every committed change even when changes commit out of version order (see migration 0007), so
+# the pair identifies the map's content: it keys the caches and makes the ETag.
 _HEAD = """SELECT e.status, e.organizer_id::text AS organizer_id,
                   coalesce((SELECT version FROM event_seats WHERE event_id = e.id
-                            ORDER BY version DESC LIMIT 1), 0) AS version
+                            ORDER BY version DESC LIMIT 1), 0) AS version,
+                  coalesce((SELECT sum(version) FROM seat_map_versions
+                            WHERE event_id = e.id), 0)::bigint AS commits
            FROM events e WHERE e.id = $1"""
 
 
 @dataclass(frozen=True)
 class Encoded:
     version: int
+    commits: int
     body: bytes
     status: str
     organizer_id: str
 
     @property
+    def tag(self) -> str:
+        return f"{self.version}.{self.commits}"
+
+    @property
     def etag(self) -> str:
-        return f'"{self.version}"'
+        return f'"{self.tag}"'
 
 
 async def _build(conn: Connection, event_id: str) -> Encoded | None:
@@ -83,7 +94,13 @@ async def _build(conn: Connection, event_id: str) -> Encoded | None:
     seat_map = SeatMap(
         event_id=event_id, version=head["version"], seats=[Seat(**dict(r)) for r in rows]
     )
-    return Encoded(head["version"], _encoder.encode(seat_map), head["status"], head["organizer_id"])
+    return Encoded(
+        head["version"],
+        head["commits"],
+        _encoder.encode(seat_map),
+        head["status"],
+        head["organizer_id"],
+    )
 
 
 async def seat_map(app: State, event_id: str) -> Encoded | None:
@@ -92,19 +109,21 @@ async def seat_map(app: State, event_id: str) -> Encoded | None:
         head = await conn.fetchrow(_HEAD, event_id)
         if head is None:
             return None
-        version = head["version"]
+        tag = f"{head['version']}.{head['commits']}"
         cached: Encoded | None = app.caches.seat_maps.get(event_id)
-        if cached is not None and cached.version == version:
+        if cached is not None and cached.tag == tag:
             return cached
-        shared = cast(bytes | None, await app.redis.get(keys.seat_map(event_id, version)))
+        shared = cast(bytes | None, await app.redis.get(keys.seat_map(event_id, tag)))
         if shared is not None:
-            found = Encoded(version, shared, head["status"], head["organizer_id"])
+            found = Encoded(
+                head["version"], head["commits"], shared, head["status"], head["organizer_id"]
+            )
         else:
             built = await _build(conn, event_id)
             if built is None:
                 return None
             found = built
-            await app.redis.set(keys.seat_map(event_id, found.version), found.body, ex=REDIS_TTL)
+            await app.redis.set(keys.seat_map(event_id, found.tag), found.body, ex=REDIS_TTL)
     app.caches.seat_maps.put(event_id, found)
     return found
 

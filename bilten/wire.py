@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 JSON_MAX_BYTES = 1024 * 1024
 _encoder = msgspec.json.Encoder()
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`")
 _PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
@@ -39,6 +40,9 @@ def _invalid(exc: msgspec.ValidationError) -> ApiError:
     match = _PATH.match(str(exc))
     assert match is not None
     field = (match["path"] or "").lstrip(".") or None
+    unknown = _UNKNOWN.match(match["message"])
+    if unknown:  # name the unexpected field itself, not the object holding it
+        field = f"{field}.{unknown[1]}" if field else unknown[1]
     message = match["message"].replace("`", "")
     return ApiError(
         "validation_error",

@@ -58,6 +58,7 @@ async def test_profile_read_and_patch(client):
     assert bad.json()["error"]["details"]["fields"][0]["field"] == "phone"
     unknown = await client.patch("/users/me/profile", headers=auth, json={"role": "admin"})
     assert unknown.status_code == 422
+    assert unknown.json()["error"]["details"]["fields"][0]["field"] == "role"
     assert (await client.get("/users/me/profile")).status_code == 401
 
 

@@ -241,6 +241,7 @@ async def _confirm(
             hold["ticket_type_id"],
             hold["quantity"],
         )
+        await outbox.catalog_changed(conn, row["event_id"])
     else:
         sold = await conn.fetch(
             """UPDATE event_seats SET status = 'sold', booking_id = $3, hold_id = NULL,
@@ -472,6 +473,8 @@ async def _release_sold(conn: Connection, row: Any) -> None:
             unit["ticket_type_id"],
             unit["n"],
         )
+    if units:
+        await outbox.catalog_changed(conn, row["event_id"])
     await conn.execute(
         "UPDATE tickets SET status = 'void' WHERE booking_id = $1 AND status <> 'void'", row["id"]
     )
