@@ -29,7 +29,7 @@ from bilten import (
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
 from bilten.pubsub import Hub
-from bilten.sagas import booking, recovery
+from bilten.sagas import batch, booking, recovery
 from bilten.settings import Settings
 from bilten.state import State
 from bilten.supervisor import Supervisor
@@ -67,7 +67,7 @@ async def start_workers(app: State) -> None:
         app.supervisor.start("recovery", recovery.worker(app))
         for n in range(app.settings.booking_workers):
             app.supervisor.start(
-                f"bookings-{n}", queue.worker(app, booking.run_batch, booking.announce)
+                f"bookings-{n}", queue.worker(app, batch.run_batch, booking.announce)
             )
 
 

@@ -53,13 +53,18 @@ WITH wanted AS (
                             OR (status = 'held' AND hold_expires_at <= now())) AS free,
            count(*) AS found
     FROM wanted
+), claimed AS (
+    UPDATE event_seats es
+    SET status = 'held', hold_id = $3, hold_expires_at = $4, booking_id = NULL,
+        version = nextval('catalog_version')
+    FROM free
+    WHERE es.event_id = $1 AND es.seat_id = ANY ($2::uuid[])
+      AND free.free = cardinality($2::uuid[])
+    RETURNING es.seat_id, es.version, es.tier_id
 )
-UPDATE event_seats es
-SET status = 'held', hold_id = $3, hold_expires_at = $4, booking_id = NULL,
-    version = nextval('catalog_version')
-FROM free
-WHERE es.event_id = $1 AND es.seat_id = ANY ($2::uuid[]) AND free.free = cardinality($2::uuid[])
-RETURNING es.seat_id::text, es.version
+SELECT c.seat_id::text, c.version, s.label, t.price_cents
+FROM claimed c JOIN seats s ON s.id = c.seat_id JOIN price_tiers t ON t.id = c.tier_id
+ORDER BY s.label
 """
 
 _UNAVAILABLE = """
@@ -103,8 +108,9 @@ def seat_unavailable(seat_ids: list[str]) -> ApiError:
 
 async def claim_seats(
     conn: Connection, event_id: str, seat_ids: list[str], hold_id: str, expires_at: datetime
-) -> list[Item]:
-    """Hold every seat or none; raises ``seat_unavailable`` naming the seats that are taken."""
+) -> tuple[list[Item], list[tuple[str, str, int]]]:
+    """Hold every seat or none: the items with their prices, and the seat changes for the
+    outbox. Raises ``seat_unavailable`` naming the seats that are taken."""
     claimed = await conn.fetch(_CLAIM_SEATS, event_id, seat_ids, hold_id, expires_at)
     if len(claimed) != len(seat_ids):
         taken = [r["seat_id"] for r in await conn.fetch(_UNAVAILABLE, event_id, seat_ids)]
@@ -117,13 +123,10 @@ async def claim_seats(
                 {"fields": [{"field": "seat_ids", "message": "unknown seat"}], "seat_ids": unknown},
             )
         raise seat_unavailable(taken or seat_ids)
-    await outbox.seat_changes(
-        conn, event_id, [(r["seat_id"], "held", r["version"]) for r in claimed]
-    )
-    rows = await conn.fetch(_SEAT_PRICES, event_id, seat_ids)
-    return [
-        Item(seat_id=r["seat_id"], label=r["label"], price_cents=r["price_cents"]) for r in rows
+    items = [
+        Item(seat_id=r["seat_id"], label=r["label"], price_cents=r["price_cents"]) for r in claimed
     ]
+    return items, [(r["seat_id"], "held", r["version"]) for r in claimed]
 
 
 async def claim_units(
@@ -214,7 +217,8 @@ async def create(
     hold_id = str(uuid.uuid4())
     expires_at = await conn.fetchval("SELECT now() + make_interval(secs => $1)", ttl)
     if seat_ids:
-        items = await claim_seats(conn, event_id, seat_ids, hold_id, expires_at)
+        items, changes = await claim_seats(conn, event_id, seat_ids, hold_id, expires_at)
+        await outbox.seat_changes(conn, event_id, changes)
     else:
         assert ticket_type_id is not None
         items = await claim_units(conn, event_id, ticket_type_id, quantity)

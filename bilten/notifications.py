@@ -36,21 +36,28 @@ class LoggingSms:
 
 async def booking_changed(conn: Connection, template: str, booking_id: str, user_id: str) -> None:
     """Queue the notices of a confirmed or cancelled booking (in the caller's transaction)."""
+    await bookings_changed(conn, template, [(booking_id, user_id)])
+
+
+async def bookings_changed(conn: Connection, template: str, changed: list[tuple[str, str]]) -> None:
+    """Queue the notices of many bookings, ``(booking id, user id)`` each, in one statement."""
     assert template in TEMPLATES
-    user = await conn.fetchrow("SELECT email::text, phone FROM users WHERE id = $1", user_id)
-    context = {"booking_id": booking_id}
-    await mail.enqueue(
-        conn, key=f"{template}:{booking_id}", template=template, to=user["email"], context=context
+    if not changed:
+        return
+    await conn.execute(
+        """INSERT INTO mail_jobs (job_key, template, recipient, context, channel)
+           SELECT $1 || ':' || r.kind || n.booking_id, $1, r.recipient,
+                  jsonb_build_object('booking_id', n.booking_id), r.channel
+           FROM unnest($2::text[], $3::uuid[]) AS n(booking_id, user_id)
+           JOIN users u ON u.id = n.user_id
+           CROSS JOIN LATERAL (VALUES (u.email::text, 'email', ''), (u.phone, 'sms', 'sms:'))
+                AS r(recipient, channel, kind)
+           WHERE r.recipient IS NOT NULL
+           ON CONFLICT (job_key) DO NOTHING""",
+        template,
+        [b for b, _ in changed],
+        [u for _, u in changed],
     )
-    if user["phone"]:
-        await conn.execute(
-            """INSERT INTO mail_jobs (job_key, template, recipient, context, channel)
-               VALUES ($1, $2, $3, $4, 'sms') ON CONFLICT (job_key) DO NOTHING""",
-            f"{template}:sms:{booking_id}",
-            template,
-            user["phone"],
-            context,
-        )
 
 
 def qr_png(code: str) -> bytes:

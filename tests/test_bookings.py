@@ -519,3 +519,61 @@ async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
             assert again.json() == {"received": True, "duplicate": True}
             unknown = await c.post("/payments/webhooks/paypal", content=payload)
             assert unknown.status_code == 404
+
+
+async def test_one_batch_settles_each_booking_on_its_own(settings):
+    """Requests of one batch: first come first served on a contested seat, a declined card,
+    units and a hold, each succeeding or failing by itself."""
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, standing, _ = await published_event(c)
+        ann, bob, cay, dan = [await buyer(c) for _ in range(4)]
+        hold = (
+            await c.post("/holds", headers=dan, json={"event_id": event_id, "seat_ids": seats[5:7]})
+        ).json()
+        requests = [
+            (ann, {"event_id": event_id, "seat_ids": seats[:2]}, "tok_visa"),
+            (bob, {"event_id": event_id, "seat_ids": seats[1:3]}, "tok_visa"),  # seat 1 taken
+            (cay, {"event_id": event_id, "seat_ids": seats[3:4]}, "tok_chargeDeclined"),
+            (cay, {"event_id": event_id, "ticket_type_id": standing, "quantity": 2}, "tok_visa"),
+            (dan, {"event_id": event_id, "hold_id": hold["id"]}, "tok_visa"),
+        ]
+        ids = []
+        for n, (auth, body, token) in enumerate(requests):
+            response = await c.post(
+                "/bookings",
+                json={**body, "payment": {"method": "card", "token": token}},
+                headers={**auth, "Idempotency-Key": f"batch-{n}"},
+            )
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["request_id"])
+        outcomes = await batch.run_batch(instance.state, ids)
+        assert [o.state for o in outcomes] == [
+            "CONFIRMED",
+            "FAILED",
+            "FAILED",
+            "CONFIRMED",
+            "CONFIRMED",
+        ]
+        assert outcomes[1].error.code == "seat_unavailable"
+        assert outcomes[2].error.code == "payment_declined"
+        statuses = await seat_statuses(c, event_id)
+        assert [statuses[s] for s in seats[:7]] == [
+            "sold",
+            "sold",
+            "available",
+            "available",
+            "available",
+            "sold",
+            "sold",
+        ]
+        for auth, booking_id, tickets in ((ann, ids[0], 2), (cay, ids[3], 2), (dan, ids[4], 2)):
+            found = (await c.get(f"/bookings/{booking_id}", headers=auth)).json()
+            assert found["status"] == "confirmed" and len(found["tickets"]) == tickets
+        detail = (await c.get(f"/events/{event_id}")).json()
+        assert detail["ticket_types"][0]["remaining"] == 18
+        # Running the same batch again changes nothing: every step checks the state first.
+        again = await batch.run_batch(instance.state, ids)
+        assert [o.state for o in again] == [o.state for o in outcomes]
