@@ -347,19 +347,6 @@ async def run(app: State, booking_id: str) -> Outcome | None:
     return done
 
 
-async def run_batch(app: State, booking_ids: list[str]) -> list[Outcome | None]:
-    """A batch in arrival order: seats are claimed one after another (first come, first served),
-    payments run concurrently, and each booking still succeeds or fails on its own."""
-    reserved = [await reserve(app, b) for b in booking_ids]
-    pending = [o.booking_id for o in reserved if o is not None and o.state == "PAYMENT_PENDING"]
-    results = await asyncio.gather(*(pay(app, b) for b in pending))
-    finished = {}
-    for booking_id, result in zip(pending, results, strict=True):
-        if result is not None:
-            finished[booking_id] = await finish(app, booking_id, result)
-    return [finished.get(o.booking_id, o) if o is not None else None for o in reserved]
-
-
 async def recover(app: State, booking_id: str) -> Outcome | None:
     """Resume a saga found unfinished: look the payment up before deciding anything."""
     row = await app.db.fetchrow(_BOOKING, booking_id)
