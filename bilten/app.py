@@ -67,7 +67,7 @@ async def start_workers(app: State) -> None:
         app.supervisor.start("recovery", recovery.worker(app))
         for n in range(app.settings.booking_workers):
             app.supervisor.start(
-                f"bookings-{n}", queue.worker(app, batch.run_batch, booking.announce)
+                f"bookings-{n}", queue.worker(app, batch.run_batch, booking.announce_many)
             )
 
 

@@ -29,7 +29,7 @@ from bilten.supervisor import Worker
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[State, list[str]], Awaitable[list[Any]]]
-Announce = Callable[[State, Any], Awaitable[None]]
+Announce = Callable[[State, list[Any]], Awaitable[None]]
 
 BATCH = 50
 IDLE_SLEEP = (0.005, 0.1)
@@ -108,9 +108,15 @@ def _ids(entries: Any) -> list[tuple[bytes, str]]:
 
 
 async def drain(
-    app: State, event_id: str, consumer: str, run_batch: RunBatch, announce: Announce
+    app: State,
+    event_id: str,
+    consumer: str,
+    run_batch: RunBatch,
+    announce: Announce,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Process the event's queue while we hold its lease; returns requests finished."""
+    """Process the event's queue while we hold its lease (and until ``stop``, after the batch
+    in hand); returns requests finished."""
     redis = app.redis
     stream = keys.queue(event_id)
     lease = keys.queue_lease(event_id)
@@ -144,9 +150,7 @@ async def drain(
             for (entry_id, _), outcome in zip(batch, outcomes, strict=True)
             if outcome is None or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
         ]
-        for outcome in outcomes:
-            if outcome is not None:
-                await announce(app, outcome)
+        await announce(app, [o for o in outcomes if o is not None])
         if finished:
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.xack(stream, keys.QUEUE_GROUP, *finished)
@@ -154,6 +158,8 @@ async def drain(
                 pipe.incrby(keys.queue_served(event_id), len(finished))
                 await pipe.execute()
             done += len(finished)
+        if stop is not None and stop.is_set():
+            return done  # shutting down: what is left stays queued for another worker
         if not await redis.eval(_RENEW, 1, lease, consumer, app.settings.queue_lease_ms):
             return done  # the lease was lost: someone else drains now
 
@@ -175,7 +181,7 @@ def worker(app: State, run_batch: RunBatch, announce: Announce) -> Worker:
                 ):
                     continue
                 try:
-                    finished = await drain(app, event_id, consumer, run_batch, announce)
+                    finished = await drain(app, event_id, consumer, run_batch, announce, stop)
                     worked = finished > 0 or worked
                     stream = keys.queue(event_id)
                     if await app.redis.xlen(stream) == 0:

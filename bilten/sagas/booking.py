@@ -369,18 +369,26 @@ async def recover(app: State, booking_id: str) -> Outcome | None:
 
 
 async def announce(app: State, outcome: Outcome) -> None:
-    """After a saga ended: the request's status for pollers, and a wake-up for waiters."""
-    status = {"CONFIRMED": "confirmed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(
-        outcome.state, "processing"
-    )
-    mapping: dict[str | bytes, str] = {"status": status, "booking_id": outcome.booking_id}
-    if outcome.error is not None:
-        mapping["error"] = outcome.error.code
+    await announce_many(app, [outcome])
+
+
+async def announce_many(app: State, outcomes: list[Outcome]) -> None:
+    """After sagas moved: each request's status for pollers, and a wake-up for waiters."""
+    if not outcomes:
+        return
     async with app.redis.pipeline(transaction=False) as pipe:
-        pipe.hset(keys.booking_request(outcome.booking_id), mapping=cast(Any, mapping))
-        pipe.expire(keys.booking_request(outcome.booking_id), 86400)
-        if status != "processing":
-            pipe.publish(keys.BOOKING_DONE, outcome.booking_id)
+        for outcome in outcomes:
+            status = {"CONFIRMED": "confirmed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(
+                outcome.state, "processing"
+            )
+            mapping: dict[str | bytes, str] = {"status": status, "booking_id": outcome.booking_id}
+            if outcome.error is not None:
+                mapping["error"] = outcome.error.code
+            key = keys.booking_request(outcome.booking_id)
+            pipe.hset(key, mapping=cast(Any, mapping))
+            pipe.expire(key, 86400)
+            if status != "processing":
+                pipe.publish(keys.BOOKING_DONE, outcome.booking_id)
         await pipe.execute()
 
 
