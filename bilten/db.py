@@ -32,12 +32,19 @@ async def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Connection:
     return conn
 
 
+async def _no_reset(conn: Connection) -> None:
+    """Connections go back to the pool as they are: Bilten keeps no session state (advisory locks
+    are transaction-scoped, nothing LISTENs), so asyncpg's reset query would be a round trip
+    per request for nothing."""
+
+
 async def create_pool(settings: Settings) -> Pool:
     return await asyncpg.create_pool(
         settings.database_url,
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         init=_init_connection,
+        reset=_no_reset,
         timeout=CONNECT_TIMEOUT,
         # A dropped server connection surfaces as an error on the next query, not a hang.
         max_inactive_connection_lifetime=300,

@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 _MANY = _BOOKING.replace("WHERE id = $1", "WHERE id = ANY ($1::uuid[]) ORDER BY id")
 
 
+_LOCK_SEATS = """
+SELECT es.seat_id::text, s.label, t.price_cents,
+       es.status = 'available' OR (es.status = 'held' AND es.hold_expires_at <= now()) AS free
+FROM event_seats es JOIN seats s ON s.id = es.seat_id JOIN price_tiers t ON t.id = es.tier_id
+WHERE es.event_id = $1 AND es.seat_id = ANY ($2::uuid[])
+ORDER BY es.seat_id
+FOR UPDATE OF es
+"""
+
+
 @dataclass
 class Reserved:
     row: Any
@@ -160,6 +170,24 @@ async def _reserve_event(
     )
     seat_changes: list[tuple[str, str, int]] = []
     units_changed = False
+    # Every seat the batch asks for, locked at once in seat order (the order every claim locks
+    # in); who gets which is then decided here, in arrival order, and written in one statement.
+    wanted = sorted(
+        {
+            s
+            for row in rows
+            if not row["request"].get("hold_id")
+            for s in row["request"].get("seat_ids") or []
+        }
+    )
+    free: dict[str, tuple[str, int]] = {}
+    known: set[str] = set()
+    if wanted:
+        for seat in await conn.fetch(_LOCK_SEATS, event_id, wanted):
+            known.add(seat["seat_id"])
+            if seat["free"]:
+                free[seat["seat_id"]] = (seat["label"], seat["price_cents"])
+    winners: list[tuple[str, str]] = []  # (seat id, hold id)
     for row in rows:
         request = row["request"]
         try:
@@ -193,10 +221,26 @@ async def _reserve_event(
                 )
             hold_id = str(uuid.uuid4())
             if seat_ids:
-                items, changes = await holds.claim_seats(
-                    conn, event_id, seat_ids, hold_id, expires_at
-                )
-                seat_changes += changes
+                unknown = [s for s in seat_ids if s not in known]
+                if unknown:
+                    raise ApiError(
+                        "validation_error",
+                        "seat_ids: not seats of this event",
+                        {
+                            "fields": [{"field": "seat_ids", "message": "unknown seat"}],
+                            "seat_ids": unknown,
+                        },
+                    )
+                taken = [s for s in seat_ids if s not in free]
+                if taken:
+                    raise holds.seat_unavailable(taken)
+                items = [
+                    holds.Item(seat_id=s, label=free[s][0], price_cents=free[s][1])
+                    for s in sorted(seat_ids, key=lambda s: free[s][0])
+                ]
+                for s in seat_ids:
+                    del free[s]
+                    winners.append((s, hold_id))
             else:
                 assert ticket_type_id is not None
                 items = await holds.claim_units(conn, event_id, ticket_type_id, quantity)
@@ -206,6 +250,20 @@ async def _reserve_event(
             continue
         room[row["user_id"]] = room.get(row["user_id"], 0) + quantity
         reserved.append(Reserved(row, hold_id, items, False, seat_ids, ticket_type_id))
+    if winners:
+        claimed = await conn.fetch(
+            """UPDATE event_seats es
+               SET status = 'held', hold_id = w.hold_id, hold_expires_at = $2, booking_id = NULL,
+                   version = nextval('catalog_version')
+               FROM unnest($3::uuid[], $4::uuid[]) AS w(seat_id, hold_id)
+               WHERE es.event_id = $1 AND es.seat_id = w.seat_id
+               RETURNING es.seat_id::text, es.version""",
+            event_id,
+            expires_at,
+            [s for s, _ in winners],
+            [h for _, h in winners],
+        )
+        seat_changes += [(c["seat_id"], "held", c["version"]) for c in claimed]
     fresh = [r for r in reserved if not r.adopted]
     if fresh:
         await conn.execute(
