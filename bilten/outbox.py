@@ -94,11 +94,17 @@ async def relay_once(pool: Pool, redis: Redis, limit: int = BATCH) -> int:
         return len(rows)
 
 
-def relay(pool: Pool, redis: Redis, interval: float = 0.02) -> Worker:
+def relay(pool: Pool, redis: Redis, interval: float = 0.01, idle: float = 0.1) -> Worker:
+    """Publish as rows arrive; an idle relay polls ever less often, up to ``idle`` seconds."""
+
     async def run(stop: asyncio.Event) -> None:
+        pause = interval
         while not stop.is_set():
-            if await relay_once(pool, redis) < BATCH:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval)
+            published = await relay_once(pool, redis)
+            if published >= BATCH:
+                continue
+            pause = interval if published else min(pause * 2, idle)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
 
     return run
