@@ -29,6 +29,8 @@ from bilten import (
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
 from bilten.pubsub import Hub
+from bilten.realtime import Realtime
+from bilten.routes.realtime import Shortcut
 from bilten.sagas import batch, booking, recovery
 from bilten.settings import Settings
 from bilten.state import State
@@ -60,6 +62,9 @@ async def start_workers(app: State) -> None:
     await app.hub.subscribe(keys.BOOKING_DONE, app.waiters.on_message)
     app.supervisor.start("pubsub", app.hub.worker())
     app.supervisor.start("heartbeat", heartbeat.worker(app))
+    if "realtime" in app.settings.roles:
+        app.hub.on_connect.append(lambda: app.realtime.on_redis_connect(app))
+        app.supervisor.start("realtime", app.realtime.worker(app))
     if "workers" in app.settings.roles:
         transport = mail.transport_from_settings(app.settings)
         app.supervisor.start("mail", mail_worker.worker(app, transport))
@@ -84,6 +89,7 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
             )
         redis = redis_client(settings)
         try:
+            hub = Hub(redis)
             app = State(
                 settings=settings,
                 db=pool,
@@ -93,10 +99,11 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 passwords=passwords.from_settings(settings),
                 caches=cache.Caches(),
                 media=LocalStorage(settings.media_dir or settings.data_dir / "media"),
-                hub=Hub(redis),
+                hub=hub,
                 payments=payments.provider_from_settings(settings, redis),
                 waiters=Waiters(),
                 started_at=time.time(),
+                realtime=Realtime(settings, hub),
             )
             await start_workers(app)
             # Serve only once changes announced by other instances reach us; if Redis is slow
@@ -121,9 +128,10 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
 
 
 def create_app(settings: Settings) -> Starlette:
+    shortcut = [Middleware(Shortcut)] if "realtime" in settings.roles else []
     return Starlette(
         routes=routes.build(settings.roles),
-        middleware=[Middleware(RequestContext), Middleware(ApiBudget)],
+        middleware=[*shortcut, Middleware(RequestContext), Middleware(ApiBudget)],
         exception_handlers=errors.HANDLERS,
         lifespan=lambda _app: lifespan(settings),
     )

@@ -118,6 +118,13 @@ def make_server(settings: Settings, host: str, port: int, app: Any = None) -> An
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # Compression would cost a zlib context per socket and one deflate per message per
+        # socket, where the hub sends the same bytes to everyone.
+        ws_per_message_deflate=False,
+        ws_max_size=max(1 << 20, settings.ws_max_message),  # beyond it: closed with 1009
+        # Clients send pings (see BILTEN_WS_IDLE_TIMEOUT); protocol pings only when asked for.
+        ws_ping_interval=settings.ws_ping_interval or None,
+        ws_ping_timeout=settings.ws_ping_interval or None,
     )
     return uvicorn.Server(config)
 

@@ -46,6 +46,29 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(entry).decode(errors="replace")
 
 
+class _NoWebSocketLines(logging.Filter):
+    """Drop uvicorn's line per WebSocket handshake, like the HTTP access log (off too).
+
+    They come by the thousand, the ``"WebSocket /ws?token=..."`` ones carry access tokens, and
+    uvicorn reports a refusal with a 401 (the WebSocket denial response) as a handshake the app
+    never completed, though nothing went wrong.
+    """
+
+    QUIET = frozenset(
+        {
+            "connection open",
+            "connection rejected (%d %s)",
+            "ASGI callable returned without completing handshake.",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if not isinstance(message, str):
+            return True
+        return message not in self.QUIET and not message.startswith('%s - "WebSocket')
+
+
 def setup(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger, uvicorn's included, through one handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -63,3 +86,6 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    error_log = logging.getLogger("uvicorn.error")
+    error_log.filters = [f for f in error_log.filters if not isinstance(f, _NoWebSocketLines)]
+    error_log.addFilter(_NoWebSocketLines())

@@ -85,3 +85,19 @@ QUEUE_DEPTH = Gauge("bilten_booking_queue_depth", "Booking requests waiting, see
 CHECK_INS = Counter(
     "bilten_check_ins_total", "Tickets scanned at the door, by result.", ("result",)
 )
+
+WS_CONNECTIONS = Gauge(
+    "bilten_ws_connections",
+    "Open WebSocket connections, by kind (authenticated, anonymous).",
+    ("kind",),
+)
+WS_ROOMS = Gauge("bilten_ws_rooms", "Seat-map rooms this instance is subscribed to.")
+WS_MESSAGES_SENT = Counter("bilten_ws_messages_sent_total", "Messages written to WebSockets.")
+WS_MESSAGES_RECEIVED = Counter(
+    "bilten_ws_messages_received_total", "Messages received from WebSocket clients."
+)
+WS_CLOSED = Counter(
+    "bilten_ws_closed_total",
+    "WebSocket connections the server closed, by reason (slow: send queue full; idle).",
+    ("reason",),
+)

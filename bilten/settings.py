@@ -73,6 +73,13 @@ class Settings:
     booking_workers: int = 4  # queue-draining coroutines per instance
     queue_max: int = 10_000  # waiting requests per event before 503
     queue_lease_ms: int = 10_000  # a dead worker's events are taken over after this
+    # The WebSocket hub: a connection whose unsent messages reach ws_send_queue is closed (1013).
+    ws_send_queue: int = 256
+    ws_max_subscriptions: int = 20  # rooms per connection
+    ws_max_message: int = 4096  # bytes per client message; larger ones get an error reply
+    ws_idle_timeout: float = 120.0  # closed after this long without a client message
+    ws_ping_interval: int = 0  # seconds between protocol pings (0: none, clients ping us)
+    ws_history: int = 256  # seat-map deltas kept per event for resubscribing clients
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -201,6 +208,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         booking_workers=_int(env, "BILTEN_BOOKING_WORKERS", 4, minimum=1),
         queue_max=_int(env, "BILTEN_QUEUE_MAX", 10_000, minimum=1),
         queue_lease_ms=_int(env, "BILTEN_QUEUE_LEASE_MS", 10_000, minimum=500),
+        ws_send_queue=_int(env, "BILTEN_WS_SEND_QUEUE", 256, minimum=1),
+        ws_max_subscriptions=_int(env, "BILTEN_WS_MAX_SUBSCRIPTIONS", 20, minimum=1),
+        ws_max_message=_int(env, "BILTEN_WS_MAX_MESSAGE", 4096, minimum=64),
+        ws_idle_timeout=_float(env, "BILTEN_WS_IDLE_TIMEOUT", 120.0),
+        ws_ping_interval=_int(env, "BILTEN_WS_PING_INTERVAL", 0, minimum=0),
+        ws_history=_int(env, "BILTEN_WS_HISTORY", 256, minimum=1),
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),

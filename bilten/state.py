@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
@@ -18,6 +18,9 @@ from bilten.settings import Settings
 from bilten.supervisor import Supervisor
 from bilten.tokens import Signer
 from bilten.waiters import Waiters
+
+if TYPE_CHECKING:
+    from bilten.realtime import Realtime
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class State:
     payments: ResilientProvider
     waiters: Waiters
     started_at: float
+    realtime: Realtime
 
 
 def state(conn: HTTPConnection) -> State:

@@ -6,7 +6,17 @@ from collections.abc import Set
 
 from starlette.routing import BaseRoute
 
-from bilten.routes import auth, bookings, events, holds, ops, tickets, users, venues
+from bilten.routes import (
+    auth,
+    bookings,
+    events,
+    holds,
+    ops,
+    realtime,
+    tickets,
+    users,
+    venues,
+)
 
 
 def build(roles: Set[str]) -> list[BaseRoute]:
@@ -22,5 +32,8 @@ def build(roles: Set[str]) -> list[BaseRoute]:
             *venues.routes,
             *auth.routes,
             *users.routes,
+            *realtime.routes,
         ]
+    if "realtime" in roles:
+        table += realtime.socket_routes
     return [*table, *ops.routes]

@@ -17,6 +17,7 @@ from bilten import bookings, errors, keys, openapi, queue, security
 from bilten.bookings import Booking, Failure
 from bilten.errors import ApiError
 from bilten.payments import webhooks
+from bilten.realtime import positions
 from bilten.routes.holds import Quantity, SeatIds, what
 from bilten.sagas import booking as saga
 from bilten.state import State, state
@@ -142,13 +143,37 @@ async def _book(request: Request, default_wait: float) -> Response:
     wait = _wait_seconds(request, default_wait)
     app = state(request)
     event_id = str(body.event_id)
+    # Parked before the request is queued, so an outcome that comes quickly is not missed.
+    booking_id = str(uuid.uuid4())
+    future = app.waiters.register(booking_id) if wait > 0 else None
+    try:
+        return await _book_and_wait(
+            request, app, who, key, body, wanted, event_id, booking_id, wait, future
+        )
+    finally:
+        if future is not None:
+            app.waiters.discard(booking_id, future)
+
+
+async def _book_and_wait(
+    request: Request,
+    app: State,
+    who: security.Principal,
+    key: str,
+    body: BookingIn,
+    wanted: dict[str, Any],
+    event_id: str,
+    candidate: str,
+    wait: float,
+    future: asyncio.Future[None] | None,
+) -> Response:
     async with app.db.acquire() as conn:
         event = await conn.fetchrow("SELECT status, currency FROM events WHERE id = $1", event_id)
         if event is None or event["status"] == "draft":
             raise ApiError("not_found", "No such event.")
         booking_id, new = await bookings.create_request(
             conn,
-            booking_id=str(uuid.uuid4()),
+            booking_id=candidate,
             user_id=who.user_id,
             event_id=event_id,
             key=key,
@@ -167,15 +192,21 @@ async def _book(request: Request, default_wait: float) -> Response:
                 # Never accepted: forget it, so a retry with the same key starts afresh.
                 await conn.execute("DELETE FROM bookings WHERE id = $1", booking_id)
                 raise
-    future = app.waiters.register(booking_id) if wait > 0 else None
-    try:
+            await positions.announce(app.redis, who.user_id, booking_id, event_id, position)
+    answer = None
+    if not new:
+        # A retry: the first request's outcome may be known already.
+        if future is not None:
+            app.waiters.discard(candidate, future)
+            future = app.waiters.register(booking_id)
         answer = await _answer(app, booking_id, who.user_id)
+    try:
         if answer is None and future is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(future), wait)
             answer = await _answer(app, booking_id, who.user_id)
     finally:
-        if future is not None:
+        if future is not None and booking_id != candidate:
             app.waiters.discard(booking_id, future)
     if answer is not None:
         return answer

@@ -9,7 +9,6 @@ never charges twice. Compensations release the seats and refund what was taken.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid

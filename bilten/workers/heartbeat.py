@@ -10,6 +10,7 @@ import time
 from typing import cast
 
 from bilten import keys
+from bilten.realtime import stats
 from bilten.state import State
 from bilten.supervisor import Worker
 
@@ -30,6 +31,7 @@ async def beat(app: State) -> None:
                 "roles": ",".join(sorted(app.settings.roles)),
                 "started_at": app.started_at,
                 "seen_at": now,
+                **stats.heartbeat_fields(app.realtime),
             },
         )
         pipe.expire(name, TTL)

@@ -1,0 +1,99 @@
+"""The WebSocket endpoint of the realtime hub, and its figures across instances.
+
+Tens of thousands of sockets stay open for hours, so each one's resting cost counts: the
+:class:`Shortcut` middleware takes ``/ws`` straight to the hub, past the HTTP middleware and
+the router (whose coroutines would otherwise stay suspended under every idle connection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from bilten import errors, openapi, security
+from bilten.errors import ApiError
+from bilten.realtime import stats
+from bilten.state import state
+from bilten.wire import JSONResponse
+from bilten.workers import heartbeat
+
+PATH = "/ws"
+POLICY_VIOLATION = 1008
+
+
+def _caller(websocket: WebSocket) -> security.Principal | None:
+    """From ``?token=`` or ``Authorization: Bearer``; None when neither is given."""
+    token = websocket.query_params.get("token")
+    if token is None:
+        token = security.bearer(websocket)
+    return None if token is None else security.principal_from_token(websocket, token)
+
+
+async def _refuse(websocket: WebSocket, exc: ApiError) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(errors.response(exc))
+    else:
+        await websocket.close(POLICY_VIOLATION, exc.message)
+
+
+def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+    """The connection's whole life, or its refusal. Not a coroutine itself: one frame less
+    held under every open connection, and nothing of the handshake kept once it is done."""
+    websocket = WebSocket(scope, receive, send)
+    try:
+        who = _caller(websocket)
+    except ApiError as exc:
+        return _refuse(websocket, exc)
+    app = state(websocket)
+    return app.realtime.serve(app, who, scope, receive, send)
+
+
+@openapi.endpoint(
+    summary="WebSocket: live seat maps and personal messages (see the Realtime section).",
+    tag="realtime",
+    status=101,
+    query=(("token", "string", "an access token; or Authorization: Bearer, or an auth message"),),
+    errors=("unauthorized",),
+    description="Anonymous connections may watch published events' seat maps; an "
+    "authenticated one also receives its user's messages. A bad token is refused with 401 "
+    "before the upgrade.",
+)
+class SocketEndpoint:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _socket(scope, receive, send)
+
+
+class Shortcut:
+    """Outermost middleware of an instance with the realtime role: ``/ws`` to the hub at once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == PATH:
+            await _socket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+@openapi.endpoint(
+    summary="WebSocket figures of every live instance (admins).",
+    tag="realtime",
+    response=stats.RealtimeStats,
+    auth=True,
+    errors=("forbidden",),
+)
+async def realtime_stats(request: Request) -> Response:
+    security.require(request, "admin")
+    app = state(request)
+    entries = await heartbeat.live_instances(app)
+    return JSONResponse(stats.collect(entries, app.realtime))
+
+
+socket_routes = [WebSocketRoute(PATH, SocketEndpoint())]  # documented; Shortcut serves it
+routes = [Route("/realtime/stats", realtime_stats, methods=["GET"])]

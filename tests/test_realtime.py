@@ -1,0 +1,624 @@
+"""The WebSocket hub against real instances sharing one PostgreSQL and one Redis.
+
+Three ``bilten serve`` processes run for the whole module: A and B with the usual limits, C
+with tight ones (a tiny send queue, two subscriptions, short history, one second of idleness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from bilten.realtime.history import History
+from bilten.realtime.messages import frame
+from bilten.settings import Settings
+from tests.catalog_helpers import admin_signed_in, register
+from tests.conftest import ROOT, TEST_SECRET, Server, free_port, server_env, wait_ready
+from tests.test_bookings import book, buyer, published_event
+
+pytestmark = pytest.mark.slow
+
+FAST = dict(
+    BILTEN_ARGON2_TIME_COST="1",
+    BILTEN_ARGON2_MEMORY_KIB="1024",
+    BILTEN_ARGON2_PARALLELISM="1",
+    BILTEN_LIMIT_REGISTER_IP="0/3600",
+    BILTEN_LIMIT_API_IP="0/60",
+    BILTEN_LOG_FORMAT="text",
+)
+TIGHT = dict(
+    BILTEN_WS_SEND_QUEUE="4",
+    BILTEN_WS_MAX_SUBSCRIPTIONS="2",
+    BILTEN_WS_MAX_MESSAGE="512",
+    BILTEN_WS_HISTORY="2",
+    BILTEN_WS_IDLE_TIMEOUT="1",
+)
+
+
+@pytest.fixture(scope="module")
+def module_settings(database_url, services) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=services.redis_url,
+        secret_key=TEST_SECRET,
+        argon2_time_cost=1,
+        argon2_memory_kib=1024,
+        argon2_parallelism=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def servers(module_settings, tmp_path_factory):
+    """A, B and C, started side by side."""
+    folder = tmp_path_factory.mktemp("realtime")
+    started: list[Server] = []
+    for name, extra in (("a", {}), ("b", {}), ("c", TIGHT)):
+        port = free_port()
+        log_path = folder / f"{name}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bilten", "serve", "--port", str(port)],
+                env=server_env(module_settings, **FAST, **extra),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        started.append(Server(f"http://127.0.0.1:{port}", proc, log_path))
+    try:
+        for server in started:
+            try:
+                wait_ready(server.url, server.process)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{server.log}") from None
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def a(servers):
+    return servers[0]
+
+
+@pytest.fixture
+def b(servers):
+    return servers[1]
+
+
+@pytest.fixture
+def c(servers):
+    return servers[2]
+
+
+@pytest.fixture
+async def http(a):
+    async with httpx.AsyncClient(base_url=a.url, timeout=15) as client:
+        yield client
+
+
+def ws_url(server: Server, token: str | None = None) -> str:
+    url = server.url.replace("http://", "ws://") + "/ws"
+    return f"{url}?token={token}" if token else url
+
+
+def token_of(auth: dict[str, str]) -> str:
+    return auth["Authorization"].removeprefix("Bearer ")
+
+
+@contextlib.asynccontextmanager
+async def socket_to(server: Server, token: str | None = None, **options):
+    async with connect(ws_url(server, token), proxy=None, compression=None, **options) as ws:
+        hello = await receive(ws)
+        assert hello["type"] == "hello", hello
+        yield ws
+
+
+async def receive(ws: ClientConnection, timeout: float = 5.0) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def receive_until(ws: ClientConnection, kind: str, timeout: float = 5.0, **fields) -> dict:
+    """The next message of type ``kind`` (with ``fields``), skipping others."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await receive(ws, timeout)
+            if message["type"] == kind and all(message.get(k) == v for k, v in fields.items()):
+                return message
+
+
+async def drain(ws: ClientConnection, seconds: float) -> list[dict]:
+    """Everything that arrives within ``seconds``."""
+    found = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while True:
+                found.append(await receive(ws, seconds))
+    return found
+
+
+async def subscribe(ws: ClientConnection, event_id: str, version: int | None = None) -> list[dict]:
+    """Subscribe; returns what came up to and including the ``subscribed`` acknowledgement."""
+    request = {"type": "subscribe", "room": f"event:{event_id}"}
+    if version is not None:
+        request["version"] = version
+    await ws.send(json.dumps(request))
+    found = []
+    while True:
+        message = await receive(ws)
+        found.append(message)
+        if message["type"] in ("subscribed", "error"):
+            return found
+
+
+def seat_map(messages: list[dict]) -> dict[str, str]:
+    """Seat statuses from a snapshot and the deltas after it, applied per seat by version."""
+    statuses = {s["id"]: s["status"] for s in messages[0]["seats"]}
+    versions = dict.fromkeys(statuses, 0)
+    for message in messages[1:]:
+        for change in message.get("changes", ()):
+            if change["version"] > versions[change["seat_id"]]:
+                statuses[change["seat_id"]] = change["status"]
+                versions[change["seat_id"]] = change["version"]
+    return statuses
+
+
+def seat_statuses(message: dict) -> dict[str, str]:
+    return {change["seat_id"]: change["status"] for change in message["changes"]}
+
+
+async def test_a_hold_on_a_reaches_an_anonymous_watcher_on_b_and_its_release_too(a, b, http):
+    event_id, seats, _, _ = await published_event(http)
+    async with socket_to(b) as watcher:
+        first = await subscribe(watcher, event_id)
+        assert [m["type"] for m in first] == ["seats.snapshot", "subscribed"]
+        snapshot = first[0]
+        assert snapshot["event_id"] == event_id
+        assert {s["id"] for s in snapshot["seats"]} == set(seats)
+        assert first[1] == {
+            "type": "subscribed",
+            "room": f"event:{event_id}",
+            "version": snapshot["version"],
+        }
+        auth = await buyer(http)
+        began = time.monotonic()
+        hold = await http.post(
+            "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:2]}
+        )
+        assert hold.status_code == 201, hold.text
+        delta = await receive_until(watcher, "seats", timeout=1.0)
+        assert time.monotonic() - began < 1.0
+        assert delta["event_id"] == event_id and delta["version"] > snapshot["version"]
+        assert seat_statuses(delta) == {seats[0]: "held", seats[1]: "held"}
+
+        began = time.monotonic()
+        released = await http.delete(f"/holds/{hold.json()['id']}", headers=auth)
+        assert released.status_code == 204, released.text
+        delta = await receive_until(watcher, "seats", timeout=1.0)
+        assert time.monotonic() - began < 1.0
+        assert seat_statuses(delta) == {seats[0]: "available", seats[1]: "available"}
+
+
+async def test_a_booking_result_reaches_its_owner_on_b_and_nobody_else(a, b, http):
+    event_id, seats, _, _ = await published_event(http)
+    owner = await buyer(http)
+    other = await buyer(http)
+    async with (
+        socket_to(b, token_of(owner)) as mine,
+        connect(ws_url(b), additional_headers=other, proxy=None) as theirs,
+        socket_to(b) as watcher,
+    ):
+        assert (await receive(theirs))["user_id"] is not None  # hello, authenticated by header
+        await subscribe(watcher, event_id)
+        await subscribe(mine, event_id)
+        response = await book(http, owner, {"event_id": event_id, "seat_ids": seats[:1]})
+        assert response.status_code == 201, response.text
+        booking_id = response.json()["booking"]["id"]
+
+        result = await receive_until(mine, "booking.result", timeout=2.0)
+        assert result == {
+            "type": "booking.result",
+            "request_id": booking_id,
+            "booking_id": booking_id,
+            "status": "confirmed",
+        }
+        # The queue was served: its room hears the counter move (at most once a second).
+        served = await receive_until(watcher, "queue.served", timeout=3.0)
+        assert served["event_id"] == event_id and served["served"] >= 1
+
+        leaked = [
+            m for m in await drain(theirs, 0.3) if m["type"] in ("booking.result", "queue.position")
+        ]
+        leaked += [
+            m
+            for m in await drain(watcher, 0.1)
+            if m["type"] in ("booking.result", "queue.position")
+        ]
+        assert leaked == []
+
+
+async def test_the_owner_hears_its_queue_position_with_its_ticket(b, http):
+    event_id, seats, _, _ = await published_event(http)
+    owner = await buyer(http)
+    async with socket_to(b, token_of(owner)) as mine:
+        response = await book(
+            http, owner, {"event_id": event_id, "seat_ids": seats[:1]}, headers={}
+        )
+        assert response.status_code in (201, 202), response.text
+        request_id = (response.json().get("request_id")) or response.json()["booking"]["id"]
+        position = await receive_until(mine, "queue.position", timeout=2.0)
+        assert position["request_id"] == request_id and position["event_id"] == event_id
+        assert position["position"] >= 1 and position["ticket"] >= position["position"]
+        await receive_until(mine, "booking.result", timeout=5.0, request_id=request_id)
+
+
+async def test_garbage_tokens_are_refused_before_the_upgrade(a):
+    for kwargs in (
+        {"uri": ws_url(a, "garbage")},
+        {"uri": ws_url(a), "additional_headers": {"Authorization": "Bearer garbage"}},
+        {"uri": ws_url(a), "additional_headers": {"Authorization": "Basic Zm9vOmJhcg=="}},
+    ):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with connect(proxy=None, **kwargs):
+                pass
+        assert refused.value.response.status_code == 401
+        assert json.loads(refused.value.response.body)["error"]["code"] == "unauthorized"
+
+
+async def test_a_token_in_a_first_auth_message(a, http):
+    auth, user_id = await register(http, f"auth-{uuid.uuid4().hex[:8]}@example.com")
+    async with socket_to(a) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token_of(auth)}))
+        assert await receive(ws) == {"type": "authenticated", "user_id": user_id}
+        await ws.send(json.dumps({"type": "auth", "token": token_of(auth)}))
+        assert (await receive(ws))["code"] == "bad_request"
+    async with socket_to(a) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": "garbage"}))
+        assert (await receive(ws))["code"] == "unauthorized"
+        with pytest.raises(websockets.ConnectionClosed):
+            await receive(ws)
+        assert ws.close_code == 1008
+
+
+async def test_malformed_messages_get_an_error_and_the_connection_survives(a):
+    async with socket_to(a) as ws:
+        for bad in (
+            "not json",
+            '"not json"',
+            "[]",
+            '{"type": "dance"}',
+            '{"type": "subscribe"}',
+            '{"type": "subscribe", "room": "venue:1"}',
+            '{"type": "subscribe", "room": "event:nope"}',
+            '{"type": "subscribe", "room": "event:1", "version": -1}',
+            '{"type": "ping", "extra": 1}',
+            b"\xff\xfe binary",
+        ):
+            await ws.send(bad)
+            error = await receive(ws)
+            assert error["type"] == "error", (bad, error)
+            assert error["code"] == "bad_request" and error["message"], (bad, error)
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await receive(ws) == {"type": "pong"}
+        unknown = str(uuid.uuid4())
+        assert (await subscribe(ws, unknown))[-1] == {
+            "type": "error",
+            "code": "not_found",
+            "message": "No such event.",
+            "room": f"event:{unknown}",
+        }
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await receive(ws) == {"type": "pong"}
+
+
+async def test_oversized_messages_and_too_many_subscriptions_get_errors(c, http):
+    first, _, _, _ = await published_event(http)
+    second, _, _, _ = await published_event(http)
+    async with socket_to(c) as ws:
+        await ws.send(json.dumps({"type": "ping", "pad": "x" * 600}))
+        error = await receive(ws)
+        assert error["code"] == "message_too_large" and "512" in error["message"]
+        assert (await subscribe(ws, first))[-1]["type"] == "subscribed"
+        assert (await subscribe(ws, second))[-1]["type"] == "subscribed"
+        assert (await subscribe(ws, first))[-1]["type"] == "subscribed"  # a resync, not a third
+        third = await subscribe(ws, str(uuid.uuid4()))
+        assert third[-1]["code"] == "too_many_subscriptions"
+        await ws.send(json.dumps({"type": "unsubscribe", "room": f"event:{second}"}))
+        assert await receive(ws) == {"type": "unsubscribed", "room": f"event:{second}"}
+        assert (await subscribe(ws, second))[-1]["type"] == "subscribed"
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await receive(ws) == {"type": "pong"}
+
+
+async def test_resubscribing_with_a_version_gets_the_missed_deltas(a, b, http):
+    event_id, seats, _, _ = await published_event(http)
+    auth = await buyer(http)
+    async with socket_to(b) as ws:
+        snapshot = (await subscribe(ws, event_id))[0]
+    version = snapshot["version"]
+    # Nobody watches on B now; the room lingers, so what happens meanwhile is kept.
+    hold = await http.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:1]}
+    )
+    assert hold.status_code == 201
+    second = await http.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[1:2]}
+    )
+    assert second.status_code == 201
+    async with socket_to(b) as ws:
+        deadline = time.monotonic() + 2
+        while True:  # the relay publishes within moments: resubscribe until both are there
+            got = await subscribe(ws, event_id, version)
+            missed = [m for m in got if m["type"] == "seats"]
+            if len(missed) == 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert [m["type"] for m in got] == ["seats", "seats", "subscribed"]
+        assert seat_statuses(missed[0]) | seat_statuses(missed[1]) == {
+            seats[0]: "held",
+            seats[1]: "held",
+        }
+        assert missed[0]["version"] < missed[1]["version"] == got[-1]["version"]
+        # Up to date: nothing to send but the acknowledgement.
+        assert await subscribe(ws, event_id, got[-1]["version"]) == [got[-1]]
+        # From before the history: a fresh snapshot.
+        # From before the history: a snapshot (shared while recent), then what followed it.
+        fresh = await subscribe(ws, event_id, 0)
+        assert fresh[0]["type"] == "seats.snapshot" and fresh[-1]["type"] == "subscribed"
+        statuses = seat_map(fresh)
+        assert statuses[seats[0]] == statuses[seats[1]] == "held"
+
+
+async def test_a_snapshot_when_the_history_no_longer_reaches_back(c, http):
+    event_id, seats, _, _ = await published_event(http)
+    auth = await buyer(http)
+    async with socket_to(c) as ws:
+        version = (await subscribe(ws, event_id))[0]["version"]
+        for seat in seats[:3]:  # three deltas; C keeps two
+            hold = await http.post(
+                "/holds", headers=auth, json={"event_id": event_id, "seat_ids": [seat]}
+            )
+            assert hold.status_code == 201
+            await receive_until(ws, "seats", timeout=2.0)
+        again = await subscribe(ws, event_id, version)
+        assert again[0]["type"] == "seats.snapshot" and again[-1]["type"] == "subscribed"
+        statuses = seat_map(again)
+        assert [statuses[s] for s in seats[:3]] == ["held"] * 3
+
+
+async def test_a_client_that_does_not_read_is_closed_with_1013(c, http):
+    event_id, _, _, _ = await published_event(http, rows=10, per_row=20)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    host, port = c.url.removeprefix("http://").split(":")
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    async with connect(
+        ws_url(c), sock=sock, proxy=None, compression=None, max_queue=1, max_size=None
+    ) as ws:
+        await receive(ws)  # hello
+        subscribe_message = json.dumps({"type": "subscribe", "room": f"event:{event_id}"})
+        for _ in range(200):  # a snapshot each, not read
+            await ws.send(subscribe_message)
+        received = 0
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await receive(ws)
+                received += 1
+        assert ws.close_code == 1013
+        assert received < 400
+    async with httpx.AsyncClient(base_url=c.url) as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'bilten_ws_closed_total{reason="slow"}' in metrics
+
+
+async def test_idle_connections_are_closed(c):
+    async with socket_to(c) as ws:
+        began = time.monotonic()
+        with pytest.raises(websockets.ConnectionClosed):
+            await receive(ws, timeout=5)
+        assert ws.close_code == 4408
+        assert 0.9 < time.monotonic() - began < 3.5
+
+
+async def test_draft_rooms_are_for_their_organizer_only(a, http):
+    organizer, _ = await register(http, f"org-{uuid.uuid4().hex[:8]}@example.com", "organizer")
+    venue = await http.post(
+        "/venues",
+        headers=organizer,
+        json={
+            "name": "Hall",
+            "address": "1 St",
+            "city": "Oslo",
+            "country": "NO",
+            "timezone": "Europe/Oslo",
+            "sections": [{"name": "Main", "rows": [{"label": "A", "seats": 3}]}],
+        },
+    )
+    event = await http.post(
+        "/events",
+        headers=organizer,
+        json={
+            "title": "Draft",
+            "category": "concert",
+            "venue_id": venue.json()["id"],
+            "starts_at": "2031-05-01T19:00:00Z",
+            "ends_at": "2031-05-01T23:00:00Z",
+            "currency": "EUR",
+            "price_tiers": [{"name": "Main", "price_cents": 4500, "sections": ["Main"]}],
+        },
+    )
+    assert event.status_code == 201, event.text
+    event_id = event.json()["id"]
+    stranger = await buyer(http)
+    for token in (None, token_of(stranger)):
+        async with socket_to(a, token) as ws:
+            assert (await subscribe(ws, event_id))[-1]["code"] == "not_found"
+    async with socket_to(a, token_of(organizer)) as ws:
+        assert [m["type"] for m in await subscribe(ws, event_id)] == [
+            "seats.snapshot",
+            "subscribed",
+        ]
+    published = await http.post(f"/events/{event_id}/publish", headers=organizer)
+    assert published.status_code == 200
+    async with socket_to(a) as ws:
+        assert (await subscribe(ws, event_id))[-1]["type"] == "subscribed"
+
+
+async def test_stats_are_for_admins_and_list_every_live_instance(
+    a, b, c, http, module_settings, database_url
+):
+    assert (await http.get("/realtime/stats")).status_code == 401
+    attendee = await buyer(http)
+    assert (await http.get("/realtime/stats", headers=attendee)).status_code == 403
+    admin = await admin_signed_in(
+        http, database_url, module_settings, f"admin-{uuid.uuid4().hex[:8]}@example.com"
+    )
+    async with socket_to(b, token_of(attendee)), socket_to(b):
+        async with httpx.AsyncClient(base_url=b.url) as client:
+            response = await client.get("/realtime/stats", headers=admin)
+            metrics = (await client.get("/metrics")).text
+    assert response.status_code == 200, response.text
+    body = response.json()
+    by_pid = {i["pid"]: i for i in body["instances"]}
+    assert {a.process.pid, b.process.pid, c.process.pid} <= set(by_pid)
+    mine = by_pid[b.process.pid]  # the answering instance counts live
+    assert mine["connections"] >= 2 and mine["authenticated"] >= 1 and mine["anonymous"] >= 1
+    assert mine["messages_sent"] >= 2 and mine["uptime_seconds"] > 0
+    assert "realtime" in mine["roles"]
+    assert body["connections"] == sum(i["connections"] for i in body["instances"])
+    assert 'bilten_ws_connections{kind="authenticated"}' in metrics
+    assert "bilten_ws_messages_sent_total" in metrics
+
+
+async def test_redis_subscriptions_follow_local_listeners(b, http, module_settings):
+    import redis.asyncio as aioredis
+
+    from bilten import keys
+
+    event_id, _, _, _ = await published_event(http)
+    auth, user_id = await register(http, f"sub-{uuid.uuid4().hex[:8]}@example.com")
+    client = aioredis.Redis.from_url(module_settings.redis_url)
+
+    async def subscribed(channel: str) -> bool:
+        [(_, listeners)] = await client.pubsub_numsub(channel)
+        return listeners > 0
+
+    async def eventually(channel: str, wanted: bool) -> None:
+        async with asyncio.timeout(3):
+            while await subscribed(channel) != wanted:
+                await asyncio.sleep(0.05)
+
+    try:
+        room, mailbox = keys.seats_channel(event_id), keys.user_channel(user_id)
+        assert not await subscribed(room) and not await subscribed(mailbox)
+        async with socket_to(b, token_of(auth)) as ws:
+            await eventually(mailbox, True)
+            await subscribe(ws, event_id)
+            assert await subscribed(room)
+        await eventually(mailbox, False)  # the user's last socket here closed
+        missing = str(uuid.uuid4())
+        async with socket_to(b) as ws:
+            assert (await subscribe(ws, missing))[-1]["code"] == "not_found"
+        await eventually(keys.seats_channel(missing), False)
+    finally:
+        await client.aclose()
+
+
+async def test_the_websocket_is_documented(a, http):
+    paths = (await http.get("/openapi.json")).json()["paths"]
+    assert "get" in paths["/ws"] and "get" in paths["/realtime/stats"]
+
+
+def test_history_keeps_versions_in_order_and_drops_redeliveries():
+    history = History(limit=3)
+    assert history.floor is None and not history.reaches(0)
+    history.anchor(10)
+    for version in (12, 11, 13):
+        assert history.add(version, frame(f"d{version}"))
+    assert not history.add(12, frame("d12"))  # redelivered
+    assert [f.event["text"] for f in history.after(10)] == ["d11", "d12", "d13"]
+    assert history.reaches(10) and history.latest == 13
+    assert history.add(14, frame("d14"))  # the oldest goes; the history now starts after 11
+    assert history.floor == 11 and not history.reaches(10) and history.reaches(11)
+    assert [f.event["text"] for f in history.after(11)] == ["d12", "d13", "d14"]
+
+
+def test_history_gives_late_deltas_to_whoever_missed_them():
+    history = History(limit=10)
+    history.anchor(0)
+    history.add(5, frame("d5"))
+    mark = history.clock  # a snapshot read now
+    history.add(7, frame("d7"))
+    history.add(6, frame("d6"))  # committed after 7, arrived after it
+    # A client that had 7 missed 6; one with the snapshot at 5 missed both.
+    assert [f.event["text"] for f in history.after(7)] == ["d6"]
+    assert [f.event["text"] for f in history.after(5, mark)] == ["d6", "d7"]
+    history.forget()
+    assert not history.reaches(7) and history.after(0) == []
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_frames_are_the_bytes_a_websocket_server_would_send(size):
+    from websockets.frames import Frame as WsFrame
+    from websockets.frames import Opcode
+
+    text = "é" * (size // 2) + "x" * (size % 2)
+    expected = WsFrame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    assert frame(text).wire == expected
+    assert frame(text).event == {"type": "websocket.send", "text": text}
+
+
+async def test_a_connection_through_plain_asgi_queues_then_closes_when_full():
+    from bilten.realtime.connection import Connection, Counters
+
+    sent: list[dict] = []
+    gate = asyncio.Event()
+
+    async def send(message):  # an ASGI server whose socket takes nothing until the gate opens
+        await gate.wait()
+        sent.append(message)
+
+    detached = []
+    counters = Counters()
+    connection = Connection({}, send, counters, 2, detached.append)
+    assert connection.protocol is None  # not uvicorn's: every message goes through ASGI
+    frames = [frame(f"m{n}") for n in range(4)]
+    assert connection.offer(frames[0])  # started, waiting for the socket
+    assert connection.offer(frames[1]) and connection.offer(frames[2])  # queued
+    assert not connection.offer(frames[3])  # the queue is full: closed, 1013
+    assert connection.close_code == 1013 and detached == [connection]
+    assert counters.closed_slow == 1
+    gate.set()
+    await asyncio.wait_for(connection.writer, 1)
+    assert sent[0] == frames[0].event
+    assert sent[1]["type"] == "websocket.close" and sent[1]["code"] == 1013
+    assert len(sent) == 2 and counters.sent == 1
+    assert not connection.offer(frames[0])
+
+
+async def test_a_connection_through_plain_asgi_sends_in_order():
+    from bilten.realtime.connection import Connection, Counters
+
+    sent: list[str] = []
+
+    async def send(message):
+        await asyncio.sleep(0)  # every send waits a little
+        sent.append(message["text"])
+
+    connection = Connection({}, send, Counters(), 100, lambda c: None)
+    for n in range(10):
+        assert connection.offer(frame(str(n)))
+    await asyncio.wait_for(connection.writer, 1)
+    assert sent == [str(n) for n in range(10)] and connection.writer is None
