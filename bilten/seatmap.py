@@ -32,6 +32,7 @@ class Seat(msgspec.Struct, kw_only=True):
     tier: str
     price_cents: int
     status: SeatStatus
+    version: int  # of this seat's last change: apply a delta's change only if it is newer
 
 
 class SeatMap(msgspec.Struct, kw_only=True):
@@ -82,7 +83,8 @@ async def _build(conn: Connection, event_id: str) -> Encoded | None:
             return None
         rows = await conn.fetch(
             f"""SELECT s.id::text AS id, sec.name AS section, s.row_label AS row, s.number,
-                       s.label, s.x, s.y, t.name AS tier, t.price_cents, {SEAT_STATUS} AS status
+                       s.label, s.x, s.y, t.name AS tier, t.price_cents, {SEAT_STATUS} AS status,
+                       es.version
                 FROM event_seats es
                 JOIN seats s ON s.id = es.seat_id
                 JOIN sections sec ON sec.id = s.section_id
