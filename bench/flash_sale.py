@@ -540,15 +540,35 @@ async def wait_until_settled(database_url: str, event_id: str, limit: float) -> 
     conn = await db.connect(database_url)
     try:
         deadline = time.monotonic() + limit
+        seen = -1
         while True:
-            open_ = await conn.fetchval(
-                """SELECT count(*) FROM bookings WHERE event_id = $1
-                   AND saga_state IN ('PENDING', 'SEATS_RESERVED', 'PAYMENT_PENDING')""",
+            # Requests of buyers that have already hung up may still be arriving at the
+            # server: settled means nothing under way and no new booking for a second.
+            await asyncio.sleep(1.0)
+            total, open_ = await conn.fetchrow(
+                """SELECT count(*), count(*) FILTER (WHERE saga_state IN
+                          ('PENDING', 'SEATS_RESERVED', 'PAYMENT_PENDING'))
+                   FROM bookings WHERE event_id = $1""",
                 event_id,
             )
-            if open_ == 0 or time.monotonic() > deadline:
+            settled = open_ == 0 and total == seen
+            seen = total
+            if settled or time.monotonic() > deadline:
+                if open_:
+                    states = await conn.fetch(
+                        """SELECT saga_state, count(*) AS n, min(updated_at) AS oldest
+                           FROM bookings WHERE event_id = $1 AND saga_state IN
+                           ('PENDING', 'SEATS_RESERVED', 'PAYMENT_PENDING') GROUP BY 1""",
+                        event_id,
+                    )
+                    print(
+                        "  under way: "
+                        + ", ".join(
+                            f"{r['saga_state']} {r['n']} (oldest {r['oldest']:%H:%M:%S})"
+                            for r in states
+                        )
+                    )
                 return int(open_)
-            await asyncio.sleep(0.25)
     finally:
         await conn.close()
 
