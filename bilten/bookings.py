@@ -75,33 +75,40 @@ async def create_request(
 
     The same key with the same body finds the first request; with another body it is a 422.
     """
-    created = await conn.fetchval(
-        """INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
-                                 currency, payment_provider, payment_token)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-           ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id::text""",
-        booking_id,
-        user_id,
-        event_id,
-        key,
-        digest,
-        request,
-        currency,
-        provider,
-        token,
-    )
-    if created:
-        await conn.execute(
-            "INSERT INTO booking_transitions (booking_id, to_state, reason) "
-            "VALUES ($1, 'PENDING', 'requested')",
+    row = None
+    for _ in range(2):
+        created = await conn.fetchval(
+            """INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
+                                     currency, payment_provider, payment_token)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id::text""",
             booking_id,
+            user_id,
+            event_id,
+            key,
+            digest,
+            request,
+            currency,
+            provider,
+            token,
         )
-        return str(created), True
-    row = await conn.fetchrow(
-        "SELECT id::text, body_hash FROM bookings WHERE user_id = $1 AND idempotency_key = $2",
-        user_id,
-        key,
-    )
+        if created:
+            await conn.execute(
+                "INSERT INTO booking_transitions (booking_id, to_state, reason) "
+                "VALUES ($1, 'PENDING', 'requested')",
+                booking_id,
+            )
+            return str(created), True
+        row = await conn.fetchrow(
+            "SELECT id::text, body_hash FROM bookings WHERE user_id = $1 AND idempotency_key = $2",
+            user_id,
+            key,
+        )
+        if row is not None:
+            break
+        # The request that held this key was just refused (its queue was full): try again.
+    if row is None:
+        raise ApiError("conflict", "A request with this Idempotency-Key is being handled.")
     if row["body_hash"] != digest:
         raise ApiError(
             "idempotency_mismatch",

@@ -84,7 +84,7 @@ ORDER BY s.label
 _RECLAIM_UNITS = """
 WITH expired AS (
     UPDATE holds SET status = 'expired'
-    WHERE ticket_type_id = $1 AND status = 'active' AND expires_at <= now()
+    WHERE ticket_type_id = $1 AND event_id = $2 AND status = 'active' AND expires_at <= now()
     RETURNING quantity
 )
 UPDATE ticket_types SET held = held - (SELECT coalesce(sum(quantity), 0) FROM expired),

@@ -152,10 +152,13 @@ async def drain(
         ]
         await announce(app, [o for o in outcomes if o is not None])
         if finished:
+            # Served counts what this worker acknowledged: an entry another worker already
+            # acknowledged (after a lease changed hands) is not counted twice.
+            acked = await redis.xack(stream, keys.QUEUE_GROUP, *finished)
             async with redis.pipeline(transaction=False) as pipe:
-                pipe.xack(stream, keys.QUEUE_GROUP, *finished)
                 pipe.xdel(stream, *finished)
-                pipe.incrby(keys.queue_served(event_id), len(finished))
+                if acked:
+                    pipe.incrby(keys.queue_served(event_id), acked)
                 await pipe.execute()
             done += len(finished)
         if stop is not None and stop.is_set():

@@ -577,3 +577,138 @@ async def test_one_batch_settles_each_booking_on_its_own(settings):
         # Running the same batch again changes nothing: every step checks the state first.
         again = await batch.run_batch(instance.state, ids)
         assert [o.state for o in again] == [o.state for o in outcomes]
+
+
+async def test_one_hold_books_once(settings, database_url):
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, standing, _ = await published_event(c, capacity=10)
+        dan = await buyer(c)
+        hold = (
+            await c.post(
+                "/holds",
+                headers=dan,
+                json={"event_id": event_id, "ticket_type_id": standing, "quantity": 2},
+            )
+        ).json()
+        ids = []
+        for n in range(2):
+            response = await c.post(
+                "/bookings",
+                json={
+                    "event_id": event_id,
+                    "hold_id": hold["id"],
+                    "payment": {"method": "card", "token": "tok_visa"},
+                },
+                headers={**dan, "Idempotency-Key": f"twice-{n}"},
+            )
+            ids.append(response.json()["request_id"])
+        outcomes = await batch.run_batch(instance.state, ids)
+        assert sorted(o.state for o in outcomes) == ["CONFIRMED", "FAILED"]
+        assert next(o for o in outcomes if o.state == "FAILED").error.code == "conflict"
+    conn = await db.connect(database_url)
+    try:
+        kind = await conn.fetchrow("SELECT sold, held FROM ticket_types WHERE id = $1", standing)
+        tickets = await conn.fetchval(
+            "SELECT count(*) FROM tickets WHERE event_id = $1 AND status = 'valid'", event_id
+        )
+    finally:
+        await conn.close()
+    assert (kind["sold"], kind["held"], tickets) == (2, 0, 2)
+
+
+async def test_a_paid_booking_that_lost_a_seat_sells_none_and_refunds(settings, database_url):
+    from bilten import payments
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        ann, bob = await buyer(c), await buyer(c)
+        booking_id = (
+            await book(c, ann, {"event_id": event_id, "seat_ids": seats[:2]}, headers={})
+        ).json()["request_id"]
+        reserved = await batch.reserve_batch(instance.state, [booking_id])
+        assert reserved[booking_id].state == "PAYMENT_PENDING"
+        # Seat 1's hold runs out during the payment and Bob takes the seat.
+        conn = await db.connect(database_url)
+        try:
+            await conn.execute(
+                "UPDATE event_seats SET hold_expires_at = now() - interval '1 second' "
+                "WHERE event_id = $1 AND seat_id = $2",
+                event_id,
+                seats[1],
+            )
+        finally:
+            await conn.close()
+        taken = await c.post(
+            "/holds", headers=bob, json={"event_id": event_id, "seat_ids": [seats[1]]}
+        )
+        assert taken.status_code == 201
+        row = await instance.state.db.fetchrow(
+            "SELECT total_cents, currency, payment_token FROM bookings WHERE id = $1", booking_id
+        )
+        charge = await instance.state.payments.charge(
+            key=booking_id,
+            amount_cents=row["total_cents"],
+            currency=row["currency"],
+            token=row["payment_token"],
+        )
+        assert isinstance(charge, payments.Charge)
+        finished, leftovers = await batch.finish_batch(instance.state, {booking_id: charge})
+        assert leftovers == [booking_id]
+        from bilten.sagas import booking
+
+        outcome = await booking.finish(instance.state, booking_id, charge)
+        assert outcome.state == "FAILED" and outcome.error.code == "hold_expired"
+        statuses = await seat_statuses(c, event_id)
+        assert statuses[seats[0]] == "available"  # not sold under a failed booking
+        assert statuses[seats[1]] == "held"  # Bob's
+        found = (await c.get(f"/bookings/{booking_id}", headers=ann)).json()
+        assert found["payment"]["status"] == "refunded" and found["tickets"] == []
+
+
+async def test_a_ticket_type_of_another_event_touches_nothing(settings, database_url):
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_a, _, _, _ = await published_event(c)
+        event_b, _, standing_b, _ = await published_event(c, capacity=5)
+        eve = await buyer(c)
+        held = (
+            await c.post(
+                "/holds",
+                headers=eve,
+                json={"event_id": event_b, "ticket_type_id": standing_b, "quantity": 2},
+            )
+        ).json()
+        conn = await db.connect(database_url)
+        try:
+            await conn.execute(
+                "UPDATE holds SET expires_at = now() - interval '1 second' WHERE id = $1",
+                held["id"],
+            )
+        finally:
+            await conn.close()
+        mallory = await buyer(c)
+        request_id = (
+            await book(
+                c,
+                mallory,
+                {"event_id": event_a, "ticket_type_id": standing_b, "quantity": 1},
+                headers={},
+            )
+        ).json()["request_id"]
+        [outcome] = await batch.run_batch(instance.state, [request_id])
+        assert outcome.state == "FAILED" and outcome.error.code == "validation_error"
+    conn = await db.connect(database_url)
+    try:
+        status = await conn.fetchval("SELECT status FROM holds WHERE id = $1", held["id"])
+        kind = await conn.fetchrow("SELECT held, sold FROM ticket_types WHERE id = $1", standing_b)
+    finally:
+        await conn.close()
+    # Event B's expired hold is left for B's own claims and sweeper to settle consistently.
+    assert (status, kind["held"], kind["sold"]) == ("active", 2, 0)

@@ -396,7 +396,12 @@ async def webhook(request: Request) -> Response:
         )
     if not fresh:
         return JSONResponse(Received(received=True, duplicate=True))
-    await saga.apply_webhook(app, kind, event.get("data", {}).get("object", {}))
+    try:
+        await saga.apply_webhook(app, kind, event.get("data", {}).get("object", {}))
+    except Exception:
+        # Not applied: forget the delivery, so the provider's retry is applied, not skipped.
+        await app.db.execute("DELETE FROM payment_webhook_events WHERE id = $1", event_id)
+        raise
     return JSONResponse(Received(received=True))
 
 

@@ -5,8 +5,9 @@ transactions costs a dozen round trips per booking; here the steps of the whole 
 two transactions, whose writes are set-based (``unnest``), while each booking still succeeds or
 fails on its own:
 
-* reserve: the bookings are locked together; each one's seats are claimed by the same
-  all-or-nothing statement as a single hold's, in arrival order (first come, first served);
+* reserve: the bookings are locked together; every seat the batch asks for is locked in one
+  statement (in seat order, like every claim), then given out all-or-nothing per booking in
+  arrival order (first come, first served);
   holds, items, state changes, transitions and outbox rows are then written in one statement
   each;
 * the payments run concurrently;
@@ -188,12 +189,20 @@ async def _reserve_event(
             if seat["free"]:
                 free[seat["seat_id"]] = (seat["label"], seat["price_cents"])
     winners: list[tuple[str, str]] = []  # (seat id, hold id)
+    adopted: set[str] = set()  # holds taken by earlier bookings of this batch
     for row in rows:
         request = row["request"]
         try:
             if request.get("hold_id"):
+                if request["hold_id"] in adopted:
+                    raise ApiError(
+                        "conflict",
+                        "Another booking is using this hold.",
+                        {"hold_id": request["hold_id"]},
+                    )
                 async with conn.transaction():
                     hold_id, items = await _adopt_hold(conn, row, request["hold_id"])
+                adopted.add(hold_id)
                 reserved.append(Reserved(row, hold_id, items, True, [], None))
                 continue
             seat_ids: list[str] = request.get("seat_ids") or []
@@ -243,7 +252,8 @@ async def _reserve_event(
                     winners.append((s, hold_id))
             else:
                 assert ticket_type_id is not None
-                items = await holds.claim_units(conn, event_id, ticket_type_id, quantity)
+                async with conn.transaction():  # a refused claim leaves nothing behind
+                    items = await holds.claim_units(conn, event_id, ticket_type_id, quantity)
                 units_changed = True
         except ApiError as error:
             failed.append((row, error))

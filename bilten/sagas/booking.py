@@ -127,9 +127,14 @@ async def _adopt_hold(conn: Connection, row: Any, hold_id: str) -> tuple[str, li
     if hold is None or hold["user_id"] != row["user_id"] or hold["event_id"] != row["event_id"]:
         raise ApiError("not_found", "No such hold.")
     if hold["status"] != "active" or hold["expired"]:
-        if hold["status"] == "active":
-            await holds.release(conn, hold_id, "expired")
         raise ApiError("hold_expired", "The hold ran out before the booking.")
+    taken = await conn.fetchval(
+        """SELECT 1 FROM bookings WHERE hold_id = $1 AND id <> $2 AND saga_state <> 'FAILED'""",
+        hold_id,
+        row["id"],
+    )
+    if taken:
+        raise ApiError("conflict", "Another booking is using this hold.", {"hold_id": hold_id})
     items = await _items_of_hold(conn, hold)
     if len(items) != hold["quantity"]:
         raise ApiError("hold_expired", "The hold ran out before the booking.")
@@ -242,6 +247,17 @@ async def _confirm(
         )
         await outbox.catalog_changed(conn, row["event_id"])
     else:
+        # Count (and lock) the seats the hold still has before selling any: a hold that lost
+        # one is not confirmed at all.
+        still_held = await conn.fetch(
+            """SELECT seat_id FROM event_seats
+               WHERE event_id = $1 AND hold_id = $2 AND status = 'held'
+               ORDER BY seat_id FOR UPDATE""",
+            row["event_id"],
+            row["hold_id"],
+        )
+        if len(still_held) != hold["quantity"]:
+            return None
         sold = await conn.fetch(
             """UPDATE event_seats SET status = 'sold', booking_id = $3, hold_id = NULL,
                       hold_expires_at = NULL, version = nextval('catalog_version')
@@ -251,8 +267,6 @@ async def _confirm(
             row["hold_id"],
             row["id"],
         )
-        if len(sold) != hold["quantity"]:
-            return None
         await outbox.seat_changes(
             conn, row["event_id"], [(r["seat_id"], "sold", r["version"]) for r in sold]
         )
@@ -303,18 +317,22 @@ async def finish(app: State, booking_id: str, result: PaymentResult) -> Outcome 
             if confirmed is not None:
                 return confirmed
             # Paid, but the seats are gone (the payment outlived its window): give it back.
+            refunded = True
             try:
                 await app.payments.refund(
                     key=booking_id, payment_id=result.id, amount_cents=result.amount_cents
                 )
-            except payments.PaymentDeclined as exc:
-                log.warning("refund of booking %s refused: %s", booking_id, exc.decline_code)
+            except (payments.PaymentDeclined, payments.ProviderUnavailable) as exc:
+                # Not refunded yet: the settling sweeper looks the charge up and tries again.
+                log.warning("refund of booking %s failed for now: %s", booking_id, exc)
+                refunded = False
             await holds.release(conn, row["hold_id"], "expired")
             return await _fail(
                 conn,
                 row,
                 ApiError("hold_expired", "The hold ran out before the booking."),
-                status="refunded",
+                status="refunded" if refunded else "failed",
+                unsettled=not refunded,
             )
         await holds.release(conn, row["hold_id"])
         if isinstance(result, payments.PaymentDeclined):

@@ -73,7 +73,7 @@ async def settle_payments(app: State) -> int:
                       payment_status = CASE WHEN $2 THEN 'refunded' ELSE payment_status END
                WHERE id = $1""",
             booking_id,
-            charge is not None,
+            charge is not None and charge.status in ("succeeded", "refunded"),
         )
     return len(ids)
 
