@@ -584,7 +584,7 @@ async def test_one_hold_books_once(settings, database_url):
     from tests.test_catalog import running
 
     async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
-        event_id, seats, standing, _ = await published_event(c, capacity=10)
+        event_id, _, standing, _ = await published_event(c, capacity=10)
         dan = await buyer(c)
         hold = (
             await c.post(
@@ -657,7 +657,7 @@ async def test_a_paid_booking_that_lost_a_seat_sells_none_and_refunds(settings, 
             token=row["payment_token"],
         )
         assert isinstance(charge, payments.Charge)
-        finished, leftovers = await batch.finish_batch(instance.state, {booking_id: charge})
+        _, leftovers = await batch.finish_batch(instance.state, {booking_id: charge})
         assert leftovers == [booking_id]
         from bilten.sagas import booking
 
