@@ -107,7 +107,7 @@ async def _fail_many(
     if not failed:
         return []
     await conn.execute(
-        """UPDATE bookings b SET saga_state = 'FAILED', updated_at = now(),
+        """UPDATE bookings b SET saga_state = 'FAILED', updated_at = now(), payment_token = '',
                   failure_code = f.code, failure_message = f.message, failure_details = f.details,
                   payment_status = 'failed', payment_unsettled = b.payment_unsettled OR f.unsettled
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bool[])
@@ -573,6 +573,7 @@ async def _confirm_many(
     charges = [results[i] for i in ids]
     await conn.execute(
         """UPDATE bookings b SET saga_state = 'CONFIRMED', payment_status = 'succeeded',
+                  payment_token = '',
                   payment_id = p.payment_id, updated_at = now()
            FROM unnest($1::uuid[], $2::text[]) AS p(id, payment_id) WHERE b.id = p.id""",
         ids,

@@ -60,6 +60,7 @@ async def _transition(
 async def _fail(conn: Connection, row: Any, error: ApiError, **payment: Any) -> Outcome:
     await conn.execute(
         """UPDATE bookings SET failure_code = $2, failure_message = $3, failure_details = $6,
+                  payment_token = '',
                   payment_status = coalesce($4, payment_status),
                   payment_unsettled = payment_unsettled OR $5
            WHERE id = $1""",
@@ -295,7 +296,8 @@ async def _confirm(
         ],
     )
     await conn.execute(
-        "UPDATE bookings SET payment_status = 'succeeded', payment_id = $2 WHERE id = $1",
+        "UPDATE bookings SET payment_status = 'succeeded', payment_id = $2, payment_token = '' "
+        "WHERE id = $1",
         row["id"],
         charge.id,
     )
