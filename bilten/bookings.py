@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
+from bilten import cursors
 from bilten.db import Connection
 from bilten.errors import ApiError
 
@@ -170,23 +170,11 @@ async def owner(conn: Connection, booking_id: str) -> tuple[str, str] | None:
     return (row["user_id"], row["saga_state"]) if row else None
 
 
-_cursor = msgspec.json.Decoder(tuple[datetime, str])
-
-
 async def list_for(
     conn: Connection, user_id: str, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Booking], str | None]:
     """The user's bookings, newest first, a keyset page at a time."""
-    after: tuple[datetime, str] | None = None
-    if cursor:
-        try:
-            after = _cursor.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        except (ValueError, msgspec.DecodeError):
-            raise ApiError(
-                "validation_error",
-                "cursor: not a cursor this API issued",
-                {"fields": [{"field": "cursor", "message": "invalid cursor"}]},
-            ) from None
+    after = cursors.decode(cursor) if cursor else None
     rows = await conn.fetch(
         """SELECT id::text, created_at FROM bookings
            WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
@@ -203,9 +191,5 @@ async def list_for(
     next_cursor = None
     if len(rows) > limit and page:
         last = page[-1]
-        next_cursor = (
-            base64.urlsafe_b64encode(msgspec.json.encode((last["created_at"], last["id"])))
-            .decode()
-            .rstrip("=")
-        )
+        next_cursor = cursors.encode(last["created_at"], last["id"])
     return [b for b in found if b is not None], next_cursor

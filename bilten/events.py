@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
 import msgspec
 
+from bilten import cursors
 from bilten.db import Connection
 from bilten.errors import ApiError
 
@@ -266,23 +265,6 @@ async def set_image(conn: Connection, event_id: str, url: str) -> None:
 
 # --- search ---------------------------------------------------------------------------------
 
-_cursor_encoder = msgspec.json.Encoder()
-# Typed strictly: a forged cursor must be a 422, never a malformed query parameter.
-_cursor_decoder = msgspec.json.Decoder(tuple[Annotated[datetime, msgspec.Meta(tz=True)], uuid.UUID])
-
-
-def encode_cursor(starts_at: datetime, event_id: str) -> str:
-    return (
-        base64.urlsafe_b64encode(_cursor_encoder.encode((starts_at, event_id))).decode().rstrip("=")
-    )
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        return _cursor_decoder.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, msgspec.DecodeError):
-        raise invalid("cursor", "not a cursor this API issued") from None
-
 
 async def search(
     conn: Connection,
@@ -332,7 +314,7 @@ async def search(
     if max_price is not None:
         where.append(f"e.min_price_cents <= {arg(max_price)}")
     if cursor:
-        after_start, after_id = decode_cursor(cursor)
+        after_start, after_id = cursors.decode(cursor)
         where.append(f"(e.starts_at, e.id) > ({arg(after_start)}, {arg(after_id)})")
     rows = await conn.fetch(
         f"""SELECT {SUMMARY} FROM events e WHERE {" AND ".join(where)}
@@ -341,6 +323,6 @@ async def search(
     )
     items = [EventSummary(**dict(r)) for r in rows[:limit]]
     next_cursor = (
-        encode_cursor(items[-1].starts_at, items[-1].id) if len(rows) > limit and items else None
+        cursors.encode(items[-1].starts_at, items[-1].id) if len(rows) > limit and items else None
     )
     return items, next_cursor

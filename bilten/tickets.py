@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
+from bilten import cursors
 from bilten.db import Connection
-from bilten.errors import ApiError
 
 
 class Ticket(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -42,22 +41,10 @@ async def get(conn: Connection, ticket_id: str) -> tuple[Ticket, str, str] | Non
     return Ticket(**fields), row["holder"], row["organizer"]
 
 
-_cursor = msgspec.json.Decoder(tuple[datetime, str])
-
-
 async def list_for(
     conn: Connection, user_id: str, limit: int, cursor: str | None
 ) -> tuple[list[Ticket], str | None]:
-    after: tuple[datetime, str] | None = None
-    if cursor:
-        try:
-            after = _cursor.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        except (ValueError, msgspec.DecodeError):
-            raise ApiError(
-                "validation_error",
-                "cursor: not a cursor this API issued",
-                {"fields": [{"field": "cursor", "message": "invalid cursor"}]},
-            ) from None
+    after = cursors.decode(cursor) if cursor else None
     rows = await conn.fetch(
         f"""SELECT {TICKET}, t.created_at FROM tickets t JOIN events e ON e.id = t.event_id
             WHERE t.user_id = $1
@@ -73,11 +60,7 @@ async def list_for(
     next_cursor = None
     if len(rows) > limit and page:
         last = page[-1]
-        next_cursor = (
-            base64.urlsafe_b64encode(msgspec.json.encode((last["created_at"], last["id"])))
-            .decode()
-            .rstrip("=")
-        )
+        next_cursor = cursors.encode(last["created_at"], last["id"])
     return items, next_cursor
 
 

@@ -224,3 +224,43 @@ async def test_business_metrics(client):
         "bilten_mail_sent_total",
     ):
         assert name in text, name
+
+
+async def test_ticket_and_booking_lists_page_by_cursor(client):
+    event_id, booking, auth, _, standing = await confirmed(client)
+    second = await book(
+        client, auth, {"event_id": event_id, "ticket_type_id": standing, "quantity": 1}
+    )
+    assert second.status_code == 201
+    seen, cursor = [], None
+    while True:
+        page = (
+            await client.get(
+                "/tickets",
+                headers=auth,
+                params={"limit": 1, **({"cursor": cursor} if cursor else {})},
+            )
+        ).json()
+        seen += [t["id"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 3
+    bookings_seen, cursor = [], None
+    while True:
+        page = (
+            await client.get(
+                "/bookings",
+                headers=auth,
+                params={"limit": 1, **({"cursor": cursor} if cursor else {})},
+            )
+        ).json()
+        bookings_seen += [b["id"] for b in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert bookings_seen == [second.json()["booking"]["id"], booking["id"]]  # newest first
+    for url in ("/tickets", "/bookings"):
+        bad = await client.get(url, headers=auth, params={"cursor": "bm90IGEgY3Vyc29y"})
+        assert bad.status_code == 422
+        assert bad.json()["error"]["details"]["fields"][0]["field"] == "cursor"
