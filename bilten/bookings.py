@@ -120,30 +120,31 @@ async def create_request(
 
 async def get(conn: Connection, booking_id: str, viewer: str | None = None) -> Booking | None:
     """A booking as the API shows it; with ``viewer``, only that user's."""
+    # One round trip: the items and tickets come along as JSON arrays.
     row = await conn.fetchrow(
-        """SELECT id::text, user_id::text, event_id::text, status, total_cents, currency,
-                  payment_status, payment_provider, failure_code, failure_message,
-                  failure_details, created_at
-           FROM bookings WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)""",
+        """SELECT b.id::text, b.event_id::text, b.status, b.total_cents, b.currency,
+                  b.payment_status, b.payment_provider, b.failure_code, b.failure_message,
+                  b.failure_details, b.created_at,
+                  coalesce((SELECT json_agg(json_build_object(
+                                'seat_id', i.seat_id, 'ticket_type_id', i.ticket_type_id,
+                                'label', i.label, 'price_cents', i.price_cents)
+                                ORDER BY i.position)
+                            FROM booking_items i WHERE i.booking_id = b.id), '[]') AS items,
+                  coalesce((SELECT json_agg(json_build_object(
+                                'id', t.id, 'code', t.code, 'label', t.label)
+                                ORDER BY t.label, t.id)
+                            FROM tickets t WHERE t.booking_id = b.id), '[]') AS tickets
+           FROM bookings b WHERE b.id = $1 AND ($2::uuid IS NULL OR b.user_id = $2)""",
         booking_id,
         viewer,
     )
     if row is None:
         return None
-    items = await conn.fetch(
-        """SELECT seat_id::text, ticket_type_id::text, label, price_cents FROM booking_items
-           WHERE booking_id = $1 ORDER BY position""",
-        booking_id,
-    )
-    tickets = await conn.fetch(
-        "SELECT id::text, code, label FROM tickets WHERE booking_id = $1 ORDER BY label, id",
-        booking_id,
-    )
     return Booking(
         id=row["id"],
         event_id=row["event_id"],
         status=row["status"],
-        items=[BookingItem(**dict(i)) for i in items],
+        items=[BookingItem(**i) for i in row["items"]],
         total_cents=row["total_cents"],
         currency=row["currency"],
         payment=Payment(
@@ -151,7 +152,7 @@ async def get(conn: Connection, booking_id: str, viewer: str | None = None) -> B
             provider=row["payment_provider"],
             amount_cents=row["total_cents"],
         ),
-        tickets=[TicketRef(**dict(t)) for t in tickets],
+        tickets=[TicketRef(**t) for t in row["tickets"]],
         failure=Failure(
             code=row["failure_code"],
             message=row["failure_message"] or "",
