@@ -84,18 +84,28 @@ async def _session(app: State, conn: object, user: User) -> Session:
     )
 
 
-async def _send_verification(app: State, conn: object, user: User) -> None:
-    token = await credentials.issue_one_time(conn, user.id, credentials.VERIFY_EMAIL, VERIFY_TTL)
+async def _mail_token(
+    app: State, conn: object, user: User, purpose: str, ttl: int, template: str, page: str
+) -> None:
+    """Issue a one-time token and queue the mail carrying it, in the caller's transaction."""
+    token = await credentials.issue_one_time(conn, user.id, purpose, ttl)
     await mail.enqueue(
         conn,
-        key=f"verify_email:{tokens.digest(token).hex()[:24]}",
-        template="verify_email",
+        key=f"{template}:{tokens.digest(token).hex()[:24]}",
+        template=template,
         to=user.email,
         context={
             "name": user.name,
             "token": token,
-            "link": f"{app.settings.public_url}/verify-email?token={token}",
+            "link": f"{app.settings.public_url}/{page}?token={token}",
+            "expires_minutes": ttl // 60,
         },
+    )
+
+
+async def _send_verification(app: State, conn: object, user: User) -> None:
+    await _mail_token(
+        app, conn, user, credentials.VERIFY_EMAIL, VERIFY_TTL, "verify_email", "verify-email"
     )
 
 
@@ -245,21 +255,14 @@ async def forgot_password(request: Request) -> Response:
     async with app.db.acquire() as conn, conn.transaction():
         found = await users.credentials(conn, email)
         if found is not None:
-            user = found[0]
-            token = await credentials.issue_one_time(
-                conn, user.id, credentials.RESET_PASSWORD, RESET_TTL
-            )
-            await mail.enqueue(
+            await _mail_token(
+                app,
                 conn,
-                key=f"password_reset:{tokens.digest(token).hex()[:24]}",
-                template="password_reset",
-                to=user.email,
-                context={
-                    "name": user.name,
-                    "token": token,
-                    "link": f"{app.settings.public_url}/reset-password?token={token}",
-                    "expires_minutes": RESET_TTL // 60,
-                },
+                found[0],
+                credentials.RESET_PASSWORD,
+                RESET_TTL,
+                "password_reset",
+                "reset-password",
             )
     return JSONResponse(Accepted(), status_code=202)
 

@@ -24,6 +24,15 @@ from bilten.state import State, state
 from bilten.wire import JSONResponse, Struct, read_json, read_query
 
 MAX_WAIT = 30.0
+OUTCOME_ERRORS = (
+    "seat_unavailable",
+    "sold_out",
+    "hold_expired",
+    "payment_declined",
+    "idempotency_mismatch",
+    "not_found",
+    "unavailable",
+)
 _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)")
 
 
@@ -225,15 +234,7 @@ async def _book_and_wait(
     response=Queued,
     status=202,
     auth=True,
-    errors=(
-        "seat_unavailable",
-        "sold_out",
-        "hold_expired",
-        "payment_declined",
-        "idempotency_mismatch",
-        "not_found",
-        "unavailable",
-    ),
+    errors=OUTCOME_ERRORS,
     extra_responses={201: "Confirmed (with Prefer: wait=N)."},
     description="Header Idempotency-Key is required: the same key and body return the same "
     "request; the same key with another body is 422 idempotency_mismatch.",
@@ -249,15 +250,7 @@ async def create_booking(request: Request) -> Response:
     response=Confirmed,
     status=201,
     auth=True,
-    errors=(
-        "seat_unavailable",
-        "sold_out",
-        "hold_expired",
-        "payment_declined",
-        "idempotency_mismatch",
-        "not_found",
-        "unavailable",
-    ),
+    errors=OUTCOME_ERRORS,
     extra_responses={202: "Still queued after 30 seconds."},
 )
 async def purchase(request: Request) -> Response:
