@@ -712,3 +712,26 @@ async def test_a_ticket_type_of_another_event_touches_nothing(settings, database
         await conn.close()
     # Event B's expired hold is left for B's own claims and sweeper to settle consistently.
     assert (status, kind["held"], kind["sold"]) == ("active", 2, 0)
+
+
+async def test_a_sold_seat_is_refused_before_the_queue(client, settings):
+    event_id, seats, _, _ = await published_event(client)
+    ann, bob = await buyer(client), await buyer(client)
+    assert (
+        await book(client, ann, {"event_id": event_id, "seat_ids": seats[:1]})
+    ).status_code == 201
+    late = await book(
+        client, bob, {"event_id": event_id, "seat_ids": seats[:2]}, key="late", headers={}
+    )
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] == "seat_unavailable"
+    assert late.json()["error"]["details"]["seat_ids"] == [seats[0]]
+    conn = await db.connect(settings.database_url)
+    try:
+        assert (
+            await conn.fetchval("SELECT count(*) FROM bookings WHERE idempotency_key = 'late'") == 0
+        )
+    finally:
+        await conn.close()
+    # The seat the refused request also wanted is untouched.
+    assert (await seat_statuses(client, event_id))[seats[1]] == "available"

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import bookings, errors, keys, openapi, queue, security
+from bilten import bookings, errors, holds, keys, openapi, queue, security
 from bilten.bookings import Booking, Failure
 from bilten.errors import ApiError
 from bilten.payments import webhooks
@@ -24,6 +24,13 @@ from bilten.state import State, state
 from bilten.wire import JSONResponse, Struct, read_json, read_query
 
 MAX_WAIT = 30.0
+_EVENT_AND_SOLD = """
+SELECT e.status, e.currency,
+       (SELECT array_agg(seat_id::text) FROM event_seats
+        WHERE event_id = e.id AND seat_id = ANY ($2::uuid[]) AND status = 'sold') AS sold,
+       EXISTS (SELECT 1 FROM bookings WHERE user_id = $3 AND idempotency_key = $4) AS known
+FROM events e WHERE e.id = $1
+"""
 OUTCOME_ERRORS = (
     "seat_unavailable",
     "sold_out",
@@ -177,9 +184,15 @@ async def _book_and_wait(
     future: asyncio.Future[None] | None,
 ) -> Response:
     async with app.db.acquire() as conn:
-        event = await conn.fetchrow("SELECT status, currency FROM events WHERE id = $1", event_id)
+        event = await conn.fetchrow(
+            _EVENT_AND_SOLD, event_id, wanted.get("seat_ids") or [], who.user_id, key
+        )
         if event is None or event["status"] == "draft":
             raise ApiError("not_found", "No such event.")
+        if event["sold"] and not event["known"]:
+            # Sold is final: a new request for a sold seat is refused here, without a booking
+            # or a place in the queue. (Held seats may still come free: those requests queue.)
+            raise holds.seat_unavailable(event["sold"])
         booking_id, new = await bookings.create_request(
             conn,
             booking_id=candidate,
