@@ -63,7 +63,7 @@ class Embedded:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Runs in the child between fork and exec (after the uid switch, which would clear it).
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
@@ -80,7 +80,7 @@ def _spawn(
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         user=user,
         group=pwd.getpwnam(user).pw_gid if user else None,
         extra_groups=[] if user else None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import segno
@@ -77,9 +78,10 @@ def money(cents: int, currency: str) -> str:
 
 
 async def prepare(
-    pool: Pool, template: str, context: dict[str, Any]
+    pool: Pool, template: str, context: dict[str, Any], executor: Executor | None = None
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The full context of a booking notice, and the QR images of its tickets."""
+    """The full context of a booking notice, and the QR images of its tickets (drawn in
+    ``executor`` when given: a process pool keeps this CPU work off the serving process)."""
     if template not in TEMPLATES:
         return context, {}
     async with pool.acquire() as conn:
@@ -116,10 +118,9 @@ async def prepare(
     }
     images: dict[str, bytes] = {}
     if template == "booking_confirmed":
-        # CPU work: in a thread, so the event loop keeps serving between the encoder's slices.
-        images = await asyncio.to_thread(
-            qr_pngs, {f"ticket-{n}": t["code"] for n, t in enumerate(tickets)}
-        )
+        codes = {f"ticket-{n}": t["code"] for n, t in enumerate(tickets)}
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(executor, qr_pngs, codes)
     return full, images
 
 

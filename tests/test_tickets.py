@@ -119,6 +119,14 @@ async def test_tickets_of_a_cancelled_booking_are_void(client):
     assert response.status_code == 404
 
 
+async def arrived(inbox, word, timeout=10.0):
+    for _ in range(int(timeout / 0.02)):
+        if any(word in m["Subject"].lower() for m in inbox.messages):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no mail about {word!r} arrived")
+
+
 async def next_mail(inbox, count, timeout=5.0):
     for _ in range(int(timeout / 0.02)):
         if len(inbox.messages) >= count:
@@ -131,7 +139,7 @@ async def test_one_confirmation_and_one_cancellation_mail(mailed, settings):
     client, inbox = mailed
     _, booking, auth, _, _ = await confirmed(client)
     # The registration mails come first; count the booking mails by subject.
-    await asyncio.sleep(0.3)
+    await arrived(inbox, "tickets")
     confirmations = [m for m in inbox.messages if "tickets" in m["Subject"].lower()]
     assert len(confirmations) == 1
     message = confirmations[0]
@@ -155,7 +163,8 @@ async def test_one_confirmation_and_one_cancellation_mail(mailed, settings):
         await conn.close()
     cancel = await client.post(f"/bookings/{booking['id']}/cancel", headers=auth)
     assert cancel.status_code == 200
-    await asyncio.sleep(0.5)
+    await arrived(inbox, "cancelled")
+    await asyncio.sleep(0.3)  # room for a duplicate to show up, were there one
     subjects = [m["Subject"] for m in inbox.messages]
     assert sum("tickets" in s.lower() for s in subjects) == 1
     assert sum("cancelled" in s.lower() for s in subjects) == 1

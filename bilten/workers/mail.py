@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import random
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
-from bilten import mail, metrics, notifications
+from bilten import embedded, mail, metrics, notifications
 from bilten.db import Pool
 from bilten.settings import Settings
 from bilten.state import State
@@ -86,10 +88,13 @@ async def _deliver(
     job: Any,
     backoff: float,
     sms: notifications.Sms,
+    executor: Executor | None = None,
 ) -> None:
     job_id, attempts, template = job["id"], job["attempts"], job["template"]
     try:
-        context, images = await notifications.prepare(pool, template, dict(job["context"]))
+        context, images = await notifications.prepare(
+            pool, template, dict(job["context"]), executor
+        )
         if job["channel"] == "sms":
             await sms.send(job["recipient"], notifications.render_sms(template, context))
         else:
@@ -132,6 +137,7 @@ async def run_once(
     lease: float = LEASE,
     backoff: float = BACKOFF_BASE,
     sms: notifications.Sms | None = None,
+    executor: Executor | None = None,
 ) -> int:
     """Claim the due jobs (up to ``limit``), send them, and return how many were claimed."""
     sms = sms or notifications.LoggingSms()
@@ -141,7 +147,7 @@ async def run_once(
     async def deliver(job: Any) -> None:
         try:
             async with gate:
-                await _deliver(pool, settings, transport, job, backoff, sms)
+                await _deliver(pool, settings, transport, job, backoff, sms, executor)
         except asyncio.CancelledError:
             # Shutting down: free the job for the next sender now, not when the lease ends.
             await asyncio.shield(pool.execute(_RELEASE, job["id"], job["attempts"]))
@@ -164,12 +170,32 @@ def worker(
     """Send mail until ``stop``; after a batch short of ``limit``, wait for the poll interval."""
 
     async def run(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            claimed = await run_once(
-                app.db, app.settings, transport, limit=limit, lease=lease, backoff=backoff
+        # Drawing QR codes is pure-Python CPU work (milliseconds per ticket): a process of its
+        # own keeps it from slowing the requests this process serves.
+        executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=embedded.die_with_parent,  # never outlives this process, kill -9 too
+        )
+        try:
+            # Started now, not at the first mail: a new process takes a moment to import.
+            await asyncio.get_running_loop().run_in_executor(
+                executor, notifications.qr_png, "warm-up"
             )
-            if claimed < limit:  # the queue is drained
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), app.settings.mail_poll_interval)
+            while not stop.is_set():
+                claimed = await run_once(
+                    app.db,
+                    app.settings,
+                    transport,
+                    limit=limit,
+                    lease=lease,
+                    backoff=backoff,
+                    executor=executor,
+                )
+                if claimed < limit:  # the queue is drained
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), app.settings.mail_poll_interval)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     return run
