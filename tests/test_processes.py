@@ -191,14 +191,18 @@ def test_dev_keeps_data_and_leaves_no_process_behind(shared_tmp):
     data = shared_tmp / "data"
     log = shared_tmp / "dev.log"
     proc, _, cold = start_dev(data, log)
-    servers = children(proc.pid)  # the database servers, and the mail worker's QR process
-    lines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in servers]
-    assert any(b"bin/postgres" in line for line in lines), log.read_text()
-    assert any(b"redis-server" in line for line in lines), log.read_text()
-    url = f"postgresql://postgres@/bilten?host={data}&port=5432"
-    assert asyncio.run(_write_and_read(url, "kept across restarts")) == "kept across restarts"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    assert proc.wait(30) == 0, log.read_text()
+    try:
+        servers = children(proc.pid)  # the database servers, and the mail worker's QR process
+        lines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in servers]
+        assert any(b"bin/postgres" in line for line in lines), log.read_text()
+        assert any(b"redis-server" in line for line in lines), log.read_text()
+        url = f"postgresql://postgres@/bilten?host={data}&port=5432"
+        assert asyncio.run(_write_and_read(url, "kept across restarts")) == "kept across restarts"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert not [pid for pid in servers if alive(pid)]
 
     proc, _, warm = start_dev(data, log)
