@@ -781,3 +781,31 @@ async def test_a_change_on_one_instance_reaches_the_cache_of_another(settings, d
         while (title := (await b.get(url)).json()["title"]) != "Autumn Concert":
             assert time.monotonic() < deadline, f"B still shows {title!r}"
             await asyncio.sleep(0.01)
+
+
+async def test_folding_seat_map_commits_keeps_the_tag(settings, database_url):
+    from bilten.sagas import recovery
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, client):
+        auth = await signed_in(client, "org@example.com", "organizer")
+        venue = await new_venue(client, auth)
+        event = await new_event(client, auth, venue["id"], publish=True)
+        url = f"/events/{event['id']}/seats"
+        seat = (await client.get(url)).json()["seats"][0]["id"]
+        async with sql(database_url) as conn:
+            for _ in range(recovery.FOLD_AFTER + 5):
+                await conn.execute(HOLD, event["id"], seat, timedelta(minutes=10))
+            rows = await conn.fetchval(
+                "SELECT count(*) FROM seat_map_commits WHERE event_id = $1", event["id"]
+            )
+        before = (await client.get(url)).headers["etag"]
+        assert rows > recovery.FOLD_AFTER
+        assert await recovery.fold_seat_map_commits(instance.state) >= 1
+        async with sql(database_url) as conn:
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM seat_map_commits WHERE event_id = $1", event["id"]
+                )
+                == 1
+            )
+        assert (await client.get(url, headers={"If-None-Match": before})).status_code == 304
