@@ -63,12 +63,16 @@ class Embedded:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
-def die_with_parent() -> None:
-    # Runs in the child between fork and exec (after the uid switch, which would clear it).
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel for SIGTERM when the parent dies. Runs in the child: between fork and
+    exec (after the uid switch, which would clear it), or first thing in a worker process;
+    ``parent`` is the pid the child expects, for a parent that died before this ran."""
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)
 
 
 def _spawn(

@@ -124,6 +124,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def still_alive(pids: list[int], grace: float = 15.0) -> list[int]:
+    """The processes among ``pids`` still running after ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+    return [pid for pid in pids if alive(pid)]
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -203,7 +211,7 @@ def test_dev_keeps_data_and_leaves_no_process_behind(shared_tmp):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not [pid for pid in servers if alive(pid)]
+    assert not still_alive(servers)
 
     proc, _, warm = start_dev(data, log)
     try:
@@ -213,10 +221,7 @@ def test_dev_keeps_data_and_leaves_no_process_behind(shared_tmp):
     finally:
         proc.kill()  # even kill -9 must not leave the servers running
         proc.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(alive(pid) for pid in servers):
-        time.sleep(0.1)
-    assert not [pid for pid in servers if alive(pid)]
+    assert not still_alive(servers)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import random
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
@@ -175,7 +176,9 @@ def worker(
         executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=embedded.die_with_parent,  # never outlives this process, kill -9 too
+            # Never outlives this process, kill -9 included.
+            initializer=embedded.die_with_parent,
+            initargs=(os.getpid(),),
         )
         try:
             # Started now, not at the first mail: a new process takes a moment to import.
