@@ -73,11 +73,8 @@ WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])
   AND NOT (status = 'available' OR (status = 'held' AND hold_expires_at <= now()))
 """
 
-_SEAT_PRICES = """
-SELECT es.seat_id::text AS seat_id, s.label, t.price_cents
-FROM event_seats es JOIN seats s ON s.id = es.seat_id JOIN price_tiers t ON t.id = es.tier_id
-WHERE es.event_id = $1 AND es.seat_id = ANY ($2::uuid[])
-ORDER BY s.label
+_KNOWN_SEATS = """
+SELECT seat_id::text FROM event_seats WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])
 """
 
 # Expired unit holds give their units back first, so they count as available at once.
@@ -114,7 +111,7 @@ async def claim_seats(
     claimed = await conn.fetch(_CLAIM_SEATS, event_id, seat_ids, hold_id, expires_at)
     if len(claimed) != len(seat_ids):
         taken = [r["seat_id"] for r in await conn.fetch(_UNAVAILABLE, event_id, seat_ids)]
-        known = {r["seat_id"] for r in await conn.fetch(_SEAT_PRICES, event_id, seat_ids)}
+        known = {r["seat_id"] for r in await conn.fetch(_KNOWN_SEATS, event_id, seat_ids)}
         unknown = [s for s in seat_ids if s not in known]
         if unknown:
             raise ApiError(

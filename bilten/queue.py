@@ -45,11 +45,6 @@ return 0
 """
 
 
-async def depth(redis: Redis, event_id: str) -> int:
-    ticket, served = await redis.mget(keys.queue_ticket(event_id), keys.queue_served(event_id))
-    return int(ticket or 0) - int(served or 0)
-
-
 # KEYS: ticket, served, stream, active set, request status.
 # ARGV: request id, event id, maximum, user id.
 # Returns {position, depth}; position -1 when the queue is full.
