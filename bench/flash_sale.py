@@ -60,7 +60,7 @@ import uvloop
 from redis.asyncio import Redis
 
 from bench.common import ROOT, bilten_process, services
-from bilten import bookings, db, events, keys, payments, tokens, users, venues
+from bilten import bookings, db, events, keys, payments, queue, tokens, users, venues
 from bilten.sagas import booking as saga
 from bilten.settings import Settings
 
@@ -716,18 +716,27 @@ class Baseline:
 
 @dataclass
 class Orders:
-    """Booking rows made beforehand, as POST /bookings records them, for every seat of an
-    event: 1-4 seats each, buyers in turn within the per-person limit."""
+    """Booking requests for every seat of an event, 1-4 seats each, buyers in turn within the
+    per-person limit; their rows made beforehand or by the baseline itself."""
 
     event_id: str
     ids: list[str]
     seats: list[list[str]]
-    create_ms: float  # per booking row
+    requests: list[queue.Request]
+    create_ms: float  # per booking row, when made beforehand
 
 
 async def make_orders(
-    pool: db.Pool, database_url: str, seats: int, buyer_ids: list[str], per_person: int
+    pool: db.Pool,
+    database_url: str,
+    seats: int,
+    buyer_ids: list[str],
+    per_person: int,
+    *,
+    create: bool = True,
 ) -> Orders:
+    """The event's seats shuffled into orders of 1-4; with ``create``, their booking rows made
+    (one transaction each, as a request at a time would)."""
     event_id, seat_ids = await make_event(database_url, seats, per_person)
     rng = random.Random(7)
     rng.shuffle(seat_ids)
@@ -746,22 +755,28 @@ async def make_orders(
         bought[owner] += len(order)
         owners.append(owner)
     ids = [str(uuid.uuid4()) for _ in orders]
-    began = time.perf_counter()
-    async with pool.acquire() as conn:
-        for booking_id, order, owner in zip(ids, orders, owners, strict=True):
-            await bookings.create_request(
-                conn,
-                booking_id=booking_id,
-                user_id=owner,
-                event_id=event_id,
-                key=booking_id,
-                digest="bench",
-                request={"seat_ids": order, "ticket_type_id": None, "quantity": len(order)},
-                currency="EUR",
-                provider="test",
-                token="tok_visa",
-            )
-    return Orders(event_id, ids, orders, 1000 * (time.perf_counter() - began) / len(ids))
+    requests = [
+        queue.Request(
+            id=booking_id,
+            user_id=owner,
+            event_id=event_id,
+            key=booking_id,
+            digest="bench",
+            request={"seat_ids": order, "ticket_type_id": None, "quantity": len(order)},
+            provider="test",
+            token="tok_visa",
+        )
+        for booking_id, order, owner in zip(ids, orders, owners, strict=True)
+    ]
+    create_ms = 0.0
+    if create:
+        began = time.perf_counter()
+        async with pool.acquire() as conn:
+            for request in requests:
+                async with conn.transaction():
+                    await bookings.create_many(conn, [request])
+        create_ms = 1000 * (time.perf_counter() - began) / len(ids)
+    return Orders(event_id, ids, orders, requests, create_ms)
 
 
 def _charge(booking_id: str, seats: int) -> payments.Charge:
@@ -838,8 +853,9 @@ async def sql_batch_baseline(
     size: int,
     secret_key: str,
 ) -> Baseline | None:
-    """The saga's batch transactions (``reserve_batch``, ``finish_batch``), one batch of
-    ``size`` after another on one connection, as one event's queue worker runs them."""
+    """The saga's batch transactions (``admit``: the booking rows, ``reserve_batch``,
+    ``finish_batch``), one batch of ``size`` after another on one connection, as one event's
+    queue worker runs them."""
     try:
         from bilten.sagas import batch
     except ImportError:
@@ -851,12 +867,14 @@ async def sql_batch_baseline(
     app: Any = types.SimpleNamespace(db=pool, settings=settings, payments=None)
     reserve_time = confirm_time = 0.0
     try:
-        orders = await make_orders(pool, database_url, seats, buyer_ids, per_person)
+        orders = await make_orders(pool, database_url, seats, buyer_ids, per_person, create=False)
         wanted = dict(zip(orders.ids, orders.seats, strict=True))
         began = time.perf_counter()
         for start in range(0, len(orders.ids), size):
             chunk = orders.ids[start : start + size]
             t0 = time.perf_counter()
+            async with pool.acquire() as conn, conn.transaction():
+                await bookings.create_many(conn, orders.requests[start : start + size])
             reserved = await batch.reserve_batch(app, chunk)
             if any(o is None or o.state != "PAYMENT_PENDING" for o in reserved.values()):
                 raise SystemExit(f"SQL-only batch baseline: reserve gave {reserved}")
@@ -876,7 +894,7 @@ async def sql_batch_baseline(
         f"batches of {size}, 1 connection",
         len(orders.ids),
         seconds,
-        f"per batch: reserve {1000 * reserve_time / batches:.1f} ms, confirm "
+        f"per batch: bookings made and reserved {1000 * reserve_time / batches:.1f} ms, confirm "
         f"{1000 * confirm_time / batches:.1f} ms",
     )
 
@@ -1145,21 +1163,24 @@ def http_run(
 
 
 async def forget_in_redis(redis_url: str, database_url: str, event_id: str) -> None:
-    """Delete what the run left in a Redis that outlives it: the event's queue and seat maps,
-    the request statuses and test-payment ledger entries of its bookings."""
+    """Delete what the run left in a Redis that outlives it: the event's queue, seat claims and
+    seat maps, the request statuses, idempotency keys and test-payment ledger entries of its
+    bookings."""
     conn = await db.connect(database_url)
     try:
-        booking_ids = [
-            r["id"]
-            for r in await conn.fetch("SELECT id::text FROM bookings WHERE event_id = $1", event_id)
-        ]
+        rows = await conn.fetch(
+            "SELECT id::text, user_id::text, idempotency_key FROM bookings WHERE event_id = $1",
+            event_id,
+        )
+        booking_ids = [r["id"] for r in rows]
     finally:
         await conn.close()
     redis = Redis.from_url(redis_url)
     try:
         found = [key async for key in redis.scan_iter(keys.seat_map(event_id, "*"), count=1000)]
         names = [keys.queue(event_id), keys.queue_ticket(event_id), keys.queue_served(event_id)]
-        names += [keys.queue_lease(event_id), *found]
+        names += [keys.queue_lease(event_id), keys.seat_claims(event_id), *found]
+        names += [keys.idempotency(r["user_id"], r["idempotency_key"]) for r in rows]
         for booking_id in booking_ids:
             names += [keys.booking_request(booking_id), keys.test_payment(booking_id)]
         for start in range(0, len(names), 1000):

@@ -10,7 +10,7 @@ import msgspec
 
 from bilten import cursors
 from bilten.db import Connection
-from bilten.errors import ApiError
+from bilten.queue import Request
 
 TERMINAL = ("CONFIRMED", "FAILED", "CANCELLED")
 
@@ -53,69 +53,70 @@ class Booking(msgspec.Struct, kw_only=True, omit_defaults=True):
     created_at: datetime
 
 
+class Done(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How a request ended, as workers announce it: what a waiting ``POST /bookings`` answers.
+
+    ``booking`` comes with a confirmation made by a batch; without it the reader looks the
+    booking up. ``booking_id`` differs from ``request_id`` only when the request turned out to
+    repeat an earlier one (same user and Idempotency-Key).
+    """
+
+    request_id: str
+    booking_id: str
+    status: Literal["processing", "confirmed", "failed", "cancelled"]
+    booking: Booking | None = None
+    error: Failure | None = None
+
+
 def body_hash(request: msgspec.Struct) -> str:
     """Of the decoded body, so spacing and key order do not make two bodies differ."""
     return hashlib.sha256(msgspec.json.encode(request, order="sorted")).hexdigest()
 
 
-async def create_request(
-    conn: Connection,
-    *,
-    booking_id: str,
-    user_id: str,
-    event_id: str,
-    key: str,
-    digest: str,
-    request: dict[str, Any],
-    currency: str,
-    provider: str,
-    token: str,
-) -> tuple[str, bool]:
-    """Record a booking request; returns its id and whether it is new.
+async def create_many(conn: Connection, requests: list[Request]) -> dict[str, tuple[str, str, str]]:
+    """Make the PENDING booking rows of queued requests, in one statement.
 
-    The same key with the same body finds the first request; with another body it is a 422.
+    Returns, for each request, the booking that stands for it, its body hash and saga state:
+    its own new row; the same row when a request is handled again (its worker died); or an
+    earlier booking of the same user and Idempotency-Key. A request whose event or user is gone
+    is left out.
     """
-    row = None
-    for _ in range(2):
-        created = await conn.fetchval(
-            """INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
+    if not requests:
+        return {}
+    ordered = sorted(requests, key=lambda r: (r.user_id, r.key))  # one lock order for all
+    columns = list(
+        zip(
+            *(
+                (r.id, r.user_id, r.event_id, r.key, r.digest, r.request, r.provider, r.token)
+                for r in ordered
+            ),
+            strict=True,
+        )
+    )
+    await conn.execute(
+        """WITH made AS (
+               INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
                                      currency, payment_provider, payment_token)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-               ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING id::text""",
-            booking_id,
-            user_id,
-            event_id,
-            key,
-            digest,
-            request,
-            currency,
-            provider,
-            token,
-        )
-        if created:
-            await conn.execute(
-                "INSERT INTO booking_transitions (booking_id, to_state, reason) "
-                "VALUES ($1, 'PENDING', 'requested')",
-                booking_id,
-            )
-            return str(created), True
-        row = await conn.fetchrow(
-            "SELECT id::text, body_hash FROM bookings WHERE user_id = $1 AND idempotency_key = $2",
-            user_id,
-            key,
-        )
-        if row is not None:
-            break
-        # The request that held this key was just refused (its queue was full): try again.
-    if row is None:
-        raise ApiError("conflict", "A request with this Idempotency-Key is being handled.")
-    if row["body_hash"] != digest:
-        raise ApiError(
-            "idempotency_mismatch",
-            "This Idempotency-Key was used with another request body.",
-            {"idempotency_key": key},
-        )
-    return str(row["id"]), False
+               SELECT r.id, r.user_id, r.event_id, r.key, r.digest, r.request, e.currency,
+                      r.provider, r.token
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                           $6::jsonb[], $7::text[], $8::text[])
+                    AS r(id, user_id, event_id, key, digest, request, provider, token)
+               JOIN events e ON e.id = r.event_id
+               JOIN users u ON u.id = r.user_id
+               ON CONFLICT DO NOTHING
+               RETURNING id)
+           INSERT INTO booking_transitions (booking_id, to_state, reason)
+           SELECT id, 'PENDING', 'requested' FROM made""",
+        *map(list, columns),
+    )
+    rows = await conn.fetch(
+        """SELECT q.id::text AS request_id, b.id::text AS booking_id, b.body_hash, b.saga_state
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS q(id, user_id, key)
+           JOIN bookings b ON b.user_id = q.user_id AND b.idempotency_key = q.key""",
+        *map(list, (columns[0], columns[1], columns[3])),
+    )
+    return {r["request_id"]: (r["booking_id"], r["body_hash"], r["saga_state"]) for r in rows}
 
 
 async def get(conn: Connection, booking_id: str, viewer: str | None = None) -> Booking | None:

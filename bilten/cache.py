@@ -76,14 +76,17 @@ class LocalCache(Generic[V]):
 class Caches:
     details: LocalCache[Any] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
     seat_maps: LocalCache[Any] = field(default_factory=lambda: LocalCache(SEAT_MAP_MAX_AGE))
+    statuses: LocalCache[str] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
 
     def drop(self, event_id: str) -> None:
         self.details.drop(event_id)
         self.seat_maps.drop(event_id)
+        self.statuses.drop(event_id)
 
     def clear(self) -> None:
         self.details.clear()
         self.seat_maps.clear()
+        self.statuses.clear()
 
 
 async def changed(redis: Redis, caches: Caches, event_id: str) -> None:

@@ -34,7 +34,7 @@ def user_channel(user_id: str) -> str:
     return f"{PREFIX}:room:user:{user_id}"
 
 
-BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: a booking id whose saga ended
+BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: "<request id>\n<outcome JSON>" when it ended
 QUEUE_ACTIVE = f"{PREFIX}:q:active"  # set of events whose booking queue may hold requests
 QUEUE_GROUP = "bookers"
 
@@ -57,6 +57,16 @@ def queue_served(event_id: str) -> str:
 def queue_lease(event_id: str) -> str:
     """The worker currently draining the event's queue (expires unless renewed)."""
     return f"{PREFIX}:q:{event_id}:lease"
+
+
+def seat_claims(event_id: str) -> str:
+    """Hash: seat id -> until when (unix ms) a queued request or a sale has it (a pre-check)."""
+    return f"{PREFIX}:q:{event_id}:claims"
+
+
+def idempotency(user_id: str, key: str) -> str:
+    """The request a user's Idempotency-Key was first used for: "<request id> <body hash>"."""
+    return f"{PREFIX}:idem:{user_id}:{key}"
 
 
 def booking_request(request_id: str) -> str:

@@ -5,7 +5,15 @@ expiry that it renews), so one event's requests are processed in arrival order, 
 events proceed on other workers. Entries are acknowledged only when their saga has ended. A new
 lease holder first claims whatever the previous holder left pending (``XAUTOCLAIM``): a dead
 instance loses nothing, and the sagas' own state checks make a second run harmless.
-Positions are counters: ``ticket`` (enqueued) minus ``served`` (finished).
+Positions are counters: ``ticket`` (enqueued) minus ``served`` (finished). On enqueue the
+owner's channel gets the position and the ticket; afterwards each instance broadcasts the
+event's ``served`` counter to its room when it moves, and clients work out their own position.
+
+A request travels whole in its entry: the worker makes the booking rows of a batch in one
+statement (the saga's first step), so ``POST /bookings`` itself touches only Redis. Its
+Idempotency-Key is remembered in Redis for a day (the database's unique index stays the last
+guard), and the seats it asks for are claimed there, so a request for a seat that another
+queued request wants, or that was sold, is refused at once instead of queueing to fail.
 """
 
 from __future__ import annotations
@@ -15,20 +23,23 @@ import contextlib
 import logging
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bilten import keys, metrics
+from bilten import holds, keys, metrics
 from bilten.errors import ApiError
 from bilten.state import State
 from bilten.supervisor import Worker
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[State, list[str]], Awaitable[list[Any]]]
+RunBatch = Callable[[State, list["Entry"]], Awaitable[list[Any]]]
 Announce = Callable[[State, list[Any]], Awaitable[None]]
 
 BATCH = 50
@@ -45,47 +56,157 @@ return 0
 """
 
 
-# KEYS: ticket, served, stream, active set, request status.
-# ARGV: request id, event id, maximum, user id.
-# Returns {position, depth}; position -1 when the queue is full.
-_ENQUEUE = """
-local served = tonumber(redis.call('GET', KEYS[2]) or '0')
-local waiting = tonumber(redis.call('GET', KEYS[1]) or '0') - served
-if waiting >= tonumber(ARGV[3]) then return {-1, waiting} end
-local ticket = redis.call('INCR', KEYS[1])
-redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[2])
-redis.call('HSET', KEYS[5], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
+CLAIM_TTL_MS = 180_000  # a queued request's seats: longer than its wait plus its payment
+SOLD_TTL_MS = 3_600_000  # a sold seat: refused at the door for an hour, then by the database
+
+# KEYS: idempotency key, seat claims, ticket, served, stream, active set, request status, user
+# channel. ARGV: request id, event id, maximum, user id, body hash, request (JSON), now (unix ms),
+# claim ttl (ms), seat ids...
+# Returns {'known', "<request id> <body hash>"}, {'full', depth}, {'taken', {seat ids}} or
+# {'queued', position, depth}.
+_SUBMIT = """
+local known = redis.call('GET', KEYS[1])
+if known then return {'known', known} end
+local served = tonumber(redis.call('GET', KEYS[4]) or '0')
+local waiting = tonumber(redis.call('GET', KEYS[3]) or '0') - served
+if waiting >= tonumber(ARGV[3]) then return {'full', waiting} end
+local now = tonumber(ARGV[7])
+local taken = {}
+for i = 9, #ARGV do
+  local claimed = redis.call('HGET', KEYS[2], ARGV[i])
+  if claimed and tonumber(claimed) > now then taken[#taken + 1] = ARGV[i] end
+end
+if #taken > 0 then return {'taken', taken} end
+if #ARGV >= 9 then
+  local expiry = now + tonumber(ARGV[8])
+  for i = 9, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  redis.call('EXPIRE', KEYS[2], 86400)
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400)
+local ticket = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[5], '*', 'id', ARGV[1], 'r', ARGV[6])
+redis.call('SADD', KEYS[6], ARGV[2])
+redis.call('HSET', KEYS[7], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
            'user_id', ARGV[4])
-redis.call('EXPIRE', KEYS[5], 86400)
-return {ticket - served, waiting + 1}
+redis.call('EXPIRE', KEYS[7], 86400)
+local position = ticket - served
+redis.call('PUBLISH', KEYS[8], '{"type":"queue.position","request_id":"' .. ARGV[1] ..
+    '","event_id":"' .. ARGV[2] .. '","position":' .. position .. ',"ticket":' .. ticket .. '}')
+return {'queued', position, waiting + 1}
 """
 
 
-async def enqueue(redis: Redis, event_id: str, request_id: str, user_id: str, maximum: int) -> int:
-    """Append a request atomically; returns its position (1 = next). 503 when full."""
-    position, waiting = await redis.eval(
-        _ENQUEUE,
-        5,
-        keys.queue_ticket(event_id),
-        keys.queue_served(event_id),
-        keys.queue(event_id),
-        keys.QUEUE_ACTIVE,
-        keys.booking_request(request_id),
-        request_id,
-        event_id,
-        maximum,
-        user_id,
+class Request(msgspec.Struct, kw_only=True):
+    """A booking request as it waits in the queue; the worker makes the booking row from it."""
+
+    id: str
+    user_id: str
+    event_id: str
+    key: str
+    digest: str
+    request: dict[str, Any]
+    provider: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry: a request, or (written before requests travelled whole) only its id."""
+
+    entry_id: bytes
+    request_id: str
+    request: Request | None
+
+
+class Known(NamedTuple):
+    """The Idempotency-Key was used before: the request it was used for, and that body's hash."""
+
+    request_id: str
+    digest: str
+
+
+_decode_request = msgspec.json.Decoder(Request).decode
+_encode = msgspec.json.Encoder().encode
+
+
+async def submit(redis: Redis, request: Request, maximum: int) -> int | Known:
+    """Queue a request in one atomic step; returns its position (1 = next).
+
+    Unless its Idempotency-Key was used before (:class:`Known`), the request is refused with
+    409 ``seat_unavailable`` when a seat it wants is claimed (another queued request wants it,
+    or it was sold), and with 503 when the queue is full; a refused request leaves nothing
+    behind. Otherwise its seats are claimed, its key remembered and its status set. Claims are a
+    pre-check that keeps doomed requests out of the queue; the database still decides.
+    """
+    seat_ids: list[str] = request.request.get("seat_ids") or []
+    # EVALSHA, loading the script when Redis does not know it (yet, or after a restart).
+    answer: Any = await redis.register_script(_SUBMIT)(
+        keys=[
+            keys.idempotency(request.user_id, request.key),
+            keys.seat_claims(request.event_id),
+            keys.queue_ticket(request.event_id),
+            keys.queue_served(request.event_id),
+            keys.queue(request.event_id),
+            keys.QUEUE_ACTIVE,
+            keys.booking_request(request.id),
+            keys.user_channel(request.user_id),
+        ],
+        args=[
+            request.id,
+            request.event_id,
+            maximum,
+            request.user_id,
+            request.digest,
+            _encode(request),
+            int(time.time() * 1000),
+            CLAIM_TTL_MS,
+            *seat_ids,
+        ],
     )
-    metrics.QUEUE_DEPTH.set(waiting)
-    if position < 0:
+    kind = answer[0].decode()
+    if kind == "known":
+        request_id, _, digest = answer[1].decode().partition(" ")
+        return Known(request_id, digest)
+    if kind == "taken":
+        raise holds.seat_unavailable([s.decode() for s in answer[1]])
+    metrics.QUEUE_DEPTH.set(answer[-1])
+    if kind == "full":
         raise ApiError(
             "unavailable",
             "The booking queue for this event is full; try again shortly.",
-            {"queue_depth": waiting},
+            {"queue_depth": answer[1]},
             headers={"Retry-After": "2"},
         )
-    return int(position)
+    return int(answer[1])
+
+
+async def settle_claims(redis: Redis, entries: list[Entry], outcomes: list[Any]) -> None:
+    """After a batch: a failed request's seats are free to claim again, a sold seat stays
+    claimed for :data:`SOLD_TTL_MS`."""
+    sold: dict[str, list[str]] = {}
+    freed: dict[str, list[str]] = {}
+    for entry, outcome in zip(entries, outcomes, strict=True):
+        seat_ids = entry.request.request.get("seat_ids") if entry.request else None
+        if not seat_ids or outcome is None or entry.request is None:
+            continue
+        if outcome.state == "CONFIRMED":
+            sold.setdefault(entry.request.event_id, []).extend(seat_ids)
+        elif outcome.state in ("FAILED", "CANCELLED"):
+            freed.setdefault(entry.request.event_id, []).extend(seat_ids)
+    if sold or freed:
+        until = int(time.time() * 1000) + SOLD_TTL_MS
+        async with redis.pipeline(transaction=False) as pipe:
+            for event_id, seats in sold.items():
+                pipe.hset(keys.seat_claims(event_id), mapping=dict.fromkeys(seats, until))
+            for event_id, seats in freed.items():
+                pipe.hdel(keys.seat_claims(event_id), *seats)
+            await pipe.execute()
+
+
+async def release_claims(redis: Redis, event_id: str, seat_ids: list[str]) -> None:
+    """Seats given back (a cancelled booking): new requests for them queue again at once."""
+    if seat_ids:
+        await redis.hdel(keys.seat_claims(event_id), *seat_ids)
 
 
 async def position(redis: Redis, event_id: str, ticket: int) -> int:
@@ -98,8 +219,17 @@ async def _ensure_group(redis: Redis, stream: str) -> None:
         await redis.xgroup_create(stream, keys.QUEUE_GROUP, id="0", mkstream=True)
 
 
-def _ids(entries: Any) -> list[tuple[bytes, str]]:
-    return [(entry_id, fields[b"id"].decode()) for entry_id, fields in entries if fields]
+def parse_entries(raw: Any) -> list[Entry]:
+    """Entries as XREADGROUP, XAUTOCLAIM or XRANGE return them."""
+    return [
+        Entry(
+            entry_id,
+            fields[b"id"].decode(),
+            _decode_request(fields[b"r"]) if b"r" in fields else None,
+        )
+        for entry_id, fields in raw
+        if fields
+    ]
 
 
 async def drain(
@@ -118,7 +248,7 @@ async def drain(
     await _ensure_group(redis, stream)
     done = 0
     # Entries a previous holder read but never acknowledged come first: they arrived first.
-    backlog: list[tuple[bytes, str]] = []
+    backlog: list[Entry] = []
     cursor: Any = "0-0"
     while True:
         # Redis 6.2 answers [cursor, entries]; 7 adds the ids of deleted entries.
@@ -126,7 +256,7 @@ async def drain(
             stream, keys.QUEUE_GROUP, consumer, 0, cursor, count=500
         )
         cursor = answer[0]
-        backlog += _ids(answer[1])
+        backlog += parse_entries(answer[1])
         if cursor in (b"0-0", "0-0"):
             break
     while True:
@@ -136,15 +266,20 @@ async def drain(
             read: Any = await redis.xreadgroup(
                 keys.QUEUE_GROUP, consumer, {stream: ">"}, count=BATCH
             )
-            batch = _ids(read[0][1]) if read else []
+            batch = parse_entries(read[0][1]) if read else []
         if not batch:
             return done
-        outcomes = await run_batch(app, [request_id for _, request_id in batch])
+        outcomes = await run_batch(app, batch)
+        # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
+        # booking (same Idempotency-Key) that has a saga of its own.
         finished = [
-            entry_id
-            for (entry_id, _), outcome in zip(batch, outcomes, strict=True)
-            if outcome is None or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
+            entry.entry_id
+            for entry, outcome in zip(batch, outcomes, strict=True)
+            if outcome is None
+            or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
+            or outcome.booking_id != entry.request_id
         ]
+        await settle_claims(redis, batch, outcomes)
         await announce(app, [o for o in outcomes if o is not None])
         if finished:
             # Served counts what this worker acknowledged: an entry another worker already

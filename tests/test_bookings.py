@@ -75,6 +75,13 @@ def book(client, auth, body, key=None, headers=WAIT):
     )
 
 
+async def queued(state, event_id):
+    """The event's queued requests, as a worker would take them (for tests without workers)."""
+    from bilten import keys, queue
+
+    return queue.parse_entries(await state.redis.xrange(keys.queue(event_id)))
+
+
 async def seat_statuses(client, event_id):
     seats = (await client.get(f"/events/{event_id}/seats")).json()["seats"]
     return {s["id"]: s["status"] for s in seats}
@@ -524,6 +531,7 @@ async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
 async def test_one_batch_settles_each_booking_on_its_own(settings):
     """Requests of one batch: first come first served on a contested seat, a declined card,
     units and a hold, each succeeding or failing by itself."""
+    from bilten import keys
     from bilten.sagas import batch
     from tests.test_catalog import running
 
@@ -547,9 +555,22 @@ async def test_one_batch_settles_each_booking_on_its_own(settings):
                 json={**body, "payment": {"method": "card", "token": token}},
                 headers={**auth, "Idempotency-Key": f"batch-{n}"},
             )
+            if n == 1:
+                # Ann's queued request claims seat 1: Bob is refused at the door. Once the claim
+                # is gone (claims expire), his request queues and the batch must arbitrate.
+                assert response.status_code == 409, response.text
+                assert response.json()["error"]["details"]["seat_ids"] == [seats[1]]
+                await instance.state.redis.delete(keys.seat_claims(event_id))
+                response = await c.post(
+                    "/bookings",
+                    json={**body, "payment": {"method": "card", "token": token}},
+                    headers={**auth, "Idempotency-Key": f"batch-{n}"},
+                )
             assert response.status_code == 202, response.text
             ids.append(response.json()["request_id"])
-        outcomes = await batch.run_batch(instance.state, ids)
+        entries = await queued(instance.state, event_id)
+        assert [e.request_id for e in entries] == ids
+        outcomes = await batch.run_batch(instance.state, entries)
         assert [o.state for o in outcomes] == [
             "CONFIRMED",
             "FAILED",
@@ -575,7 +596,7 @@ async def test_one_batch_settles_each_booking_on_its_own(settings):
         detail = (await c.get(f"/events/{event_id}")).json()
         assert detail["ticket_types"][0]["remaining"] == 18
         # Running the same batch again changes nothing: every step checks the state first.
-        again = await batch.run_batch(instance.state, ids)
+        again = await batch.run_batch(instance.state, entries)
         assert [o.state for o in again] == [o.state for o in outcomes]
 
 
@@ -605,7 +626,7 @@ async def test_one_hold_books_once(settings, database_url):
                 headers={**dan, "Idempotency-Key": f"twice-{n}"},
             )
             ids.append(response.json()["request_id"])
-        outcomes = await batch.run_batch(instance.state, ids)
+        outcomes = await batch.run_batch(instance.state, await queued(instance.state, event_id))
         assert sorted(o.state for o in outcomes) == ["CONFIRMED", "FAILED"]
         assert next(o for o in outcomes if o.state == "FAILED").error.code == "conflict"
     conn = await db.connect(database_url)
@@ -630,6 +651,7 @@ async def test_a_paid_booking_that_lost_a_seat_sells_none_and_refunds(settings, 
         booking_id = (
             await book(c, ann, {"event_id": event_id, "seat_ids": seats[:2]}, headers={})
         ).json()["request_id"]
+        await batch.admit(instance.state, await queued(instance.state, event_id))
         reserved = await batch.reserve_batch(instance.state, [booking_id])
         assert reserved[booking_id].state == "PAYMENT_PENDING"
         # Seat 1's hold runs out during the payment and Bob takes the seat.
@@ -702,7 +724,9 @@ async def test_a_ticket_type_of_another_event_touches_nothing(settings, database
                 headers={},
             )
         ).json()["request_id"]
-        [outcome] = await batch.run_batch(instance.state, [request_id])
+        [entry] = await queued(instance.state, event_a)
+        assert entry.request_id == request_id
+        [outcome] = await batch.run_batch(instance.state, [entry])
         assert outcome.state == "FAILED" and outcome.error.code == "validation_error"
     conn = await db.connect(database_url)
     try:

@@ -3,8 +3,8 @@
 ``hub``: connections, rooms and mailboxes bridged to Redis pub/sub; ``connection``: one socket
 and its bounded send queue; ``wire``: ready-made frames straight to uvicorn's transport;
 ``rooms``: what one pub/sub message fans out to; ``history``: recent deltas for resubscribing
-clients; ``messages``: the protocol; ``positions``: places in the booking queue; ``stats``:
-figures for the heartbeat, Prometheus and ``/realtime/stats``.
+clients; ``messages``: the protocol; ``stats``: figures for the heartbeat, Prometheus and
+``/realtime/stats``.
 """
 
 from bilten.realtime.hub import Realtime

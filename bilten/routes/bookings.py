@@ -13,24 +13,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import bookings, errors, holds, keys, openapi, queue, security
+from bilten import bookings, errors, keys, openapi, queue, security
 from bilten.bookings import Booking, Failure
 from bilten.errors import ApiError
 from bilten.payments import webhooks
-from bilten.realtime import positions
 from bilten.routes.holds import Quantity, SeatIds, what
 from bilten.sagas import booking as saga
 from bilten.state import State, state
 from bilten.wire import JSONResponse, Struct, read_json, read_query
 
 MAX_WAIT = 30.0
-_EVENT_AND_SOLD = """
-SELECT e.status, e.currency,
-       (SELECT array_agg(seat_id::text) FROM event_seats
-        WHERE event_id = e.id AND seat_id = ANY ($2::uuid[]) AND status = 'sold') AS sold,
-       EXISTS (SELECT 1 FROM bookings WHERE user_id = $3 AND idempotency_key = $4) AS known
-FROM events e WHERE e.id = $1
-"""
 OUTCOME_ERRORS = (
     "seat_unavailable",
     "sold_out",
@@ -109,35 +101,71 @@ def _wait_seconds(request: Request, default: float) -> float:
     return min(float(match[1]), MAX_WAIT) if match else default
 
 
-async def _answer(app: State, booking_id: str, user_id: str) -> Response | None:
-    """The final answer for a finished booking; None while it is still under way."""
+def _failure(failure: Failure, request_id: str, booking_id: str) -> Response:
+    details = {**failure.details, "request_id": request_id, "booking_id": booking_id}
+    headers = {"Retry-After": "5"} if failure.code == "unavailable" else None
+    return errors.response(ApiError(failure.code, failure.message, details, headers=headers))
+
+
+async def _answer(app: State, booking_id: str, user_id: str, request_id: str) -> Response | None:
+    """The final answer for a finished booking, read from the database; None while pending."""
     async with app.db.acquire() as conn:
         found = await bookings.get(conn, booking_id, user_id)
     if found is None or found.status == "pending":
         return None
     if found.status == "confirmed":
         return JSONResponse(
-            Confirmed(request_id=booking_id, status="confirmed", booking=found), status_code=201
+            Confirmed(request_id=request_id, status="confirmed", booking=found), status_code=201
         )
     failure = found.failure or Failure(code="conflict", message=f"The booking is {found.status}.")
-    details = {**failure.details, "request_id": booking_id, "booking_id": booking_id}
-    headers = {"Retry-After": "5"} if failure.code == "unavailable" else None
-    return errors.response(ApiError(failure.code, failure.message, details, headers=headers))
+    return _failure(failure, request_id, booking_id)
 
 
-async def _queued(app: State, booking_id: str, event_id: str) -> Response:
-    raw: Any = await app.redis.hgetall(keys.booking_request(booking_id))
+async def _answer_from(
+    app: State, outcome: bytes, user_id: str, request_id: str
+) -> Response | None:
+    """The answer a worker announced; what it left out is read from the database."""
+    if outcome:
+        done = _decode_done(outcome)
+        if done.status == "confirmed" and done.booking is not None:
+            return JSONResponse(
+                Confirmed(request_id=done.request_id, status="confirmed", booking=done.booking),
+                status_code=201,
+            )
+        if done.status == "failed" and done.error is not None:
+            return _failure(done.error, done.request_id, done.booking_id)
+        if done.booking_id != request_id:
+            return await _answer(app, done.booking_id, user_id, request_id)
+    return await _answer(app, request_id, user_id, request_id)
+
+
+_decode_done = msgspec.json.Decoder(bookings.Done).decode
+
+
+async def _queued(app: State, request_id: str, event_id: str) -> Response:
+    raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
     status = raw.get(b"status", b"queued").decode()
     ticket = int(raw.get(b"ticket", 0))
     position = await queue.position(app.redis, event_id, ticket) if ticket else 0
     return JSONResponse(
         Queued(
-            request_id=booking_id,
+            request_id=request_id,
             status="processing" if status == "processing" else "queued",
             position=position,
         ),
         status_code=202,
     )
+
+
+async def _event_status(app: State, event_id: str) -> str | None:
+    """The event's status, from a short-lived per-process cache (dropped when it changes)."""
+    found = app.caches.statuses.get(event_id)
+    if found is None:
+        token = app.caches.statuses.token(event_id)
+        found = await app.db.fetchval("SELECT status FROM events WHERE id = $1", event_id)
+        if found is not None:
+            app.caches.statuses.put(event_id, found, token)
+    return found
 
 
 async def _book(request: Request, default_wait: float) -> Response:
@@ -159,84 +187,65 @@ async def _book(request: Request, default_wait: float) -> Response:
     wait = _wait_seconds(request, default_wait)
     app = state(request)
     event_id = str(body.event_id)
+    if await _event_status(app, event_id) in (None, "draft"):
+        raise ApiError("not_found", "No such event.")
+    entry = queue.Request(
+        id=str(uuid.uuid4()),
+        user_id=who.user_id,
+        event_id=event_id,
+        key=key,
+        digest=bookings.body_hash(body),
+        request=wanted,
+        provider=app.payments.name,
+        token=body.payment.token,
+    )
     # Parked before the request is queued, so an outcome that comes quickly is not missed.
-    booking_id = str(uuid.uuid4())
-    future = app.waiters.register(booking_id) if wait > 0 else None
+    future = app.waiters.register(entry.id) if wait > 0 else None
     try:
-        return await _book_and_wait(
-            request, app, who, key, body, wanted, event_id, booking_id, wait, future
+        submitted = await queue.submit(app.redis, entry, app.settings.queue_max)
+        if isinstance(submitted, queue.Known):
+            if submitted.digest != entry.digest:
+                raise ApiError(
+                    "idempotency_mismatch",
+                    "This Idempotency-Key was used with another request body.",
+                    {"idempotency_key": key},
+                )
+            return await _repeat(app, who.user_id, submitted.request_id, event_id, wait)
+        if future is not None:
+            with contextlib.suppress(TimeoutError):
+                outcome = await asyncio.wait_for(asyncio.shield(future), wait)
+                answer = await _answer_from(app, outcome, who.user_id, entry.id)
+                if answer is not None:
+                    return answer
+            return await _queued(app, entry.id, event_id)
+        return JSONResponse(
+            Queued(request_id=entry.id, status="queued", position=submitted), status_code=202
         )
     finally:
         if future is not None:
-            app.waiters.discard(booking_id, future)
+            app.waiters.discard(entry.id, future)
 
 
-async def _book_and_wait(
-    request: Request,
-    app: State,
-    who: security.Principal,
-    key: str,
-    body: BookingIn,
-    wanted: dict[str, Any],
-    event_id: str,
-    candidate: str,
-    wait: float,
-    future: asyncio.Future[None] | None,
+async def _repeat(
+    app: State, user_id: str, request_id: str, event_id: str, wait: float
 ) -> Response:
-    async with app.db.acquire() as conn:
-        event = await conn.fetchrow(
-            _EVENT_AND_SOLD, event_id, wanted.get("seat_ids") or [], who.user_id, key
-        )
-        if event is None or event["status"] == "draft":
-            raise ApiError("not_found", "No such event.")
-        if event["sold"] and not event["known"]:
-            # Sold is final: a new request for a sold seat is refused here, without a booking
-            # or a place in the queue. (Held seats may still come free: those requests queue.)
-            raise holds.seat_unavailable(event["sold"])
-        booking_id, new = await bookings.create_request(
-            conn,
-            booking_id=candidate,
-            user_id=who.user_id,
-            event_id=event_id,
-            key=key,
-            digest=bookings.body_hash(body),
-            request=wanted,
-            currency=event["currency"],
-            provider=app.payments.name,
-            token=body.payment.token,
-        )
-        if new:
-            try:
-                position = await queue.enqueue(
-                    app.redis, event_id, booking_id, who.user_id, app.settings.queue_max
-                )
-            except Exception:
-                # Never accepted: forget it, so a retry with the same key starts afresh.
-                await conn.execute("DELETE FROM bookings WHERE id = $1", booking_id)
-                raise
-            await positions.announce(app.redis, who.user_id, booking_id, event_id, position)
-    answer = None
-    if not new:
-        # A retry: the first request's outcome may be known already.
-        if future is not None:
-            app.waiters.discard(candidate, future)
-            future = app.waiters.register(booking_id)
-        answer = await _answer(app, booking_id, who.user_id)
+    """A request made again with its Idempotency-Key: the first one's answer, when known."""
+    future = app.waiters.register(request_id) if wait > 0 else None
     try:
+        raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
+        answer = None
+        if b"result" in raw:
+            answer = await _answer_from(app, raw[b"result"], user_id, request_id)
+        elif not raw:  # its status has aged out of Redis: the database knows
+            answer = await _answer(app, request_id, user_id, request_id)
         if answer is None and future is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(future), wait)
-            answer = await _answer(app, booking_id, who.user_id)
+                outcome = await asyncio.wait_for(asyncio.shield(future), wait)
+                answer = await _answer_from(app, outcome, user_id, request_id)
+        return answer if answer is not None else await _queued(app, request_id, event_id)
     finally:
-        if future is not None and booking_id != candidate:
-            app.waiters.discard(booking_id, future)
-    if answer is not None:
-        return answer
-    if new:
-        return JSONResponse(
-            Queued(request_id=booking_id, status="queued", position=position), status_code=202
-        )
-    return await _queued(app, booking_id, event_id)
+        if future is not None:
+            app.waiters.discard(request_id, future)
 
 
 @openapi.endpoint(
@@ -286,6 +295,16 @@ async def request_status(request: Request) -> Response:
     status = raw.get(b"status", b"").decode()
     if owner and owner != who.user_id and who.role != "admin":
         raise ApiError("not_found", "No such booking request.")
+    if b"result" in raw:
+        done = _decode_done(raw[b"result"])
+        return JSONResponse(
+            RequestStatus(
+                request_id=request_id,
+                status=done.status,
+                booking_id=done.booking_id,
+                error=done.error,
+            )
+        )
     if status in ("queued", "processing"):
         event_id = raw[b"event_id"].decode()
         ticket = int(raw.get(b"ticket", 0))
@@ -369,7 +388,11 @@ async def cancel_booking(request: Request) -> Response:
     outcome = await saga.cancel(app, booking_id)
     await saga.announce(app, outcome)
     async with app.db.acquire() as conn:
-        return JSONResponse(await bookings.get(conn, booking_id))
+        cancelled = await bookings.get(conn, booking_id)
+    assert cancelled is not None
+    seat_ids = [i.seat_id for i in cancelled.items if i.seat_id]
+    await queue.release_claims(app.redis, cancelled.event_id, seat_ids)
+    return JSONResponse(cancelled)
 
 
 @openapi.endpoint(

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from bilten import holds, metrics, notifications, payments, ticketcodes
+from bilten import bookings, holds, metrics, notifications, payments, queue, ticketcodes
+from bilten.bookings import Booking, BookingItem, Payment, TicketRef
 from bilten.db import Connection
 from bilten.errors import ApiError
 from bilten.sagas import booking
@@ -540,8 +541,8 @@ async def _confirm_many(
         [r["hold_id"] for r in ok],
     )
     items = await conn.fetch(
-        """SELECT booking_id::text, seat_id, ticket_type_id, label FROM booking_items
-           WHERE booking_id = ANY ($1::uuid[]) ORDER BY booking_id, position""",
+        """SELECT booking_id::text, seat_id::text, ticket_type_id::text, label, price_cents
+           FROM booking_items WHERE booking_id = ANY ($1::uuid[]) ORDER BY booking_id, position""",
         ids,
     )
     by_booking = {r["id"]: r for r in ok}
@@ -588,25 +589,115 @@ async def _confirm_many(
         conn, "booking_confirmed", [(r["id"], r["user_id"]) for r in ok]
     )
     metrics.BOOKINGS.labels("confirmed", "").inc(len(ok))
+    views = _views(ok, items, tickets)
     return (
-        [Outcome(r["id"], r["user_id"], r["event_id"], "CONFIRMED") for r in ok],
+        [
+            Outcome(r["id"], r["user_id"], r["event_id"], "CONFIRMED", booking=views[r["id"]])
+            for r in ok
+        ],
         [r["id"] for r in leftovers],
     )
 
 
-async def run_batch(app: State, booking_ids: list[str]) -> list[Outcome | None]:
-    """The batch in arrival order: reserve together, pay concurrently, finish together.
-
-    Should the batch fail as a whole (a bug, a broken row), its bookings run one by one, so one
-    bad request cannot block an event's queue.
-    """
-    try:
-        return await _run_batch(app, booking_ids)
-    except Exception:
-        log.exception(
-            "a booking batch failed; running its %d bookings one by one", len(booking_ids)
+def _views(rows: list[Any], items: list[Any], tickets: list[tuple[Any, ...]]) -> dict[str, Booking]:
+    """The confirmed bookings as ``GET /bookings/{id}`` shows them, from what was just written."""
+    views = {
+        r["id"]: Booking(
+            id=r["id"],
+            event_id=r["event_id"],
+            status="confirmed",
+            items=[],
+            total_cents=r["total_cents"],
+            currency=r["currency"],
+            payment=Payment(
+                status="succeeded", provider=r["payment_provider"], amount_cents=r["total_cents"]
+            ),
+            tickets=[],
+            created_at=r["created_at"],
         )
-        return [await booking.run(app, b) for b in booking_ids]
+        for r in rows
+    }
+    for item in items:
+        views[item["booking_id"]].items.append(
+            BookingItem(
+                seat_id=item["seat_id"],
+                ticket_type_id=item["ticket_type_id"],
+                label=item["label"],
+                price_cents=item["price_cents"],
+            )
+        )
+    for ticket_id, booking_id, _, _, _, _, label, code in tickets:
+        views[booking_id].tickets.append(TicketRef(id=ticket_id, code=code, label=label))
+    for view in views.values():
+        view.tickets.sort(key=lambda t: (t.label, t.id))
+    return views
+
+
+async def run_batch(app: State, entries: list[queue.Entry]) -> list[Outcome | None]:
+    """A queue batch in arrival order: bookings made, reserved together, paid concurrently,
+    finished together.
+
+    Should the batch fail as a whole after its bookings were made (a bug, a broken row), they
+    run one by one, so one bad request cannot block an event's queue.
+    """
+    booking_ids, outcomes = await admit(app, entries)
+    runnable = [b for b in booking_ids if b is not None]
+    try:
+        ran = await _run_batch(app, runnable)
+    except Exception:
+        log.exception("a booking batch failed; running its %d bookings one by one", len(runnable))
+        ran = [await booking.run(app, b) for b in runnable]
+    results = iter(ran)
+    return [
+        next(results) if booking_id is not None else outcome
+        for booking_id, outcome in zip(booking_ids, outcomes, strict=True)
+    ]
+
+
+async def admit(
+    app: State, entries: list[queue.Entry]
+) -> tuple[list[str | None], list[Outcome | None]]:
+    """The booking of each entry, made now if it is new (step one of the saga: PENDING); or,
+    for an entry that ends here, its outcome."""
+    requests = [e.request for e in entries if e.request is not None]
+    async with app.db.acquire() as conn, conn.transaction():
+        standing = await bookings.create_many(conn, requests)
+    booking_ids: list[str | None] = []
+    outcomes: list[Outcome | None] = []
+    for entry in entries:
+        request = entry.request
+        found = standing.get(entry.request_id)
+        if request is None or (found is not None and found[0] == entry.request_id):
+            booking_ids.append(entry.request_id)  # its own booking, new or made before
+            outcomes.append(None)
+            continue
+        booking_ids.append(None)
+        if found is None:
+            error = ApiError("not_found", "No such event.")
+            outcomes.append(
+                Outcome(entry.request_id, request.user_id, request.event_id, "FAILED", error)
+            )
+        elif found[1] != request.digest:
+            error = ApiError(
+                "idempotency_mismatch",
+                "This Idempotency-Key was used with another request body.",
+                {"idempotency_key": request.key},
+            )
+            outcomes.append(
+                Outcome(entry.request_id, request.user_id, request.event_id, "FAILED", error)
+            )
+        else:
+            # A repeat of an earlier request whose key Redis no longer knew: it is that booking.
+            outcomes.append(
+                Outcome(
+                    found[0],
+                    request.user_id,
+                    request.event_id,
+                    found[2],
+                    request_id=entry.request_id,
+                )
+            )
+    return booking_ids, outcomes
 
 
 async def _run_batch(app: State, booking_ids: list[str]) -> list[Outcome | None]:

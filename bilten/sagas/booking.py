@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from bilten import holds, keys, metrics, notifications, outbox, payments, ticketcodes
+import msgspec
+
+from bilten import bookings, holds, keys, metrics, notifications, outbox, payments, ticketcodes
 from bilten.db import Connection
 from bilten.errors import ApiError
 from bilten.state import State
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 PAYMENT_WINDOW = 120
 
 _BOOKING = """SELECT id::text, user_id::text, event_id::text, request, hold_id::text, saga_state,
-                     total_cents, currency, payment_token, payment_id, created_at
+                     total_cents, currency, payment_token, payment_id, payment_provider,
+                     created_at
               FROM bookings WHERE id = $1"""
 
 
@@ -39,6 +42,8 @@ class Outcome:
     event_id: str
     state: str
     error: ApiError | None = None
+    booking: bookings.Booking | None = None  # the confirmed booking as the API shows it
+    request_id: str = ""  # the queued request, when it is not the booking's own id
 
 
 async def _transition(
@@ -392,7 +397,7 @@ async def announce(app: State, outcome: Outcome) -> None:
 
 
 async def announce_many(app: State, outcomes: list[Outcome]) -> None:
-    """After sagas moved: each request's status for pollers, and a wake-up for waiters."""
+    """After sagas moved: each request's status for pollers, and its outcome for waiters."""
     if not outcomes:
         return
     async with app.redis.pipeline(transaction=False) as pipe:
@@ -400,15 +405,36 @@ async def announce_many(app: State, outcomes: list[Outcome]) -> None:
             status = {"CONFIRMED": "confirmed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(
                 outcome.state, "processing"
             )
-            mapping: dict[str | bytes, str] = {"status": status, "booking_id": outcome.booking_id}
+            request_id = outcome.request_id or outcome.booking_id
+            done = _encode_done(
+                bookings.Done(
+                    request_id=request_id,
+                    booking_id=outcome.booking_id,
+                    status=cast(Any, status),
+                    booking=outcome.booking,
+                    error=bookings.Failure(
+                        code=outcome.error.code,
+                        message=outcome.error.message,
+                        details=outcome.error.details or {},
+                    )
+                    if outcome.error is not None
+                    else None,
+                )
+            )
+            mapping: dict[str | bytes, Any] = {"status": status, "booking_id": outcome.booking_id}
             if outcome.error is not None:
                 mapping["error"] = outcome.error.code
-            key = keys.booking_request(outcome.booking_id)
+            if status != "processing":
+                mapping["result"] = done
+            key = keys.booking_request(request_id)
             pipe.hset(key, mapping=cast(Any, mapping))
             pipe.expire(key, 86400)
             if status != "processing":
-                pipe.publish(keys.BOOKING_DONE, outcome.booking_id)
+                pipe.publish(keys.BOOKING_DONE, request_id.encode() + b"\n" + done)
         await pipe.execute()
+
+
+_encode_done = msgspec.json.Encoder().encode
 
 
 async def cancel(app: State, booking_id: str) -> Outcome:
