@@ -10,8 +10,9 @@ their access tokens signed with the secret key the servers run with), starts ``-
 buyer (buyers are spread round-robin over the instances) and lets every buyer loose at once.
 Each buyer books 1-4 random seats it believes available with ``POST /bookings``
 (``Idempotency-Key``, ``Prefer: wait=30``, ``tok_visa``) until the event is sold out. Buyers
-share one view of the seat map, as if all watched the live map: a confirmed booking and the
-``seat_ids`` of a 409 remove seats from it; when it runs dry, it is reloaded from
+share one view of the seat map, kept as a browser's live map is: the seat deltas of the event's
+room over a WebSocket (``/ws``) move seats in and out of it; a confirmed booking and the
+``seat_ids`` of a 409 remove seats from it at once; when it runs dry, it is reloaded from
 ``GET /events/{id}/seats``. A buyer stops after ``--give-up`` 409s in a row once the map shows
 no seat available; the whole load is bounded by ``--timeout``.
 
@@ -57,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgspec
 import uvloop
+import websockets
 from redis.asyncio import Redis
 
 from bench.common import ROOT, bilten_process, services
@@ -261,6 +263,11 @@ class View:
         self.ids = [s for s in available if s not in self.sold]
         self.where = {s: i for i, s in enumerate(self.ids)}
 
+    def add(self, seat_id: str) -> None:
+        if seat_id not in self.where and seat_id not in self.sold:
+            self.where[seat_id] = len(self.ids)
+            self.ids.append(seat_id)
+
     def drop(self, seat_ids: list[str]) -> None:
         for seat in seat_ids:
             i = self.where.pop(seat, None)
@@ -321,6 +328,41 @@ class SeatMapReader:
         self.fetches += 1
 
 
+class _Change(msgspec.Struct):
+    seat_id: str
+    status: str
+
+
+class _Message(msgspec.Struct):
+    type: str
+    changes: list[_Change] = []
+
+
+_decode_message = msgspec.json.Decoder(_Message).decode
+
+
+async def watch_live_map(url: str, event_id: str, view: View) -> int:
+    """Keep the shared view in step with the event's seat deltas over one WebSocket, as a
+    browser's live map is (until cancelled); returns the deltas applied."""
+    applied = 0
+    with contextlib.suppress(OSError, websockets.ConnectionClosed):
+        async with websockets.connect(url.replace("http", "ws", 1) + "/ws", max_size=None) as ws:
+            await ws.send(msgspec.json.encode({"type": "subscribe", "room": f"event:{event_id}"}))
+            async for raw in ws:
+                message = _decode_message(raw)
+                if message.type != "seats":
+                    continue
+                for change in message.changes:
+                    if change.status == "available":
+                        view.add(change.seat_id)
+                    else:
+                        view.drop([change.seat_id])
+                        if change.status == "sold":
+                            view.sold.add(change.seat_id)
+                applied += 1
+    return applied
+
+
 # --- the load -----------------------------------------------------------------------------------
 
 
@@ -356,6 +398,7 @@ async def run_load(
     view = View(rng)
     view.load(seat_ids)
     reader = SeatMapReader(urls[0], event_id, view)
+    live = asyncio.create_task(watch_live_map(urls[0], event_id, view))
     total = len(seat_ids)
     load = Load()
     sold_out = asyncio.Event()
@@ -480,6 +523,9 @@ async def run_load(
             http.close()
         reader.http.close()
         load.map_fetches, load.map_errors = reader.fetches, reader.errors
+        live.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await live
     return load
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 DETAIL_MAX_AGE = 5.0
-SEAT_MAP_MAX_AGE = 60.0  # entries are also checked against the current version
+SEAT_MAP_MAX_AGE = 60.0
+ON_SALE_MAX_AGE = 5.0  # entries are also checked against the current version
 MAX_ENTRIES = 2000
 
 
@@ -76,17 +77,17 @@ class LocalCache(Generic[V]):
 class Caches:
     details: LocalCache[Any] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
     seat_maps: LocalCache[Any] = field(default_factory=lambda: LocalCache(SEAT_MAP_MAX_AGE))
-    statuses: LocalCache[str] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
+    # Events on sale, for the booking door: not dropped by changes (every sale changes its
+    # event), only aged out; the worker checks the event again in the database.
+    on_sale: LocalCache[bool] = field(default_factory=lambda: LocalCache(ON_SALE_MAX_AGE))
 
     def drop(self, event_id: str) -> None:
         self.details.drop(event_id)
         self.seat_maps.drop(event_id)
-        self.statuses.drop(event_id)
 
     def clear(self) -> None:
         self.details.clear()
         self.seat_maps.clear()
-        self.statuses.clear()
 
 
 async def changed(redis: Redis, caches: Caches, event_id: str) -> None:

@@ -34,7 +34,7 @@ def user_channel(user_id: str) -> str:
     return f"{PREFIX}:room:user:{user_id}"
 
 
-BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: "<request id>\n<outcome JSON>" when it ended
+BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: lines "<request id> <outcome JSON>"
 QUEUE_ACTIVE = f"{PREFIX}:q:active"  # set of events whose booking queue may hold requests
 QUEUE_GROUP = "bookers"
 

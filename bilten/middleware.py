@@ -10,11 +10,15 @@ import secrets
 import time
 from typing import Any
 
+import asyncpg
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bilten import errors, logs, metrics, ratelimit
+from bilten.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,14 @@ REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 UNMATCHED = "<unmatched>"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Failures to reach PostgreSQL or Redis (or to get a pooled connection in time): 503, not 500.
+UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 # Request ids need to be unique, not secret: a random per-process prefix and a counter are
@@ -120,6 +132,20 @@ class RequestContext:
         begun = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
+        except UNAVAILABLE as exc:
+            # PostgreSQL or Redis out of reach, or no connection free in time: the client may
+            # retry; this is overload or an outage, not a bug.
+            log.warning("%s %s: %s: %s", scope["method"], scope["path"], type(exc).__name__, exc)
+            if not started:
+                response = errors.response(
+                    ApiError(
+                        "unavailable",
+                        "A service Bilten depends on is unavailable or busy; try again shortly.",
+                        {"request_id": rid},
+                        headers={"Retry-After": "2"},
+                    )
+                )
+                await response(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:

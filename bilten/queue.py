@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import secrets
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from bilten import holds, keys, metrics
 from bilten.errors import ApiError
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 RunBatch = Callable[[State, list["Entry"]], Awaitable[list[Any]]]
 Announce = Callable[[State, list[Any]], Awaitable[None]]
 
-BATCH = 50
+BATCH = 200
 IDLE_SLEEP = (0.005, 0.1)
 
 # Delete the lease only if it is still ours.
@@ -96,6 +97,9 @@ return {'queued', position, waiting + 1}
 """
 
 
+_SUBMIT_SHA = hashlib.sha1(_SUBMIT.encode()).hexdigest()
+
+
 class Request(msgspec.Struct, kw_only=True):
     """A booking request as it waits in the queue; the worker makes the booking row from it."""
 
@@ -139,30 +143,32 @@ async def submit(redis: Redis, request: Request, maximum: int) -> int | Known:
     pre-check that keeps doomed requests out of the queue; the database still decides.
     """
     seat_ids: list[str] = request.request.get("seat_ids") or []
-    # EVALSHA, loading the script when Redis does not know it (yet, or after a restart).
-    answer: Any = await redis.register_script(_SUBMIT)(
-        keys=[
-            keys.idempotency(request.user_id, request.key),
-            keys.seat_claims(request.event_id),
-            keys.queue_ticket(request.event_id),
-            keys.queue_served(request.event_id),
-            keys.queue(request.event_id),
-            keys.QUEUE_ACTIVE,
-            keys.booking_request(request.id),
-            keys.user_channel(request.user_id),
-        ],
-        args=[
-            request.id,
-            request.event_id,
-            maximum,
-            request.user_id,
-            request.digest,
-            _encode(request),
-            int(time.time() * 1000),
-            CLAIM_TTL_MS,
-            *seat_ids,
-        ],
+    names = (
+        keys.idempotency(request.user_id, request.key),
+        keys.seat_claims(request.event_id),
+        keys.queue_ticket(request.event_id),
+        keys.queue_served(request.event_id),
+        keys.queue(request.event_id),
+        keys.QUEUE_ACTIVE,
+        keys.booking_request(request.id),
+        keys.user_channel(request.user_id),
     )
+    args: tuple[str | int | bytes, ...] = (
+        request.id,
+        request.event_id,
+        maximum,
+        request.user_id,
+        request.digest,
+        _encode(request),
+        int(time.time() * 1000),
+        CLAIM_TTL_MS,
+        *seat_ids,
+    )
+    answer: Any
+    try:
+        answer = await redis.evalsha(_SUBMIT_SHA, len(names), *names, *args)
+    except NoScriptError:  # not loaded yet, or Redis restarted: EVAL loads it
+        answer = await redis.eval(_SUBMIT, len(names), *names, *args)
     kind = answer[0].decode()
     if kind == "known":
         request_id, _, digest = answer[1].decode().partition(" ")

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -40,11 +40,17 @@ class Claims:
     expires_at: int
 
 
+VERIFIED_MAX = 50_000  # tokens remembered as verified (about 300 bytes each)
+
+
 @dataclass(frozen=True)
 class Signer:
     current: str
     keys: dict[str, str]  # kid -> key, the current one included
     ttl: int
+    # Access tokens are checked by signature and expiry alone, so a token once verified is good
+    # until it expires: a client's later requests skip the HMAC and the JSON decoding.
+    verified: dict[str, Claims] = field(default_factory=dict, compare=False, repr=False)
 
     def issue(self, user_id: str, role: str, now: float | None = None) -> str:
         issued = int(now if now is not None else time.time())
@@ -62,6 +68,18 @@ class Signer:
         )
 
     def verify(self, token: str) -> Claims:
+        known = self.verified.get(token)
+        if known is not None:
+            if known.expires_at > time.time():
+                return known
+            del self.verified[token]
+        claims = self._verify(token)
+        if len(self.verified) >= VERIFIED_MAX:
+            del self.verified[next(iter(self.verified))]  # the oldest
+        self.verified[token] = claims
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
             key = self.keys.get(str(header.get("kid")))

@@ -1,8 +1,9 @@
 """Requests parked until something happens elsewhere: ``Prefer: wait=N`` on bookings.
 
-A saga that ends publishes ``<request id>\\n<outcome>``; every instance's pub/sub hub hands it
-to :meth:`Waiters.on_message`, which wakes the requests waiting for that request on this
-instance with the outcome itself, so they answer without reading it back. Nothing polls.
+Workers publish the requests whose sagas ended, a line ``<request id> <outcome>`` each, one
+message per batch; every instance's pub/sub hub hands it to :meth:`Waiters.on_message`, which
+wakes the requests waiting on this instance with the outcome itself, so they answer without
+reading it back. Nothing polls.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class Waiters:
                 future.set_result(outcome)
 
     def on_message(self, data: bytes) -> None:
-        key, _, outcome = data.partition(b"\n")
-        if key.decode() in self.futures:
-            self.resolve(key.decode(), outcome)
+        if not self.futures:
+            return
+        for line in data.split(b"\n"):
+            key, _, outcome = line.partition(b" ")
+            request_id = key.decode()
+            if request_id in self.futures:
+                self.resolve(request_id, outcome)

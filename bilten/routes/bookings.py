@@ -157,15 +157,29 @@ async def _queued(app: State, request_id: str, event_id: str) -> Response:
     )
 
 
+async def _check_event(app: State, event_id: str) -> None:
+    """404 unless the event is visible; a published one is remembered for a few seconds (the
+    worker checks it again, so an event cancelled meanwhile still sells nothing). Requests that
+    find no entry at the same moment share one query."""
+    if app.caches.on_sale.get(event_id):
+        return
+    loading = _loading.get(event_id)
+    if loading is None:
+        loading = _loading[event_id] = asyncio.ensure_future(_event_status(app, event_id))
+        loading.add_done_callback(lambda _: _loading.pop(event_id, None))
+    status = await asyncio.shield(loading)
+    if status in (None, "draft"):
+        raise ApiError("not_found", "No such event.")
+
+
+_loading: dict[str, asyncio.Future[str | None]] = {}
+
+
 async def _event_status(app: State, event_id: str) -> str | None:
-    """The event's status, from a short-lived per-process cache (dropped when it changes)."""
-    found = app.caches.statuses.get(event_id)
-    if found is None:
-        token = app.caches.statuses.token(event_id)
-        found = await app.db.fetchval("SELECT status FROM events WHERE id = $1", event_id)
-        if found is not None:
-            app.caches.statuses.put(event_id, found, token)
-    return found
+    status: str | None = await app.db.fetchval("SELECT status FROM events WHERE id = $1", event_id)
+    if status == "published":
+        app.caches.on_sale.put(event_id, True)
+    return status
 
 
 async def _book(request: Request, default_wait: float) -> Response:
@@ -187,8 +201,7 @@ async def _book(request: Request, default_wait: float) -> Response:
     wait = _wait_seconds(request, default_wait)
     app = state(request)
     event_id = str(body.event_id)
-    if await _event_status(app, event_id) in (None, "draft"):
-        raise ApiError("not_found", "No such event.")
+    await _check_event(app, event_id)
     entry = queue.Request(
         id=str(uuid.uuid4()),
         user_id=who.user_id,

@@ -400,6 +400,7 @@ async def announce_many(app: State, outcomes: list[Outcome]) -> None:
     """After sagas moved: each request's status for pollers, and its outcome for waiters."""
     if not outcomes:
         return
+    ended: list[bytes] = []
     async with app.redis.pipeline(transaction=False) as pipe:
         for outcome in outcomes:
             status = {"CONFIRMED": "confirmed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(
@@ -430,7 +431,9 @@ async def announce_many(app: State, outcomes: list[Outcome]) -> None:
             pipe.hset(key, mapping=cast(Any, mapping))
             pipe.expire(key, 86400)
             if status != "processing":
-                pipe.publish(keys.BOOKING_DONE, request_id.encode() + b"\n" + done)
+                ended.append(request_id.encode() + b" " + done)  # JSON has no raw newline
+        if ended:
+            pipe.publish(keys.BOOKING_DONE, b"\n".join(ended))
         await pipe.execute()
 
 
