@@ -28,6 +28,7 @@ from bilten import (
 )
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
+from bilten.pipelining import AutoPipeline
 from bilten.pubsub import Hub
 from bilten.realtime import Realtime
 from bilten.routes.realtime import Shortcut
@@ -72,7 +73,7 @@ async def start_workers(app: State) -> None:
         app.supervisor.start("recovery", recovery.worker(app))
         for n in range(app.settings.booking_workers):
             app.supervisor.start(
-                f"bookings-{n}", queue.worker(app, batch.run_batch, booking.announce_many)
+                f"bookings-{n}", queue.worker(app, batch.begin_batch, booking.add_announcements)
             )
 
 
@@ -94,6 +95,7 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 settings=settings,
                 db=pool,
                 redis=redis,
+                pipeline=AutoPipeline(redis),
                 supervisor=Supervisor(),
                 signer=tokens.signer(settings),
                 passwords=passwords.from_settings(settings),

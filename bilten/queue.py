@@ -31,17 +31,21 @@ from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from bilten import holds, keys, metrics
 from bilten.errors import ApiError
+from bilten.pipelining import AutoPipeline
 from bilten.state import State
 from bilten.supervisor import Worker
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[State, list["Entry"]], Awaitable[list[Any]]]
-Announce = Callable[[State, list[Any]], Awaitable[None]]
+# A batch's first step (bookings made, seats reserved), returning the rest (payments, finish).
+Begin = Callable[[State, list["Entry"]], Awaitable[Callable[[], Awaitable[list[Any]]]]]
+# Queues the outcomes' announcements (statuses, wake-ups) on a pipeline.
+Announce = Callable[[Pipeline, list[Any]], None]
 
 BATCH = 200
 IDLE_SLEEP = (0.005, 0.1)
@@ -133,7 +137,7 @@ _decode_request = msgspec.json.Decoder(Request).decode
 _encode = msgspec.json.Encoder().encode
 
 
-async def submit(redis: Redis, request: Request, maximum: int) -> int | Known:
+async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | Known:
     """Queue a request in one atomic step; returns its position (1 = next).
 
     Unless its Idempotency-Key was used before (:class:`Known`), the request is refused with
@@ -164,11 +168,7 @@ async def submit(redis: Redis, request: Request, maximum: int) -> int | Known:
         CLAIM_TTL_MS,
         *seat_ids,
     )
-    answer: Any
-    try:
-        answer = await redis.evalsha(_SUBMIT_SHA, len(names), *names, *args)
-    except NoScriptError:  # not loaded yet, or Redis restarted: EVAL loads it
-        answer = await redis.eval(_SUBMIT, len(names), *names, *args)
+    answer: Any = await redis.script(_SUBMIT, _SUBMIT_SHA, names, args)
     kind = answer[0].decode()
     if kind == "known":
         request_id, _, digest = answer[1].decode().partition(" ")
@@ -186,9 +186,9 @@ async def submit(redis: Redis, request: Request, maximum: int) -> int | Known:
     return int(answer[1])
 
 
-async def settle_claims(redis: Redis, entries: list[Entry], outcomes: list[Any]) -> None:
-    """After a batch: a failed request's seats are free to claim again, a sold seat stays
-    claimed for :data:`SOLD_TTL_MS`."""
+def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> None:
+    """After a batch, on the caller's pipeline: a failed request's seats are free to claim
+    again, a sold seat stays claimed for :data:`SOLD_TTL_MS`."""
     sold: dict[str, list[str]] = {}
     freed: dict[str, list[str]] = {}
     for entry, outcome in zip(entries, outcomes, strict=True):
@@ -199,14 +199,11 @@ async def settle_claims(redis: Redis, entries: list[Entry], outcomes: list[Any])
             sold.setdefault(entry.request.event_id, []).extend(seat_ids)
         elif outcome.state in ("FAILED", "CANCELLED"):
             freed.setdefault(entry.request.event_id, []).extend(seat_ids)
-    if sold or freed:
-        until = int(time.time() * 1000) + SOLD_TTL_MS
-        async with redis.pipeline(transaction=False) as pipe:
-            for event_id, seats in sold.items():
-                pipe.hset(keys.seat_claims(event_id), mapping=dict.fromkeys(seats, until))
-            for event_id, seats in freed.items():
-                pipe.hdel(keys.seat_claims(event_id), *seats)
-            await pipe.execute()
+    until = int(time.time() * 1000) + SOLD_TTL_MS
+    for event_id, seats in sold.items():
+        pipe.hset(keys.seat_claims(event_id), mapping=dict.fromkeys(seats, until))
+    for event_id, seats in freed.items():
+        pipe.hdel(keys.seat_claims(event_id), *seats)
 
 
 async def release_claims(redis: Redis, event_id: str, seat_ids: list[str]) -> None:
@@ -242,12 +239,17 @@ async def drain(
     app: State,
     event_id: str,
     consumer: str,
-    run_batch: RunBatch,
+    begin: Begin,
     announce: Announce,
     stop: asyncio.Event | None = None,
 ) -> int:
-    """Process the event's queue while we hold its lease (and until ``stop``, after the batch
-    in hand); returns requests finished."""
+    """Process the event's queue while we hold its lease (and until ``stop``, after the batches
+    in hand); returns requests finished.
+
+    Two batches overlap: while one pays and finishes, the next one's seats are reserved. It is
+    reserved only after the one before committed its reservations, so seats still go to
+    requests in arrival order.
+    """
     redis = app.redis
     stream = keys.queue(event_id)
     lease = keys.queue_lease(event_id)
@@ -265,45 +267,79 @@ async def drain(
         backlog += parse_entries(answer[1])
         if cursor in (b"0-0", "0-0"):
             break
-    while True:
-        if backlog:
-            batch, backlog = backlog[:BATCH], backlog[BATCH:]
-        else:
-            read: Any = await redis.xreadgroup(
-                keys.QUEUE_GROUP, consumer, {stream: ">"}, count=BATCH
-            )
-            batch = parse_entries(read[0][1]) if read else []
-        if not batch:
-            return done
-        outcomes = await run_batch(app, batch)
-        # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
-        # booking (same Idempotency-Key) that has a saga of its own.
-        finished = [
-            entry.entry_id
-            for entry, outcome in zip(batch, outcomes, strict=True)
-            if outcome is None
-            or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
-            or outcome.booking_id != entry.request_id
-        ]
-        await settle_claims(redis, batch, outcomes)
-        await announce(app, [o for o in outcomes if o is not None])
+    in_flight: asyncio.Task[int] | None = None
+    try:
+        while True:
+            if backlog:
+                batch, backlog = backlog[:BATCH], backlog[BATCH:]
+            else:
+                read: Any = await redis.xreadgroup(
+                    keys.QUEUE_GROUP, consumer, {stream: ">"}, count=BATCH
+                )
+                batch = parse_entries(read[0][1]) if read else []
+            if not batch:
+                if in_flight is None:
+                    return done
+                done += await in_flight  # new requests may come while it finishes
+                in_flight = None
+                continue
+            rest = await begin(app, batch)
+            if in_flight is not None:
+                done += await in_flight
+            in_flight = asyncio.create_task(_complete(app, event_id, batch, rest, announce))
+            if stop is not None and stop.is_set():
+                break  # shutting down: what is left stays queued for another worker
+            if not await redis.eval(_RENEW, 1, lease, consumer, app.settings.queue_lease_ms):
+                break  # the lease was lost: someone else drains now
+        done += await in_flight
+        in_flight = None
+        return done
+    finally:
+        if in_flight is not None:  # an error or a cancellation: its entries stay pending
+            in_flight.cancel()
+            with contextlib.suppress(BaseException):
+                await in_flight
+
+
+async def _complete(
+    app: State,
+    event_id: str,
+    batch: list[Entry],
+    rest: Callable[[], Awaitable[list[Any]]],
+    announce: Announce,
+) -> int:
+    """A batch's rest, then its announcements; its entries are acknowledged once their sagas
+    ended. Returns how many were."""
+    outcomes = await rest()
+    # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
+    # booking (same Idempotency-Key) that has a saga of its own.
+    finished = [
+        entry.entry_id
+        for entry, outcome in zip(batch, outcomes, strict=True)
+        if outcome is None
+        or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
+        or outcome.booking_id != entry.request_id
+    ]
+    stream = keys.queue(event_id)
+    async with app.redis.pipeline(transaction=False) as pipe:
+        settle_claims(pipe, batch, outcomes)
+        announce(pipe, [o for o in outcomes if o is not None])
         if finished:
-            # Served counts what this worker acknowledged: an entry another worker already
-            # acknowledged (after a lease changed hands) is not counted twice.
-            acked = await redis.xack(stream, keys.QUEUE_GROUP, *finished)
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.xdel(stream, *finished)
-                if acked:
-                    pipe.incrby(keys.queue_served(event_id), acked)
-                await pipe.execute()
-            done += len(finished)
-        if stop is not None and stop.is_set():
-            return done  # shutting down: what is left stays queued for another worker
-        if not await redis.eval(_RENEW, 1, lease, consumer, app.settings.queue_lease_ms):
-            return done  # the lease was lost: someone else drains now
+            pipe.xack(stream, keys.QUEUE_GROUP, *finished)
+        replies = await pipe.execute()
+    if finished:
+        # Served counts what this worker acknowledged: an entry another worker already
+        # acknowledged (after a lease changed hands) is not counted twice.
+        acked = replies[-1]
+        async with app.redis.pipeline(transaction=False) as pipe:
+            pipe.xdel(stream, *finished)
+            if acked:
+                pipe.incrby(keys.queue_served(event_id), acked)
+            await pipe.execute()
+    return len(finished)
 
 
-def worker(app: State, run_batch: RunBatch, announce: Announce) -> Worker:
+def worker(app: State, begin: Begin, announce: Announce) -> Worker:
     consumer = f"{app.settings.instance_id}-{secrets.token_hex(3)}"
 
     async def run(stop: asyncio.Event) -> None:
@@ -320,7 +356,7 @@ def worker(app: State, run_batch: RunBatch, announce: Announce) -> Worker:
                 ):
                     continue
                 try:
-                    finished = await drain(app, event_id, consumer, run_batch, announce, stop)
+                    finished = await drain(app, event_id, consumer, begin, announce, stop)
                     worked = finished > 0 or worked
                     stream = keys.queue(event_id)
                     if await app.redis.xlen(stream) == 0:

@@ -13,6 +13,7 @@ from bilten.db import Pool
 from bilten.media import Storage
 from bilten.passwords import Passwords
 from bilten.payments.resilience import ResilientProvider
+from bilten.pipelining import AutoPipeline
 from bilten.pubsub import Hub
 from bilten.settings import Settings
 from bilten.supervisor import Supervisor
@@ -28,6 +29,7 @@ class State:
     settings: Settings
     db: Pool
     redis: Redis
+    pipeline: AutoPipeline  # script calls of concurrent requests, one round trip for all
     supervisor: Supervisor
     signer: Signer
     passwords: Passwords

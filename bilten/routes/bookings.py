@@ -215,7 +215,7 @@ async def _book(request: Request, default_wait: float) -> Response:
     # Parked before the request is queued, so an outcome that comes quickly is not missed.
     future = app.waiters.register(entry.id) if wait > 0 else None
     try:
-        submitted = await queue.submit(app.redis, entry, app.settings.queue_max)
+        submitted = await queue.submit(app.pipeline, entry, app.settings.queue_max)
         if isinstance(submitted, queue.Known):
             if submitted.digest != entry.digest:
                 raise ApiError(

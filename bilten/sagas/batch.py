@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -306,77 +308,99 @@ def _json_list(values: list[str]) -> str:
     return "[" + ",".join(f'"{v}"' for v in values) + "]"
 
 
+@dataclass(frozen=True)
+class Payable:
+    amount_cents: int
+    currency: str
+    token: str
+
+
 async def reserve_batch(app: State, booking_ids: list[str]) -> dict[str, Outcome | None]:
     """PENDING → PAYMENT_PENDING (or FAILED) for a batch; None for bookings someone else has."""
-    outcomes: dict[str, Outcome | None] = dict.fromkeys(booking_ids)
     async with app.db.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            _MANY.replace("ORDER BY id", "ORDER BY id FOR UPDATE SKIP LOCKED"), booking_ids
-        )
-        by_id = {row["id"]: row for row in rows}
-        pending_by_event: dict[str, list[Any]] = defaultdict(list)
-        for booking_id in booking_ids:  # arrival order
-            row = by_id.get(booking_id)
-            if row is None:
-                continue
-            if row["saga_state"] != "PENDING":
-                outcomes[booking_id] = Outcome(
-                    row["id"], row["user_id"], row["event_id"], row["saga_state"]
+        outcomes, _ = await _reserve(conn, booking_ids)
+    return outcomes
+
+
+async def _reserve(
+    conn: Connection, booking_ids: list[str]
+) -> tuple[dict[str, Outcome | None], dict[str, Payable]]:
+    """:func:`reserve_batch` in the caller's transaction; also what each reserved booking pays."""
+    outcomes: dict[str, Outcome | None] = dict.fromkeys(booking_ids)
+    rows = await conn.fetch(
+        _MANY.replace("ORDER BY id", "ORDER BY id FOR UPDATE SKIP LOCKED"), booking_ids
+    )
+    by_id = {row["id"]: row for row in rows}
+    pending_by_event: dict[str, list[Any]] = defaultdict(list)
+    payable: dict[str, Payable] = {}
+    for booking_id in booking_ids:  # arrival order
+        row = by_id.get(booking_id)
+        if row is None:
+            continue
+        if row["saga_state"] != "PENDING":
+            outcomes[booking_id] = Outcome(
+                row["id"], row["user_id"], row["event_id"], row["saga_state"]
+            )
+            if row["saga_state"] == "PAYMENT_PENDING":
+                # Reserved by a worker that stopped: charging again with the same key finds
+                # the first charge, if there was one.
+                payable[booking_id] = Payable(
+                    row["total_cents"], row["currency"], row["payment_token"]
                 )
-            else:
-                pending_by_event[row["event_id"]].append(row)
-        reserved: list[Reserved] = []
-        failed: list[tuple[Any, ApiError]] = []
-        for event_id, event_rows in pending_by_event.items():
-            ok, bad = await _reserve_event(conn, event_id, event_rows)
-            reserved += ok
-            failed += bad
-        if reserved:
-            items = [(r.row["id"], n, i) for r in reserved for n, i in enumerate(r.items)]
-            await conn.execute(
-                """INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id,
-                                              label, price_cents)
-                   SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[],
-                                        $5::text[], $6::int[])""",
-                [b for b, _, _ in items],
-                [n for _, n, _ in items],
-                [i.seat_id for _, _, i in items],
-                [i.ticket_type_id for _, _, i in items],
-                [i.label for _, _, i in items],
-                [i.price_cents for _, _, i in items],
-            )
-            await conn.execute(
-                """UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
-                          saga_state = 'PAYMENT_PENDING', updated_at = now()
-                   FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)
-                   WHERE b.id = r.id""",
-                [r.row["id"] for r in reserved],
-                [r.hold_id for r in reserved],
-                [sum(i.price_cents for i in r.items) for r in reserved],
-            )
-            # PAYMENT_PENDING is committed before any provider call: a crash leaves an
-            # outcome that recovery looks up instead of guessing.
-            await _transitions(
-                conn,
-                [(r.row["id"], "PENDING", "SEATS_RESERVED", None) for r in reserved]
-                + [(r.row["id"], "SEATS_RESERVED", "PAYMENT_PENDING", None) for r in reserved],
-            )
-        for outcome in await _fail_many(conn, failed):
-            outcomes[outcome.booking_id] = outcome
+        else:
+            pending_by_event[row["event_id"]].append(row)
+    reserved: list[Reserved] = []
+    failed: list[tuple[Any, ApiError]] = []
+    for event_id, event_rows in pending_by_event.items():
+        ok, bad = await _reserve_event(conn, event_id, event_rows)
+        reserved += ok
+        failed += bad
+    if reserved:
+        items = [(r.row["id"], n, i) for r in reserved for n, i in enumerate(r.items)]
+        await conn.execute(
+            """INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id,
+                                          label, price_cents)
+               SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[],
+                                    $5::text[], $6::int[])""",
+            [b for b, _, _ in items],
+            [n for _, n, _ in items],
+            [i.seat_id for _, _, i in items],
+            [i.ticket_type_id for _, _, i in items],
+            [i.label for _, _, i in items],
+            [i.price_cents for _, _, i in items],
+        )
+        await conn.execute(
+            """UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
+                      saga_state = 'PAYMENT_PENDING', updated_at = now()
+               FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)
+               WHERE b.id = r.id""",
+            [r.row["id"] for r in reserved],
+            [r.hold_id for r in reserved],
+            [sum(i.price_cents for i in r.items) for r in reserved],
+        )
+        # PAYMENT_PENDING is committed before any provider call: a crash leaves an
+        # outcome that recovery looks up instead of guessing.
+        await _transitions(
+            conn,
+            [(r.row["id"], "PENDING", "SEATS_RESERVED", None) for r in reserved]
+            + [(r.row["id"], "SEATS_RESERVED", "PAYMENT_PENDING", None) for r in reserved],
+        )
+    for outcome in await _fail_many(conn, failed):
+        outcomes[outcome.booking_id] = outcome
     for r in reserved:
         outcomes[r.row["id"]] = Outcome(
             r.row["id"], r.row["user_id"], r.row["event_id"], "PAYMENT_PENDING"
         )
-    return outcomes
+        payable[r.row["id"]] = Payable(
+            sum(i.price_cents for i in r.items), r.row["currency"], r.row["payment_token"]
+        )
+    return outcomes, payable
 
 
-async def _charge(app: State, row: Any) -> PaymentResult:
+async def _charge(app: State, booking_id: str, due: Payable) -> PaymentResult:
     try:
         return await app.payments.charge(
-            key=row["id"],
-            amount_cents=row["total_cents"],
-            currency=row["currency"],
-            token=row["payment_token"],
+            key=booking_id, amount_cents=due.amount_cents, currency=due.currency, token=due.token
         )
     except (payments.PaymentDeclined, payments.ProviderUnavailable) as exc:
         return exc
@@ -633,35 +657,74 @@ def _views(rows: list[Any], items: list[Any], tickets: list[tuple[Any, ...]]) ->
     return views
 
 
-async def run_batch(app: State, entries: list[queue.Entry]) -> list[Outcome | None]:
-    """A queue batch in arrival order: bookings made, reserved together, paid concurrently,
-    finished together.
+Rest = Callable[[], Awaitable[list[Outcome | None]]]
 
-    Should the batch fail as a whole after its bookings were made (a bug, a broken row), they
-    run one by one, so one bad request cannot block an event's queue.
+
+async def run_batch(app: State, entries: list[queue.Entry]) -> list[Outcome | None]:
+    """A queue batch in arrival order, to the end: :func:`begin_batch`, then the rest."""
+    rest = await begin_batch(app, entries)
+    return await rest()
+
+
+async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
+    """The first step of a queue batch, in one transaction: the bookings made (PENDING) and
+    their seats reserved in arrival order (PAYMENT_PENDING, or FAILED). Returns the rest, to be
+    awaited when the caller likes (the queue starts the next batch meanwhile): the payments,
+    concurrently, then the finish, in one more transaction.
+
+    Should a step fail as a whole (a bug, a broken row), its bookings go one by one through the
+    one-booking saga, so one bad request cannot block an event's queue.
     """
-    booking_ids, outcomes = await admit(app, entries)
-    runnable = [b for b in booking_ids if b is not None]
+    began = time.monotonic()
     try:
-        ran = await _run_batch(app, runnable)
+        async with app.db.acquire() as conn, conn.transaction():
+            standing = await bookings.create_many(conn, _requests(entries))
+            booking_ids, early = _sort_out(entries, standing)
+            outcomes, payable = await _reserve(conn, [b for b in booking_ids if b is not None])
     except Exception:
-        log.exception("a booking batch failed; running its %d bookings one by one", len(runnable))
-        ran = [await booking.run(app, b) for b in runnable]
-    results = iter(ran)
-    return [
-        next(results) if booking_id is not None else outcome
-        for booking_id, outcome in zip(booking_ids, outcomes, strict=True)
-    ]
+        log.exception("a booking batch failed; running its %d bookings one by one", len(entries))
+        booking_ids, early = await admit(app, entries)
+
+        async def one_by_one() -> list[Outcome | None]:
+            ran = {b: await booking.run(app, b) for b in booking_ids if b is not None}
+            return _merge(booking_ids, early, ran)
+
+        return one_by_one
+
+    async def rest() -> list[Outcome | None]:
+        try:
+            outcomes.update(await _pay_and_finish(app, payable))
+        except Exception:
+            log.exception("finishing a booking batch failed; finishing its bookings one by one")
+            for booking_id in payable:
+                outcomes[booking_id] = await booking.recover(app, booking_id)
+        elapsed = time.monotonic() - began
+        for outcome in outcomes.values():
+            if outcome is not None and outcome.state == "CONFIRMED":
+                metrics.SAGA_SECONDS.observe(elapsed)
+        return _merge(booking_ids, early, outcomes)
+
+    return rest
 
 
 async def admit(
     app: State, entries: list[queue.Entry]
 ) -> tuple[list[str | None], list[Outcome | None]]:
-    """The booking of each entry, made now if it is new (step one of the saga: PENDING); or,
-    for an entry that ends here, its outcome."""
-    requests = [e.request for e in entries if e.request is not None]
+    """Make the bookings of a batch's new requests in a transaction of their own (the first
+    step of the saga: PENDING); see :func:`_sort_out` for what it returns."""
     async with app.db.acquire() as conn, conn.transaction():
-        standing = await bookings.create_many(conn, requests)
+        standing = await bookings.create_many(conn, _requests(entries))
+    return _sort_out(entries, standing)
+
+
+def _requests(entries: list[queue.Entry]) -> list[queue.Request]:
+    return [e.request for e in entries if e.request is not None]
+
+
+def _sort_out(
+    entries: list[queue.Entry], standing: dict[str, tuple[str, str, str]]
+) -> tuple[list[str | None], list[Outcome | None]]:
+    """For each entry, its booking to run, or (None and) its outcome when it ends here."""
     booking_ids: list[str | None] = []
     outcomes: list[Outcome | None] = []
     for entry in entries:
@@ -700,20 +763,24 @@ async def admit(
     return booking_ids, outcomes
 
 
-async def _run_batch(app: State, booking_ids: list[str]) -> list[Outcome | None]:
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    outcomes = await reserve_batch(app, booking_ids)
-    pending = [o for o in outcomes.values() if o is not None and o.state == "PAYMENT_PENDING"]
-    if pending:
-        rows = {r["id"]: r for r in await app.db.fetch(_MANY, [o.booking_id for o in pending])}
-        charged = await asyncio.gather(*(_charge(app, rows[o.booking_id]) for o in pending))
-        results = dict(zip([o.booking_id for o in pending], charged, strict=True))
-        finished, leftovers = await finish_batch(app, results)
-        outcomes.update(finished)
-        for booking_id in leftovers:
-            outcomes[booking_id] = await finish(app, booking_id, results[booking_id])
-        elapsed = loop.time() - began
-        for _ in finished:
-            metrics.SAGA_SECONDS.observe(elapsed)
-    return [outcomes[b] for b in booking_ids]
+def _merge(
+    booking_ids: list[str | None],
+    early: list[Outcome | None],
+    ran: dict[str, Outcome | None],
+) -> list[Outcome | None]:
+    return [
+        ran.get(booking_id) if booking_id is not None else outcome
+        for booking_id, outcome in zip(booking_ids, early, strict=True)
+    ]
+
+
+async def _pay_and_finish(app: State, payable: dict[str, Payable]) -> dict[str, Outcome | None]:
+    if not payable:
+        return {}
+    charged = await asyncio.gather(*(_charge(app, b, due) for b, due in payable.items()))
+    results = dict(zip(payable, charged, strict=True))
+    finished, leftovers = await finish_batch(app, results)
+    outcomes: dict[str, Outcome | None] = dict(finished)
+    for booking_id in leftovers:
+        outcomes[booking_id] = await finish(app, booking_id, results[booking_id])
+    return outcomes

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import msgspec
+from redis.asyncio.client import Pipeline
 
 from bilten import bookings, holds, keys, metrics, notifications, outbox, payments, ticketcodes
 from bilten.db import Connection
@@ -398,43 +399,47 @@ async def announce(app: State, outcome: Outcome) -> None:
 
 async def announce_many(app: State, outcomes: list[Outcome]) -> None:
     """After sagas moved: each request's status for pollers, and its outcome for waiters."""
-    if not outcomes:
-        return
+    if outcomes:
+        async with app.redis.pipeline(transaction=False) as pipe:
+            add_announcements(pipe, outcomes)
+            await pipe.execute()
+
+
+def add_announcements(pipe: Pipeline, outcomes: list[Outcome]) -> None:
+    """:func:`announce_many` as commands on the caller's pipeline."""
     ended: list[bytes] = []
-    async with app.redis.pipeline(transaction=False) as pipe:
-        for outcome in outcomes:
-            status = {"CONFIRMED": "confirmed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(
-                outcome.state, "processing"
-            )
-            request_id = outcome.request_id or outcome.booking_id
-            done = _encode_done(
-                bookings.Done(
-                    request_id=request_id,
-                    booking_id=outcome.booking_id,
-                    status=cast(Any, status),
-                    booking=outcome.booking,
-                    error=bookings.Failure(
-                        code=outcome.error.code,
-                        message=outcome.error.message,
-                        details=outcome.error.details or {},
-                    )
-                    if outcome.error is not None
-                    else None,
+    for outcome in outcomes:
+        status = {"CONFIRMED": "confirmed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(
+            outcome.state, "processing"
+        )
+        request_id = outcome.request_id or outcome.booking_id
+        done = _encode_done(
+            bookings.Done(
+                request_id=request_id,
+                booking_id=outcome.booking_id,
+                status=cast(Any, status),
+                booking=outcome.booking,
+                error=bookings.Failure(
+                    code=outcome.error.code,
+                    message=outcome.error.message,
+                    details=outcome.error.details or {},
                 )
+                if outcome.error is not None
+                else None,
             )
-            mapping: dict[str | bytes, Any] = {"status": status, "booking_id": outcome.booking_id}
-            if outcome.error is not None:
-                mapping["error"] = outcome.error.code
-            if status != "processing":
-                mapping["result"] = done
-            key = keys.booking_request(request_id)
-            pipe.hset(key, mapping=cast(Any, mapping))
-            pipe.expire(key, 86400)
-            if status != "processing":
-                ended.append(request_id.encode() + b" " + done)  # JSON has no raw newline
-        if ended:
-            pipe.publish(keys.BOOKING_DONE, b"\n".join(ended))
-        await pipe.execute()
+        )
+        mapping: dict[str | bytes, Any] = {"status": status, "booking_id": outcome.booking_id}
+        if outcome.error is not None:
+            mapping["error"] = outcome.error.code
+        if status != "processing":
+            mapping["result"] = done
+        key = keys.booking_request(request_id)
+        pipe.hset(key, mapping=cast(Any, mapping))
+        pipe.expire(key, 86400)
+        if status != "processing":
+            ended.append(request_id.encode() + b" " + done)  # JSON has no raw newline
+    if ended:
+        pipe.publish(keys.BOOKING_DONE, b"\n".join(ended))
 
 
 _encode_done = msgspec.json.Encoder().encode

@@ -1,0 +1,70 @@
+"""Redis script calls from many concurrent requests, sent together.
+
+Under load, thousands of requests each want one script call at the same moment. Sent one by
+one, each waits in line for a pooled connection, then pays a round trip and redis-py's
+per-call work. Here the calls made in one turn of the event loop go out as one pipeline on one
+connection: one round trip for all of them, while each caller still gets its own reply or
+error. A caller that gives up (is cancelled) does not take its call back: as with a single
+call already sent, Redis may run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+Arg = str | bytes | int | float
+_Call = tuple[str, str, Sequence[Arg], Sequence[Arg], "asyncio.Future[Any]"]
+
+
+class AutoPipeline:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.pending: list[_Call] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    async def script(self, script: str, sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """``EVALSHA sha`` (``EVAL script`` when Redis does not know it yet), with the next
+        pipeline; returns its reply or raises its error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._flush)
+        self.pending.append((script, sha, keys, args, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, sha, keys, args, _ in batch:
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # the connection, say: every call of the batch failed
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (script, _, keys, args, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # not loaded yet, or Redis restarted
+                try:
+                    reply = await self.redis.eval(script, len(keys), *keys, *args)
+                except Exception as exc:
+                    reply = exc
+            if future.done():
+                continue  # its caller gave up
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
