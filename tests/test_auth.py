@@ -360,3 +360,23 @@ async def test_limits_are_shared_by_instances(settings):
     async with app_client(limited) as a, app_client(limited) as b:
         statuses = [(await (a if i % 2 else b).get("/auth/me")).status_code for i in range(6)]
     assert statuses == [401] * 4 + [429] * 2
+
+
+def test_a_verified_token_is_remembered_only_until_it_expires():
+    """Verified tokens are cached by their text: an expired one is refused all the same, and
+    a token that never verified is never remembered."""
+    from bilten import tokens
+    from bilten.settings import Settings
+
+    signer = tokens.signer(Settings(secret_key=TEST_SECRET, access_token_ttl=60))
+    now = time.time()
+    short = signer.issue("8d7f3c2a-0000-4000-8000-000000000001", "attendee", now=now - 59)
+    assert signer.verify(short).user_id.endswith("0001")
+    assert short in signer.verified
+    time.sleep(1.1)  # the cached claims are now past their expiry
+    with pytest.raises(tokens.InvalidToken):
+        signer.verify(short)
+    assert short not in signer.verified
+    with pytest.raises(tokens.InvalidToken):
+        signer.verify("not.a.token")
+    assert "not.a.token" not in signer.verified

@@ -759,3 +759,115 @@ async def test_a_sold_seat_is_refused_before_the_queue(client, settings):
         await conn.close()
     # The seat the refused request also wanted is untouched.
     assert (await seat_statuses(client, event_id))[seats[1]] == "available"
+
+
+async def test_a_seat_wanted_by_a_queued_request_is_refused_at_once(settings, database_url):
+    """The door claims a queued request's seats: a second request for one of them is refused
+    without queueing; when the first fails, its seats can be asked for again at once."""
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        ann, bob = await buyer(c), await buyer(c)
+        first = await c.post(
+            "/bookings",
+            json={
+                "event_id": event_id,
+                "seat_ids": seats[:2],
+                "payment": {"method": "card", "token": "tok_chargeDeclined"},
+            },
+            headers={**ann, "Idempotency-Key": "first"},
+        )
+        assert first.status_code == 202
+        refused = await book(
+            c, bob, {"event_id": event_id, "seat_ids": seats[1:3]}, key="second", headers={}
+        )
+        assert refused.status_code == 409
+        assert refused.json()["error"]["details"]["seat_ids"] == [seats[1]]
+        assert len(await queued(instance.state, event_id)) == 1  # nothing of Bob's queued
+        # Ann's card is declined: the worker gives her seats back to the door too.
+        from bilten import queue
+        from bilten.sagas import booking
+
+        entries = await queued(instance.state, event_id)
+        outcomes = await batch.run_batch(instance.state, entries)
+        assert outcomes[0].error.code == "payment_declined"
+        async with instance.state.redis.pipeline(transaction=False) as pipe:
+            queue.settle_claims(pipe, entries, outcomes)
+            booking.add_announcements(pipe, outcomes)
+            await pipe.execute()
+        again = await book(
+            c, bob, {"event_id": event_id, "seat_ids": seats[1:3]}, key="third", headers={}
+        )
+        assert again.status_code == 202, again.text
+        # The request status reads the announced outcome.
+        status = await c.get(f"/bookings/requests/{first.json()['request_id']}", headers=ann)
+        assert status.json()["status"] == "failed"
+        assert status.json()["error"]["code"] == "payment_declined"
+
+
+async def test_a_sold_seat_no_longer_claimed_is_still_refused_by_the_database(client, redis):
+    """Sold seats are refused at the door for a while; after that the worker refuses them."""
+    from bilten import keys
+
+    event_id, seats, _, _ = await published_event(client)
+    ann, bob = await buyer(client), await buyer(client)
+    sold = await book(client, ann, {"event_id": event_id, "seat_ids": seats[:1]})
+    assert sold.status_code == 201
+    await redis.delete(keys.seat_claims(event_id))  # as if the claim had expired
+    late = await book(client, bob, {"event_id": event_id, "seat_ids": seats[:2]})
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] == "seat_unavailable"
+    assert late.json()["error"]["details"]["seat_ids"] == [seats[0]]
+    # Refused in the queue, its other seat is free again, at the door too.
+    assert (await seat_statuses(client, event_id))[seats[1]] == "available"
+    again = await book(client, bob, {"event_id": event_id, "seat_ids": seats[1:2]})
+    assert again.status_code == 201, again.text
+
+
+async def test_a_cancelled_booking_gives_its_seats_back_to_the_door(client):
+    event_id, seats, _, _ = await published_event(client)
+    ann, bob = await buyer(client), await buyer(client)
+    booking = (await book(client, ann, {"event_id": event_id, "seat_ids": seats[:1]})).json()
+    refused = await book(client, bob, {"event_id": event_id, "seat_ids": seats[:1]})
+    assert refused.status_code == 409
+    cancelled = await client.post(f"/bookings/{booking['booking']['id']}/cancel", headers=ann)
+    assert cancelled.status_code == 200
+    again = await book(client, bob, {"event_id": event_id, "seat_ids": seats[:1]})
+    assert again.status_code == 201, again.text
+
+
+async def test_a_key_redis_forgot_still_finds_its_booking(client, redis, database_url):
+    """Idempotency-Keys live in Redis for a day; should Redis lose one, the database's unique
+    index still ties a retry to the first booking, and another body to a 422."""
+    from bilten import keys
+
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    body = {"event_id": event_id, "seat_ids": seats[:1]}
+    first = await book(client, auth, body, key="kept")
+    assert first.status_code == 201
+    booking_id = first.json()["booking"]["id"]
+    found = [k async for k in redis.scan_iter(keys.idempotency("*", "kept"))]
+    assert len(found) == 1
+    await redis.delete(*found, keys.seat_claims(event_id))
+    again = await book(client, auth, body, key="kept")
+    assert again.status_code == 201, again.text
+    assert again.json()["booking"]["id"] == booking_id
+    await redis.delete(*found)
+    other = await book(client, auth, {"event_id": event_id, "seat_ids": seats[1:2]}, key="kept")
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_mismatch"
+    conn = await db.connect(database_url)
+    try:
+        kept = "SELECT count(*) FROM bookings WHERE idempotency_key = 'kept'"
+        assert await conn.fetchval(kept) == 1
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'sold'", event_id
+            )
+            == 1
+        )
+    finally:
+        await conn.close()

@@ -288,3 +288,29 @@ async def test_seed_demo_creates_a_published_event_once(settings, client):
         "/auth/login", json={"email": "demo@bilten.test", "password": "demo password"}
     )
     assert login.status_code == 200 and login.json()["user"]["role"] == "organizer"
+
+
+async def test_a_booking_while_redis_is_out_of_reach_is_503(client, settings, spawn_server):
+    """The door needs Redis: without it a booking is refused 503 ``unavailable``, not 500."""
+    from bilten import tokens
+    from tests.test_bookings import published_event
+
+    event_id, seats, _, _ = await published_event(client)
+    with embedded.servers(None, postgres=False, redis=True) as own:
+        server = spawn_server(BILTEN_REDIS_URL=own.redis_url)
+    # Its Redis is gone now; PostgreSQL is still there.
+    token = tokens.signer(settings).issue("8d7f3c2a-0000-4000-8000-000000000001", "attendee")
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(
+            f"{server.url}/bookings",
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k"},
+            json={
+                "event_id": event_id,
+                "seat_ids": seats[:1],
+                "payment": {"method": "card", "token": "tok_visa"},
+            },
+        )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "unavailable"
+    assert response.headers["retry-after"]
+    assert "unhandled error" not in server.log

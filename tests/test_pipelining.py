@@ -1,0 +1,49 @@
+"""Script calls of concurrent callers share one pipeline, each with its own answer."""
+
+import asyncio
+import hashlib
+
+from bilten.pipelining import AutoPipeline
+
+# Appends ARGV[1] to a list and returns its new length; errors when ARGV[1] is "boom".
+SCRIPT = """
+if ARGV[1] == 'boom' then return redis.error_reply('BOOM asked for') end
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
+SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+
+async def test_concurrent_calls_go_out_together_and_each_gets_its_answer(redis):
+    await redis.script_flush()  # the first pipeline meets NOSCRIPT and falls back to EVAL
+    pipeline = AutoPipeline(redis)
+    before = (await redis.info("stats"))["total_commands_processed"]
+    replies = await asyncio.gather(
+        *(pipeline.script(SCRIPT, SHA, ["list"], [str(n)]) for n in range(200)),
+        pipeline.script(SCRIPT, SHA, ["list"], ["boom"]),
+        return_exceptions=True,
+    )
+    *lengths, error = replies
+    assert sorted(lengths) == list(range(1, 201))
+    assert isinstance(error, Exception) and "BOOM" in str(error)
+    assert await redis.lrange("list", 0, -1) == [str(n).encode() for n in range(200)]
+    # Loaded now: the next burst is EVALSHAs only (each counts its RPUSH too), and all of them
+    # went over one connection, where 100 separate concurrent calls would have opened 100.
+    mark = (await redis.info("stats"))["total_commands_processed"]
+    assert mark > before
+    more = await asyncio.gather(
+        *(pipeline.script(SCRIPT, SHA, ["list"], [str(n)]) for n in range(200, 300))
+    )
+    assert more == list(range(201, 301))
+    after = (await redis.info("stats"))["total_commands_processed"]
+    assert after - mark == 2 * 100 + 1  # and the INFO that counted them
+    assert (await redis.info("clients"))["connected_clients"] <= 3
+
+
+async def test_a_caller_that_gives_up_leaves_the_others_answered(redis):
+    pipeline = AutoPipeline(redis)
+    slow = asyncio.ensure_future(pipeline.script(SCRIPT, SHA, ["gone"], ["a"]))
+    kept = asyncio.ensure_future(pipeline.script(SCRIPT, SHA, ["gone"], ["b"]))
+    slow.cancel()
+    assert await kept in (1, 2)
+    await asyncio.sleep(0.05)
+    assert not pipeline.sending
