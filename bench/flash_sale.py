@@ -1081,7 +1081,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sql-batch",
         type=int,
-        default=50,
+        default=queue.BATCH,
         help="batch size of the batched SQL-only baseline (the queue's); 0 skips it",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the SQL-only baseline")

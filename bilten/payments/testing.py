@@ -21,11 +21,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bilten import keys
 from bilten.payments.base import Charge, PaymentDeclined, Transient
+from bilten.pipelining import AutoPipeline
 
 SUCCEEDS = "tok_visa"
 PROCESSING_ERROR = "tok_processingError"
@@ -64,6 +64,7 @@ class TestProvider:
 
     def __init__(self, redis: Redis, *, latency_ms: int = 0) -> None:
         self._redis = redis
+        self._scripts = AutoPipeline(redis)  # a batch's charges go to Redis together
         self._latency = latency_ms / 1000
 
     async def charge(self, *, key: str, amount_cents: int, currency: str, token: str) -> Charge:
@@ -117,10 +118,7 @@ class TestProvider:
 
     async def _eval(self, script: str, key: str, *args: str | int) -> Any:
         try:
-            try:
-                return await self._redis.evalsha(_SHA[script], 1, key, *args)
-            except NoScriptError:
-                return await self._redis.eval(script, 1, key, *args)
+            return await self._scripts.script(script, _SHA[script], [key], args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # The ledger is out of reach: the outcome is unknown, as with a network error.
             raise Transient(f"test provider: redis: {exc}") from exc
