@@ -51,7 +51,11 @@ class AutoPipeline:
                 replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # the connection, say: every call of the batch failed
             for *_, future in batch:
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise

@@ -447,8 +447,8 @@ async def webhook(request: Request) -> Response:
     return JSONResponse(Received(received=True))
 
 
+door = [Route("/bookings", create_booking, methods=["POST"])]
 routes = [
-    Route("/bookings", create_booking, methods=["POST"]),
     Route("/bookings", list_bookings, methods=["GET"]),
     Route("/bookings/requests/{request_id:uuid}", request_status, methods=["GET"]),
     Route("/bookings/{booking_id:uuid}", get_booking, methods=["GET"]),
