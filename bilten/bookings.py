@@ -10,6 +10,7 @@ import msgspec
 
 from bilten import cursors
 from bilten.db import Connection
+from bilten.errors import ApiError
 from bilten.queue import Request
 
 TERMINAL = ("CONFIRMED", "FAILED", "CANCELLED")
@@ -66,6 +67,15 @@ class Done(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: Literal["processing", "confirmed", "failed", "cancelled"]
     booking: Booking | None = None
     error: Failure | None = None
+
+
+def key_reused(key: str) -> ApiError:
+    """422: the same Idempotency-Key with another body."""
+    return ApiError(
+        "idempotency_mismatch",
+        "This Idempotency-Key was used with another request body.",
+        {"idempotency_key": key},
+    )
 
 
 def body_hash(request: msgspec.Struct) -> str:

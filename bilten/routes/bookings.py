@@ -218,11 +218,7 @@ async def _book(request: Request, default_wait: float) -> Response:
         submitted = await queue.submit(app.pipeline, entry, app.settings.queue_max)
         if isinstance(submitted, queue.Known):
             if submitted.digest != entry.digest:
-                raise ApiError(
-                    "idempotency_mismatch",
-                    "This Idempotency-Key was used with another request body.",
-                    {"idempotency_key": key},
-                )
+                raise bookings.key_reused(key)
             return await _repeat(app, who.user_id, submitted.request_id, event_id, wait)
         if future is not None:
             with contextlib.suppress(TimeoutError):

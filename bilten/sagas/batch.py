@@ -735,16 +735,11 @@ def _sort_out(
             outcomes.append(None)
             continue
         booking_ids.append(None)
-        if found is None:
-            error = ApiError("not_found", "No such event.")
-            outcomes.append(
-                Outcome(entry.request_id, request.user_id, request.event_id, "FAILED", error)
-            )
-        elif found[1] != request.digest:
-            error = ApiError(
-                "idempotency_mismatch",
-                "This Idempotency-Key was used with another request body.",
-                {"idempotency_key": request.key},
+        if found is None or found[1] != request.digest:
+            error = (
+                ApiError("not_found", "No such event.")
+                if found is None
+                else bookings.key_reused(request.key)
             )
             outcomes.append(
                 Outcome(entry.request_id, request.user_id, request.event_id, "FAILED", error)
