@@ -78,7 +78,7 @@ async def start_workers(app: State) -> None:
 
 
 @contextlib.asynccontextmanager
-async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
+async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str, State]]:
     pool = await db.create_pool(settings)
     try:
         async with pool.acquire() as conn:
@@ -117,6 +117,8 @@ async def lifespan(settings: Settings) -> AsyncIterator[dict[str, State]]:
                 settings.instance_id,
                 ",".join(sorted(settings.roles)),
             )
+            # Called (thread-safely) when a stop is asked for: see bilten.cli.make_server.
+            web.state.on_stop = app.waiters.release_all
             try:
                 yield {"bilten": app}
             finally:
@@ -135,5 +137,5 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes.build(settings.roles),
         middleware=[*shortcut, Middleware(RequestContext), Middleware(ApiBudget)],
         exception_handlers=errors.HANDLERS,
-        lifespan=lambda _app: lifespan(settings),
+        lifespan=lambda app: lifespan(settings, app),
     )

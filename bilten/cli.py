@@ -127,7 +127,17 @@ def make_server(settings: Settings, host: str, port: int, app: Any = None) -> An
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_interval or None,
     )
-    return uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # Requests parked on Prefer: wait answer now instead of holding the stop up.
+            on_stop = getattr(getattr(config.app, "state", None), "on_stop", None)
+            if on_stop is not None:
+                with contextlib.suppress(RuntimeError):  # no loop running: nothing is parked
+                    asyncio.get_running_loop().call_soon_threadsafe(on_stop)
+
+    return Server(config)
 
 
 # Collect cycles less often than CPython's default (700 allocations): under load a server holds

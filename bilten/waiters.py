@@ -14,11 +14,22 @@ import asyncio
 class Waiters:
     def __init__(self) -> None:
         self.futures: dict[str, set[asyncio.Future[bytes]]] = {}
+        self.closed = False
 
     def register(self, key: str) -> asyncio.Future[bytes]:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.futures.setdefault(key, set()).add(future)
+        if self.closed:
+            future.set_result(b"")  # shutting down: nobody parks any more
+        else:
+            self.futures.setdefault(key, set()).add(future)
         return future
+
+    def release_all(self) -> None:
+        """The process is stopping: every parked request answers now with what is known (202
+        while its booking is under way), so the stop need not wait for their timeouts."""
+        self.closed = True
+        for key in list(self.futures):
+            self.resolve(key)
 
     def discard(self, key: str, future: asyncio.Future[bytes]) -> None:
         waiting = self.futures.get(key)

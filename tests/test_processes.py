@@ -314,3 +314,40 @@ async def test_a_booking_while_redis_is_out_of_reach_is_503(client, settings, sp
     assert response.json()["error"]["code"] == "unavailable"
     assert response.headers["retry-after"]
     assert "unhandled error" not in server.log
+
+
+async def test_a_stop_does_not_wait_for_parked_requests(spawn_server):
+    """SIGTERM answers requests parked on ``Prefer: wait`` at once (202, still queued), so the
+    process stops in moments rather than when their waits run out."""
+    from tests.test_bookings import buyer, published_event
+
+    server = spawn_server(  # an API without workers: the request stays queued
+        BILTEN_ROLES="api",
+        BILTEN_SHUTDOWN_TIMEOUT="25",
+        BILTEN_LIMIT_REGISTER_IP="0/60",
+        BILTEN_ARGON2_MEMORY_KIB="1024",
+        BILTEN_ARGON2_TIME_COST="1",
+    )
+    async with httpx.AsyncClient(base_url=server.url, timeout=40) as http:
+        event_id, seats, _, _ = await published_event(http)
+        auth = await buyer(http)
+        parked = asyncio.ensure_future(
+            http.post(
+                "/bookings",
+                headers={**auth, "Idempotency-Key": "parked", "Prefer": "wait=30"},
+                json={
+                    "event_id": event_id,
+                    "seat_ids": seats[:1],
+                    "payment": {"method": "card", "token": "tok_visa"},
+                },
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert not parked.done(), parked.result().text if parked.done() else ""
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        response = await parked
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "queued"
+        assert await asyncio.to_thread(server.process.wait, 10) == 0
+        assert time.monotonic() - began < 5

@@ -737,7 +737,7 @@ def _sort_out(
         booking_ids.append(None)
         if found is None or found[1] != request.digest:
             error = (
-                ApiError("not_found", "No such event.")
+                ApiError("not_found", "No such event, or the account is gone.")
                 if found is None
                 else bookings.key_reused(request.key)
             )
