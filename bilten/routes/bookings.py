@@ -271,7 +271,10 @@ async def _repeat(
     "request; the same key with another body is 422 idempotency_mismatch.",
 )
 async def create_booking(request: Request) -> Response:
-    return await _book(request, 0.0)
+    try:
+        return await _book(request, 0.0)
+    except ApiError as error:  # answered here: the hot refusals skip the exception layers
+        return errors.response(error)
 
 
 @openapi.endpoint(
