@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import uuid
+from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -271,10 +272,7 @@ async def _repeat(
     "request; the same key with another body is 422 idempotency_mismatch.",
 )
 async def create_booking(request: Request) -> Response:
-    try:
-        return await _book(request, 0.0)
-    except ApiError as error:  # answered here: the hot refusals skip the exception layers
-        return errors.response(error)
+    return await _answered(_book(request, 0.0))
 
 
 @openapi.endpoint(
@@ -288,7 +286,16 @@ async def create_booking(request: Request) -> Response:
     extra_responses={202: "Still queued after 30 seconds."},
 )
 async def purchase(request: Request) -> Response:
-    return await _book(request, MAX_WAIT)
+    return await _answered(_book(request, MAX_WAIT))
+
+
+async def _answered(booking: Awaitable[Response]) -> Response:
+    """Refusals answered here: in a sale they are most answers, and raising them through the
+    framework's exception layers costs more than answering them."""
+    try:
+        return await booking
+    except ApiError as error:
+        return errors.response(error)
 
 
 @openapi.endpoint(
