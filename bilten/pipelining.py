@@ -28,8 +28,8 @@ class AutoPipeline:
         self.sending: set[asyncio.Task[None]] = set()
 
     async def script(self, script: str, sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        """``EVALSHA sha`` (``EVAL script`` when Redis does not know it yet), with the next
-        pipeline; returns its reply or raises its error."""
+        """``EVALSHA sha`` with the next pipeline (the script is loaded first if Redis does not
+        know it yet); returns its reply or raises its error."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
@@ -45,10 +45,14 @@ class AutoPipeline:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for _, sha, keys, args, _ in batch:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._pipeline(batch)
+            unknown = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if unknown:  # not loaded yet, or Redis restarted: load each script once, resend
+                for script in {batch[n][0] for n in unknown}:
+                    await self.redis.script_load(script)
+                again = await self._pipeline([batch[n] for n in unknown])
+                for n, reply in zip(unknown, again, strict=True):
+                    replies[n] = reply
         except BaseException as exc:  # the connection, say: every call of the batch failed
             for *_, future in batch:
                 if future.done():
@@ -60,15 +64,16 @@ class AutoPipeline:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (script, _, keys, args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):  # not loaded yet, or Redis restarted
-                try:
-                    reply = await self.redis.eval(script, len(keys), *keys, *args)
-                except Exception as exc:
-                    reply = exc
+        for (*_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue  # its caller gave up
             if isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, sha, keys, args, _ in batch:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))

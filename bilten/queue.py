@@ -62,7 +62,7 @@ return 0
 
 
 CLAIM_TTL_MS = 180_000  # a queued request's seats: longer than its wait plus its payment
-SOLD_TTL_MS = 3_600_000  # a sold seat: refused at the door for an hour, then by the database
+SOLD_TTL_MS = 600_000  # a sold seat: refused at the door for 10 minutes, then by the database
 
 # KEYS: idempotency key, seat claims, ticket, served, stream, active set, request status, user
 # channel. ARGV: request id, event id, maximum, user id, body hash, request (JSON), now (unix ms),
@@ -268,8 +268,10 @@ async def drain(
         if cursor in (b"0-0", "0-0"):
             break
     in_flight: asyncio.Task[int] | None = None
+    lost = asyncio.Event()
+    keeper = asyncio.create_task(_keep_lease(app, lease, consumer, lost))
     try:
-        while True:
+        while not lost.is_set():
             if backlog:
                 batch, backlog = backlog[:BATCH], backlog[BATCH:]
             else:
@@ -279,26 +281,55 @@ async def drain(
                 batch = parse_entries(read[0][1]) if read else []
             if not batch:
                 if in_flight is None:
-                    return done
-                done += await in_flight  # new requests may come while it finishes
+                    break
+                done += await _finished(in_flight)  # new requests may come while it finishes
                 in_flight = None
                 continue
             rest = await begin(app, batch)
             if in_flight is not None:
-                done += await in_flight
+                done += await _finished(in_flight)
             in_flight = asyncio.create_task(_complete(app, event_id, batch, rest, announce))
             if stop is not None and stop.is_set():
                 break  # shutting down: what is left stays queued for another worker
-            if not await redis.eval(_RENEW, 1, lease, consumer, app.settings.queue_lease_ms):
-                break  # the lease was lost: someone else drains now
-        done += await in_flight
-        in_flight = None
+        # The lease lost (someone else drains now), the queue empty, or a stop.
+        if in_flight is not None:
+            done += await _finished(in_flight)
+            in_flight = None
         return done
     finally:
-        if in_flight is not None:  # an error or a cancellation: its entries stay pending
-            in_flight.cancel()
+        keeper.cancel()
+        if in_flight is not None and not in_flight.done():
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                in_flight.cancel()  # stopping for good; its entries stay pending
+            # Otherwise an error: the batch in hand still finishes.
             with contextlib.suppress(BaseException):
                 await in_flight
+
+
+async def _keep_lease(app: State, lease: str, consumer: str, lost: asyncio.Event) -> None:
+    """Renew the event's lease while its queue is drained, however long a batch takes; set
+    ``lost`` if it went to someone else (this holder stalled past its expiry)."""
+    every = app.settings.queue_lease_ms / 3000
+    while True:
+        await asyncio.sleep(every)
+        try:
+            renewed = await app.redis.eval(_RENEW, 1, lease, consumer, app.settings.queue_lease_ms)
+        except Exception:
+            log.warning("could not renew the queue lease %s", lease, exc_info=True)
+            continue
+        if not renewed:
+            lost.set()
+            return
+
+
+async def _finished(batch: asyncio.Task[int]) -> int:
+    """A batch's completion; one that failed leaves its entries pending for the next drain."""
+    try:
+        return await batch
+    except Exception:
+        log.exception("completing a booking batch failed; its requests stay queued")
+        return 0
 
 
 async def _complete(

@@ -143,8 +143,13 @@ async def _answer_from(
 _decode_done = msgspec.json.Decoder(bookings.Done).decode
 
 
-async def _queued(app: State, request_id: str, event_id: str) -> Response:
+async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> Response:
+    """After a wait ran out: the outcome if it came meanwhile (or its message was missed, the
+    database knows), else 202 with the request's place."""
     raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
+    answer = await _answer_from(app, raw.get(b"result", b""), user_id, request_id)
+    if answer is not None:
+        return answer
     status = raw.get(b"status", b"queued").decode()
     ticket = int(raw.get(b"ticket", 0))
     position = await queue.position(app.redis, event_id, ticket) if ticket else 0
@@ -227,7 +232,7 @@ async def _book(request: Request, default_wait: float) -> Response:
                 answer = await _answer_from(app, outcome, who.user_id, entry.id)
                 if answer is not None:
                     return answer
-            return await _queued(app, entry.id, event_id)
+            return await _queued(app, entry.id, event_id, who.user_id)
         return JSONResponse(
             Queued(request_id=entry.id, status="queued", position=submitted), status_code=202
         )
@@ -252,7 +257,7 @@ async def _repeat(
             with contextlib.suppress(TimeoutError):
                 outcome = await asyncio.wait_for(asyncio.shield(future), wait)
                 answer = await _answer_from(app, outcome, user_id, request_id)
-        return answer if answer is not None else await _queued(app, request_id, event_id)
+        return answer if answer is not None else await _queued(app, request_id, event_id, user_id)
     finally:
         if future is not None:
             app.waiters.discard(request_id, future)
@@ -405,12 +410,12 @@ async def cancel_booking(request: Request) -> Response:
     if found is None or (found[0] != who.user_id and who.role != "admin"):
         raise ApiError("not_found", "No such booking.")
     outcome = await saga.cancel(app, booking_id)
-    await saga.announce(app, outcome)
     async with app.db.acquire() as conn:
         cancelled = await bookings.get(conn, booking_id)
     assert cancelled is not None
     seat_ids = [i.seat_id for i in cancelled.items if i.seat_id]
     await queue.release_claims(app.redis, cancelled.event_id, seat_ids)
+    await saga.announce(app, outcome)
     return JSONResponse(cancelled)
 
 

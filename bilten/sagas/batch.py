@@ -168,6 +168,16 @@ async def _reserve_event(
     except ApiError as error:
         return [], [(row, error) for row in rows]
     limit = event["max_tickets_per_order"]
+    # Ticket types are locked before seats, all at once in id order, as the finish locks them:
+    # two overlapping batches of one event never wait on each other in a circle.
+    await _lock_types(
+        conn,
+        [
+            row["request"]["ticket_type_id"]
+            for row in rows
+            if row["request"].get("ticket_type_id") and not row["request"].get("hold_id")
+        ],
+    )
     room = await _per_user_room(conn, event_id, rows)
     expires_at = await conn.fetchval(
         "SELECT now() + $1::interval", timedelta(seconds=PAYMENT_WINDOW)
@@ -304,6 +314,15 @@ async def _reserve_event(
     return reserved, failed
 
 
+async def _lock_types(conn: Connection, type_ids: list[str]) -> None:
+    """Lock ticket types in id order."""
+    ids = sorted(set(type_ids))
+    if ids:
+        await conn.execute(
+            "SELECT 1 FROM ticket_types WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE", ids
+        )
+
+
 def _json_list(values: list[str]) -> str:
     return "[" + ",".join(f'"{v}"' for v in values) + "]"
 
@@ -338,9 +357,7 @@ async def _reserve(
         if row is None:
             continue
         if row["saga_state"] != "PENDING":
-            outcomes[booking_id] = Outcome(
-                row["id"], row["user_id"], row["event_id"], row["saga_state"]
-            )
+            outcomes[booking_id] = _outcome_of(row)
             if row["saga_state"] == "PAYMENT_PENDING":
                 # Reserved by a worker that stopped: charging again with the same key finds
                 # the first charge, if there was one.
@@ -416,6 +433,12 @@ async def finish_batch(
     async with app.db.acquire() as conn, conn.transaction():
         rows = await conn.fetch(_MANY + " FOR UPDATE", list(results))
         rows = [r for r in rows if r["saga_state"] == "PAYMENT_PENDING"]
+        kinds = await conn.fetch(
+            "SELECT DISTINCT ticket_type_id::text FROM holds WHERE id = ANY ($1::uuid[])"
+            " AND ticket_type_id IS NOT NULL",
+            [r["hold_id"] for r in rows],
+        )
+        await _lock_types(conn, [k["ticket_type_id"] for k in kinds])
         paid = [r for r in rows if isinstance(results[r["id"]], payments.Charge)]
         refused = [r for r in rows if not isinstance(results[r["id"]], payments.Charge)]
         confirmed, leftovers = await _confirm_many(app, conn, paid, results)
@@ -684,12 +707,14 @@ async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
     except Exception:
         log.exception("a booking batch failed; running its %d bookings one by one", len(entries))
         booking_ids, early = await admit(app, entries)
+        # Run to the end before returning: the next batch must not reserve before these.
+        ran = {b: await booking.run(app, b) for b in booking_ids if b is not None}
+        merged = _merge(booking_ids, early, ran)
 
-        async def one_by_one() -> list[Outcome | None]:
-            ran = {b: await booking.run(app, b) for b in booking_ids if b is not None}
-            return _merge(booking_ids, early, ran)
+        async def done() -> list[Outcome | None]:
+            return merged
 
-        return one_by_one
+        return done
 
     async def rest() -> list[Outcome | None]:
         try:
@@ -697,7 +722,9 @@ async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
         except Exception:
             log.exception("finishing a booking batch failed; finishing its bookings one by one")
             for booking_id in payable:
-                outcomes[booking_id] = await booking.recover(app, booking_id)
+                outcomes[booking_id] = await booking.recover(app, booking_id) or await _as_is(
+                    app, booking_id
+                )
         elapsed = time.monotonic() - began
         for outcome in outcomes.values():
             if outcome is not None and outcome.state == "CONFIRMED":
@@ -715,6 +742,21 @@ async def admit(
     async with app.db.acquire() as conn, conn.transaction():
         standing = await bookings.create_many(conn, _requests(entries))
     return _sort_out(entries, standing)
+
+
+async def _as_is(app: State, booking_id: str) -> Outcome | None:
+    """The booking's outcome as the database has it (when a step ended it and then failed)."""
+    row = await app.db.fetchrow(_BOOKING, booking_id)
+    return _outcome_of(row) if row is not None else None
+
+
+def _outcome_of(row: Any) -> Outcome:
+    """A booking row (of ``_BOOKING``) as an outcome, with its failure when it failed."""
+    error = None
+    if row["saga_state"] == "FAILED" and row["failure_code"]:
+        details = row["failure_details"] or {}
+        error = ApiError(row["failure_code"], row["failure_message"] or "", details)
+    return Outcome(row["id"], row["user_id"], row["event_id"], row["saga_state"], error)
 
 
 def _requests(entries: list[queue.Entry]) -> list[queue.Request]:

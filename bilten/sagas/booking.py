@@ -32,7 +32,7 @@ PAYMENT_WINDOW = 120
 
 _BOOKING = """SELECT id::text, user_id::text, event_id::text, request, hold_id::text, saga_state,
                      total_cents, currency, payment_token, payment_id, payment_provider,
-                     created_at
+                     failure_code, failure_message, failure_details, created_at
               FROM bookings WHERE id = $1"""
 
 
