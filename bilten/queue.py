@@ -247,8 +247,9 @@ async def drain(
     in hand); returns requests finished.
 
     Two batches overlap: while one pays and finishes, the next one's seats are reserved. It is
-    reserved only after the one before committed its reservations, so seats still go to
-    requests in arrival order.
+    reserved only after the one before committed its reservations, so what is free goes to
+    requests in arrival order (what the earlier batch's failed payments give back comes free
+    only after that).
     """
     redis = app.redis
     stream = keys.queue(event_id)

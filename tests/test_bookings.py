@@ -871,3 +871,45 @@ async def test_a_key_redis_forgot_still_finds_its_booking(client, redis, databas
         )
     finally:
         await conn.close()
+
+
+async def test_an_entry_taken_over_after_its_reservation_is_paid_once_and_finished(settings):
+    """A worker that stopped after reserving (PAYMENT_PENDING committed, nothing announced):
+    whoever takes the entry over charges with the same key (one charge) and finishes it; the
+    waiting client, whose outcome message never came, still gets its answer from the database
+    when its wait runs out."""
+    from bilten import keys
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        first = await book(
+            c, auth, {"event_id": event_id, "seat_ids": seats[:2]}, key="over", headers={}
+        )
+        assert first.status_code == 202
+        request_id = first.json()["request_id"]
+        entries = await queued(instance.state, event_id)
+        await batch.begin_batch(instance.state, entries)  # reserved; the rest never runs
+        row = await instance.state.db.fetchrow(
+            "SELECT saga_state FROM bookings WHERE id = $1", request_id
+        )
+        assert row["saga_state"] == "PAYMENT_PENDING"
+        outcomes = await batch.run_batch(instance.state, entries)  # taken over
+        assert [o.state for o in outcomes] == ["CONFIRMED"]
+        again = await batch.run_batch(instance.state, entries)  # and once more: no change
+        assert [o.state for o in again] == ["CONFIRMED"]
+        ledger = await instance.state.redis.hgetall(keys.test_payment(request_id))
+        assert ledger[b"status"] == b"succeeded"  # one ledger entry per key: charged once
+        # No announcement was made: a retry waits a moment, then reads the database.
+        retry = await book(
+            c,
+            auth,
+            {"event_id": event_id, "seat_ids": seats[:2]},
+            key="over",
+            headers={"Prefer": "wait=0.2"},
+        )
+        assert retry.status_code == 201, retry.text
+        assert retry.json()["booking"]["id"] == request_id
+        assert len(retry.json()["booking"]["tickets"]) == 2

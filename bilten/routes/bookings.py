@@ -147,7 +147,11 @@ async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> R
     """After a wait ran out: the outcome if it came meanwhile (or its message was missed, the
     database knows), else 202 with the request's place."""
     raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
-    answer = await _answer_from(app, raw.get(b"result", b""), user_id, request_id)
+    if b"result" in raw:
+        answer = await _answer_from(app, raw[b"result"], user_id, request_id)
+    else:
+        booking_id = raw.get(b"booking_id", request_id.encode()).decode()
+        answer = await _answer(app, booking_id, user_id, request_id)
     if answer is not None:
         return answer
     status = raw.get(b"status", b"queued").decode()
@@ -329,7 +333,9 @@ async def request_status(request: Request) -> Response:
                 error=done.error,
             )
         )
-    if status in ("queued", "processing"):
+    # A request that stands for an earlier booking (its key seen again) follows that booking.
+    booking_id = raw.get(b"booking_id", request_id.encode()).decode()
+    if status in ("queued", "processing") and booking_id == request_id:
         event_id = raw[b"event_id"].decode()
         ticket = int(raw.get(b"ticket", 0))
         return JSONResponse(
@@ -340,7 +346,7 @@ async def request_status(request: Request) -> Response:
             )
         )
     async with app.db.acquire() as conn:
-        found = await bookings.get(conn, request_id, None if who.role == "admin" else who.user_id)
+        found = await bookings.get(conn, booking_id, None if who.role == "admin" else who.user_id)
     if found is None:
         raise ApiError("not_found", "No such booking request.")
     return JSONResponse(
