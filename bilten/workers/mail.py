@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import random
+import signal
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
@@ -160,6 +161,13 @@ async def run_once(
     return len(jobs)
 
 
+def _helper_started(parent: int) -> None:
+    """In the QR helper: never outlive this process (kill -9 included), and leave Ctrl-C in a
+    terminal, which signals the whole process group, to the parent that stops it."""
+    embedded.die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker(
     app: State,
     transport: mail.Transport,
@@ -176,8 +184,7 @@ def worker(
         executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
-            # Never outlives this process, kill -9 included.
-            initializer=embedded.die_with_parent,
+            initializer=_helper_started,
             initargs=(os.getpid(),),
         )
         try:
