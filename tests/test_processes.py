@@ -208,6 +208,7 @@ def test_dev_keeps_data_and_leaves_no_process_behind(shared_tmp):
         assert asyncio.run(_write_and_read(url, "kept across restarts")) == "kept across restarts"
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(30) == 0, log.read_text()
+        assert "Traceback" not in log.read_text()  # a stop asked for is no error
     finally:
         if proc.poll() is None:
             proc.kill()
