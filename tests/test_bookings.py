@@ -913,3 +913,38 @@ async def test_an_entry_taken_over_after_its_reservation_is_paid_once_and_finish
         assert retry.status_code == 201, retry.text
         assert retry.json()["booking"]["id"] == request_id
         assert len(retry.json()["booking"]["tickets"]) == 2
+
+
+async def test_a_batch_longer_than_the_lease_keeps_it_and_a_lost_lease_stops_the_drain(
+    settings, monkeypatch
+):
+    from bilten import keys, queue
+    from bilten.sagas import batch, booking
+    from tests.test_catalog import running
+
+    monkeypatch.setattr(queue, "BATCH", 1)  # a batch per request
+    quiet = settings.replace(roles=frozenset({"api"}), queue_lease_ms=300)
+    async with running(quiet) as (instance, c):
+        app = instance.state
+        event_id, seats, _, _ = await published_event(c)
+        for n in range(2):
+            auth = await buyer(c)
+            queued_ = await book(
+                c, auth, {"event_id": event_id, "seat_ids": seats[n : n + 1]}, headers={}
+            )
+            assert queued_.status_code == 202
+        lease = keys.queue_lease(event_id)
+        await app.redis.set(lease, "me", px=300)
+        seen: list[bytes | None] = []
+
+        async def slow_begin(app, entries):
+            await asyncio.sleep(1.0)  # over three times the lease
+            seen.append(await app.redis.get(lease))
+            await app.redis.set(lease, "someone else", px=300)  # now it is taken from us
+            await asyncio.sleep(0.3)  # the keeper's next renewal finds out
+            return await batch.begin_batch(app, entries)
+
+        done = await queue.drain(app, event_id, "me", slow_begin, booking.add_announcements)
+        assert seen == [b"me"]  # renewed all along the first batch
+        assert done == 1  # the batch in hand finished; no other began once the lease was gone
+        assert len(await queued(app, event_id)) == 1
