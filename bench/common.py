@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -63,12 +64,27 @@ async def _fresh_database(server_url: str) -> str:
 
 @contextlib.contextmanager
 def services() -> Iterator[tuple[str, str]]:
-    """A freshly migrated database and a Redis URL for one bench run."""
+    """A freshly migrated database and a Redis URL for one bench run; on a server that
+    outlives the run, the database is dropped afterwards."""
     database = os.environ.get("BILTEN_DATABASE_URL", "")
     redis = os.environ.get("BILTEN_REDIS_URL", "")
     with embedded.servers(None, postgres=not database, redis=not redis) as found:
         server = database or found.database_url
-        yield asyncio.run(_fresh_database(server)), redis or found.redis_url
+        fresh = asyncio.run(_fresh_database(server))
+        try:
+            yield fresh, redis or found.redis_url
+        finally:
+            if database:
+                asyncio.run(_drop_database(server, fresh))
+
+
+async def _drop_database(server_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    conn = await db.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 @contextlib.contextmanager
