@@ -168,6 +168,25 @@ async def event_for_sale(conn: Connection, event_id: str) -> Any:
     return row
 
 
+def over_order_limit(limit: int, by_seats: bool) -> ApiError:
+    """422: more tickets in one order than the event allows."""
+    field = "seat_ids" if by_seats else "quantity"
+    return ApiError(
+        "validation_error",
+        f"At most {limit} tickets per order for this event.",
+        {"fields": [{"field": field, "message": f"more than {limit}"}]},
+    )
+
+
+def over_person_limit(limit: int, already: int) -> ApiError:
+    """409: what the person holds or bought for the event would pass the limit."""
+    return ApiError(
+        "conflict",
+        f"At most {limit} tickets per person for this event; you have {already}.",
+        {"limit": limit, "held_or_bought": already},
+    )
+
+
 async def create(
     conn: Connection,
     *,
@@ -182,18 +201,7 @@ async def create(
     event = await event_for_sale(conn, event_id)
     limit = event["max_tickets_per_order"]
     if quantity > limit:
-        raise ApiError(
-            "validation_error",
-            f"At most {limit} tickets per order for this event.",
-            {
-                "fields": [
-                    {
-                        "field": "seat_ids" if seat_ids else "quantity",
-                        "message": f"more than {limit}",
-                    }
-                ]
-            },
-        )
+        raise over_order_limit(limit, bool(seat_ids))
     # The per-user limit counts what the user already holds or bought for this event; a lock
     # per (user, event) keeps one user's parallel requests from passing it together.
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{user_id}:{event_id}")
@@ -206,11 +214,7 @@ async def create(
         event_id,
     )
     if already + quantity > limit:
-        raise ApiError(
-            "conflict",
-            f"At most {limit} tickets per person for this event; you have {already}.",
-            {"limit": limit, "held_or_bought": already},
-        )
+        raise over_person_limit(limit, already)
     hold_id = str(uuid.uuid4())
     expires_at = await conn.fetchval("SELECT now() + make_interval(secs => $1)", ttl)
     if seat_ids:

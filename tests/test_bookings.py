@@ -18,7 +18,8 @@ async def clean(database_url, redis):
     await truncate(database_url, "users", "outbox")
 
 
-async def published_event(client, rows=3, per_row=10, capacity=20, max_per_order=10):
+async def draft_event(client, rows=3, per_row=10, capacity=20, max_per_order=10, title="Show"):
+    """An organizer's event, not yet published: its JSON and the organizer's headers."""
     organizer, _ = await register(client, f"org-{uuid.uuid4().hex[:8]}@example.com", "organizer")
     venue = await client.post(
         "/venues",
@@ -42,7 +43,7 @@ async def published_event(client, rows=3, per_row=10, capacity=20, max_per_order
         "/events",
         headers=organizer,
         json={
-            "title": "Show",
+            "title": title,
             "category": "concert",
             "venue_id": venue.json()["id"],
             "starts_at": iso(START),
@@ -54,10 +55,15 @@ async def published_event(client, rows=3, per_row=10, capacity=20, max_per_order
         },
     )
     assert event.status_code == 201, event.text
-    event_id = event.json()["id"]
+    return event.json(), organizer
+
+
+async def published_event(client, rows=3, per_row=10, capacity=20, max_per_order=10):
+    event, organizer = await draft_event(client, rows, per_row, capacity, max_per_order)
+    event_id = event["id"]
     assert (await client.post(f"/events/{event_id}/publish", headers=organizer)).status_code == 200
     seats = (await client.get(f"/events/{event_id}/seats")).json()["seats"]
-    standing = event.json()["ticket_types"][0]["id"]
+    standing = event["ticket_types"][0]["id"]
     return event_id, [s["id"] for s in seats], standing, organizer
 
 

@@ -25,7 +25,7 @@ from bilten.realtime.messages import frame
 from bilten.settings import Settings
 from tests.catalog_helpers import admin_signed_in, register
 from tests.conftest import ROOT, TEST_SECRET, Server, free_port, server_env, wait_ready
-from tests.test_bookings import book, buyer, published_event
+from tests.test_bookings import book, buyer, draft_event, published_event
 
 pytestmark = pytest.mark.slow
 
@@ -433,34 +433,8 @@ async def test_idle_connections_are_closed(c):
 
 
 async def test_draft_rooms_are_for_their_organizer_only(a, http):
-    organizer, _ = await register(http, f"org-{uuid.uuid4().hex[:8]}@example.com", "organizer")
-    venue = await http.post(
-        "/venues",
-        headers=organizer,
-        json={
-            "name": "Hall",
-            "address": "1 St",
-            "city": "Oslo",
-            "country": "NO",
-            "timezone": "Europe/Oslo",
-            "sections": [{"name": "Main", "rows": [{"label": "A", "seats": 3}]}],
-        },
-    )
-    event = await http.post(
-        "/events",
-        headers=organizer,
-        json={
-            "title": "Draft",
-            "category": "concert",
-            "venue_id": venue.json()["id"],
-            "starts_at": "2031-05-01T19:00:00Z",
-            "ends_at": "2031-05-01T23:00:00Z",
-            "currency": "EUR",
-            "price_tiers": [{"name": "Main", "price_cents": 4500, "sections": ["Main"]}],
-        },
-    )
-    assert event.status_code == 201, event.text
-    event_id = event.json()["id"]
+    event, organizer = await draft_event(http, rows=1, per_row=3, title="Draft")
+    event_id = event["id"]
     stranger = await buyer(http)
     for token in (None, token_of(stranger)):
         async with socket_to(a, token) as ws:

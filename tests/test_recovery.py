@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from bilten import db
-from tests.catalog_helpers import START, iso
+from tests.test_bookings import published_event
 
 pytestmark = pytest.mark.slow
 
@@ -39,37 +39,8 @@ async def test_killing_an_instance_mid_sale_loses_nothing(spawn_server, settings
     a = spawn_server(**env)
     b = spawn_server(**env)
     async with httpx.AsyncClient(timeout=30) as http:
-        organizer = await register(http, a.url, f"org-{uuid.uuid4().hex[:6]}@x.com", "organizer")
-        venue = await http.post(
-            f"{a.url}/venues",
-            headers=organizer,
-            json={
-                "name": "Hall",
-                "address": "1 St",
-                "city": "Oslo",
-                "country": "NO",
-                "timezone": "UTC",
-                "sections": [{"name": "Main", "rows": [{"label": "A", "seats": 20}]}],
-            },
-        )
-        event = await http.post(
-            f"{a.url}/events",
-            headers=organizer,
-            json={
-                "title": "Crash",
-                "category": "test",
-                "venue_id": venue.json()["id"],
-                "starts_at": iso(START),
-                "ends_at": iso(START.replace(hour=23)),
-                "currency": "EUR",
-                "price_tiers": [{"name": "Main", "price_cents": 1000, "sections": ["Main"]}],
-            },
-        )
-        event_id = event.json()["id"]
-        await http.post(f"{a.url}/events/{event_id}/publish", headers=organizer)
-        seats = [
-            s["id"] for s in (await http.get(f"{a.url}/events/{event_id}/seats")).json()["seats"]
-        ]
+        async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
+            event_id, seats, _, _ = await published_event(on_a, rows=1, per_row=20)
         buyers = await asyncio.gather(
             *(register(http, a.url, f"crash-{uuid.uuid4().hex[:8]}@x.com") for _ in range(30))
         )

@@ -144,8 +144,8 @@ _decode_done = msgspec.json.Decoder(bookings.Done).decode
 
 
 async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> Response:
-    """After a wait ran out: the outcome if it came meanwhile (or its message was missed, the
-    database knows), else 202 with the request's place."""
+    """The request's answer as far as it is known: its outcome (from its status, or from the
+    database when the outcome's message was missed), else 202 with its place in the queue."""
     raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
     if b"result" in raw:
         answer = await _answer_from(app, raw[b"result"], user_id, request_id)
@@ -251,17 +251,14 @@ async def _repeat(
     """A request made again with its Idempotency-Key: the first one's answer, when known."""
     future = app.waiters.register(request_id) if wait > 0 else None
     try:
-        raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
-        answer = None
-        if b"result" in raw:
-            answer = await _answer_from(app, raw[b"result"], user_id, request_id)
-        elif not raw:  # its status has aged out of Redis: the database knows
-            answer = await _answer(app, request_id, user_id, request_id)
-        if answer is None and future is not None:
+        finished = b"result" in await app.redis.hgetall(keys.booking_request(request_id))
+        if future is not None and not finished:
             with contextlib.suppress(TimeoutError):
                 outcome = await asyncio.wait_for(asyncio.shield(future), wait)
                 answer = await _answer_from(app, outcome, user_id, request_id)
-        return answer if answer is not None else await _queued(app, request_id, event_id, user_id)
+                if answer is not None:
+                    return answer
+        return await _queued(app, request_id, event_id, user_id)
     finally:
         if future is not None:
             app.waiters.discard(request_id, future)

@@ -222,25 +222,10 @@ async def _reserve_event(
             ticket_type_id: str | None = request.get("ticket_type_id")
             quantity = len(seat_ids) or int(request.get("quantity") or 0)
             if quantity > limit:
-                raise ApiError(
-                    "validation_error",
-                    f"At most {limit} tickets per order for this event.",
-                    {
-                        "fields": [
-                            {
-                                "field": "seat_ids" if seat_ids else "quantity",
-                                "message": f"more than {limit}",
-                            }
-                        ]
-                    },
-                )
-            if room.get(row["user_id"], 0) + quantity > limit:
-                raise ApiError(
-                    "conflict",
-                    f"At most {limit} tickets per person for this event; you have "
-                    f"{room.get(row['user_id'], 0)}.",
-                    {"limit": limit, "held_or_bought": room.get(row["user_id"], 0)},
-                )
+                raise holds.over_order_limit(limit, bool(seat_ids))
+            already = room.get(row["user_id"], 0)
+            if already + quantity > limit:
+                raise holds.over_person_limit(limit, already)
             hold_id = str(uuid.uuid4())
             if seat_ids:
                 unknown = [s for s in seat_ids if s not in known]
