@@ -24,6 +24,9 @@ few pooled connections, and its batch steps (``reserve_batch``, ``finish_batch``
 at a time on one connection, as one event's worker runs them. The ratio of HTTP to SQL-only is
 what the HTTP path keeps of what the SQL can do.
 
+The sale opens ``SETTLE`` seconds after the servers answer ready (their start-up, such as the
+mail worker's helper process importing, is over by then, as it is before any real sale).
+
 The load generator is one asyncio process (uvloop, a raw HTTP/1.1 client: no per-request
 client overhead beyond a write and a parse) and shares the machine's cores with the servers,
 PostgreSQL and Redis; the CPU each of them used during the load is printed, so the figures can
@@ -72,6 +75,7 @@ GOAL_RATIO = 0.3
 SWEEP_INTERVAL = 1.0  # bilten.sagas.recovery.INTERVAL
 GRACE = 5.0  # seconds allowed beyond a hold's expiry (sweep interval, clocks, commit lag)
 REQUEST_TIMEOUT = 45.0  # a booking answers within Prefer: wait=30 plus its own work
+SETTLE = 2.0  # seconds between the servers answering ready and the sale opening
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -1193,6 +1197,9 @@ def http_run(
             f"{time.perf_counter() - began:.1f} s",
             flush=True,
         )
+        # Ready is not idle: the mail worker's helper process is still importing. A sale opens
+        # on servers that have been up a while, so it waits for their start-up to be over.
+        time.sleep(SETTLE)
         profiler = Profiler(pids, args.profile, args.profile_seconds)
         cpu_before = cpu_snapshot(pids)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
