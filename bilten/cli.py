@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,8 +105,48 @@ def _require_urls(settings: Settings) -> None:
         raise Fatal("BILTEN_SECRET_KEY must be set (32+ random characters)", 2)
 
 
-def make_server(settings: Settings, host: str, port: int, app: Any = None) -> Any:
-    """A uvicorn server for the app; SIGTERM/SIGINT drain it (see ``timeout_graceful_shutdown``)."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, taken before anything else starts: a port in use is one line.
+
+    The socket is bound but not yet listening, so a client is refused, not left waiting,
+    until the app has started and uvicorn listens on it.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise Fatal(f"cannot listen on {host}: {exc.strerror}", 2) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise Fatal(
+                f"port {port} on {host} is already in use: stop what is using it, "
+                "or choose another with --port"
+            ) from None
+        raise Fatal(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_from(settings: Settings, args: argparse.Namespace) -> socket.socket:
+    """``--host``/``--port``, else ``BILTEN_HOST``/``BILTEN_PORT``; port 0 picks a free one."""
+    return bind(args.host or settings.host, settings.port if args.port is None else args.port)
+
+
+def make_server(
+    settings: Settings,
+    host: str,
+    port: int,
+    app: Any = None,
+    on_ready: Callable[[], None] | None = None,
+) -> Any:
+    """A uvicorn server for the app; SIGTERM/SIGINT drain it (see ``timeout_graceful_shutdown``).
+    ``on_ready`` runs once the app has started and the socket listens."""
     import uvicorn
 
     from bilten.app import create_app
@@ -130,6 +172,11 @@ def make_server(settings: Settings, host: str, port: int, app: Any = None) -> An
     )
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                on_ready()
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             """uvicorn's, less its raising the signal again once drained: a stop asked for
@@ -162,22 +209,28 @@ def make_server(settings: Settings, host: str, port: int, app: Any = None) -> An
 GC_THRESHOLDS = (50_000, 50, 100)
 
 
-def run_server(settings: Settings, host: str, port: int) -> None:
-    server = make_server(settings, host, port)
+def run_server(
+    settings: Settings,
+    sock: socket.socket,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    host, port = sock.getsockname()[:2]
+    server = make_server(settings, host, port, on_ready=on_ready)
     gc.collect()
     gc.freeze()  # what is loaded by now lives as long as the process: never scan it again
     gc.set_threshold(*GC_THRESHOLDS)
-    server.run()
+    with sock:
+        server.run(sockets=[sock])
     if not server.started:
         raise Fatal("the server did not start (see the log above)")
 
 
 @contextlib.contextmanager
-def _embedded_if_needed(settings: Settings) -> Iterator[Settings]:
+def _embedded_if_needed(settings: Settings) -> Iterator[tuple[Settings, embedded.Embedded]]:
     """Start embedded servers for whatever URL is not configured; yields complete settings."""
     need_pg, need_redis = not settings.database_url, not settings.redis_url
     if not (need_pg or need_redis):
-        yield settings
+        yield settings, embedded.Embedded()
         return
     folder = settings.data_dir
     try:
@@ -188,7 +241,7 @@ def _embedded_if_needed(settings: Settings) -> Iterator[Settings]:
                 settings = settings.replace(database_url=url)
             if need_redis:
                 settings = settings.replace(redis_url=found.redis_url)
-            yield settings
+            yield settings, found
     except embedded.EmbeddedError as exc:
         raise Fatal(str(exc)) from None
 
@@ -213,21 +266,42 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
             mail.SmtpTransport.from_url(settings.smtp_url)
     except SettingsError as exc:
         raise Fatal(str(exc), 2) from None
+    sock = bind_from(settings, args)
     asyncio.run(preflight(settings))
-    run_server(settings, args.host, args.port)
+    run_server(settings, sock)
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:
-    if args.data_dir:
-        settings = settings.replace(data_dir=Path(args.data_dir))
+    # Absolute once, here: the embedded servers run inside their data folders.
+    settings = settings.replace(data_dir=Path(args.data_dir or settings.data_dir).resolve())
+    sock = bind_from(settings, args)
     if not settings.secret_key:
         settings = settings.replace(secret_key=_dev_secret(settings.data_dir))
-    with _embedded_if_needed(settings) as settings:
+    with _embedded_if_needed(settings) as (settings, found):
         asyncio.run(_migrate(settings))
         if args.seed_demo:
             asyncio.run(_seed_demo(settings))
-        print(f"Bilten is running at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-        run_server(settings, args.host, args.port)
+        banner = ready_banner(settings, sock, found)
+        run_server(settings, sock, on_ready=lambda: print(banner, flush=True))
+
+
+def ready_banner(settings: Settings, sock: socket.socket, found: embedded.Embedded) -> str:
+    """What ``bilten dev`` prints once it serves: where, its docs, its data, how to stop."""
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    lines = [
+        f"Bilten is ready at {url}",
+        f"  API docs  {url}/docs",
+        f"  data      {settings.data_dir}",
+    ]
+    if found.postgres_data and not found.postgres_data.is_relative_to(settings.data_dir):
+        lines.append(f"            (PostgreSQL's cluster in {found.postgres_data.parent})")
+    if not found.database_url:
+        lines.append(f"  database  {_where(settings.database_url)}")
+    if not found.redis_url:
+        lines.append(f"  redis     {_where(settings.redis_url)}")
+    lines.append("  stop      Ctrl-C")
+    return "\n".join(lines)
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -310,8 +384,8 @@ def parser() -> argparse.ArgumentParser:
         description="Serve HTTP, WebSocket and background workers. Refuses to start when the "
         "database or Redis cannot be reached or the database is not migrated.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    serve.add_argument("--host", help="address to bind (default BILTEN_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default BILTEN_PORT or 8000)")
     serve.add_argument(
         "--roles",
         help="comma-separated parts to run: api,realtime,workers (default: all, or BILTEN_ROLES)",
@@ -324,8 +398,8 @@ def parser() -> argparse.ArgumentParser:
         description="For a laptop: embedded PostgreSQL and Redis keep their data in the data "
         "folder (default .bilten/) and stop with the command, Ctrl-C included.",
     )
-    dev.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    dev.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    dev.add_argument("--host", help="address to bind (default BILTEN_HOST or 127.0.0.1)")
+    dev.add_argument("--port", type=int, help="port to bind (default BILTEN_PORT or 8000)")
     dev.add_argument("--data-dir", help="data folder (default BILTEN_DATA_DIR or .bilten)")
     dev.add_argument(
         "--seed-demo", action="store_true", help="also create the demo event (see seed-demo)"

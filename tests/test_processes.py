@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ import pytest
 
 from bilten import db, embedded, keys, migrations
 from tests.conftest import ROOT, drop_database, free_port, new_database, server_env, wait_ready
+from tests.procs import children, still_alive
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +84,20 @@ def test_bad_configuration_exits_with_one_clear_line(settings, env, status, frag
     assert lines[0].startswith("bilten: error: ") and fragment in lines[0]
 
 
+@pytest.mark.parametrize("command", ["dev", "serve"])
+def test_a_port_in_use_is_one_line_and_status_1(settings, command):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(command, "--port", str(port), env=server_env(settings), timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"bilten: error: port {port} on 127.0.0.1 is already in use: stop what is using it, "
+        "or choose another with --port"
+    ]
+
+
 def test_help_for_every_command():
     for command in ("serve", "dev", "migrate", "seed-demo", "create-admin"):
         result = subprocess.run(
@@ -114,35 +130,6 @@ async def test_two_instances_share_one_database_and_register_themselves(spawn_se
     assert b.stop() == 0
     assert await redis.zrange(keys.INSTANCES, 0, -1) == []
     assert "instance" in a.log and "stopped" in a.log
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def still_alive(pids: list[int], grace: float = 15.0) -> list[int]:
-    """The processes among ``pids`` still running after ``grace`` seconds."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
-        time.sleep(0.05)
-    return [pid for pid in pids if alive(pid)]
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            if ppid == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def dev_env(**extra):

@@ -163,9 +163,11 @@ async def run_once(
 
 def _helper_started(parent: int) -> None:
     """In the QR helper: never outlive this process (kill -9 included), and leave Ctrl-C in a
-    terminal, which signals the whole process group, to the parent that stops it."""
+    terminal, which signals the whole process group, to the parent that stops it. The helper
+    was started with SIGINT blocked (see ``worker``), so a Ctrl-C during its imports waited."""
     embedded.die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def worker(
@@ -189,9 +191,16 @@ def worker(
         )
         try:
             # Started now, not at the first mail: a new process takes a moment to import.
-            await asyncio.get_running_loop().run_in_executor(
-                executor, notifications.qr_png, "warm-up"
-            )
+            # It inherits a blocked SIGINT: a Ctrl-C before its initializer ignores the signal
+            # would otherwise interrupt its imports with a traceback.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                warm_up = asyncio.get_running_loop().run_in_executor(
+                    executor, notifications.qr_png, "warm-up"
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            await warm_up
             while not stop.is_set():
                 claimed = await run_once(
                     app.db,
