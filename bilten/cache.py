@@ -77,9 +77,9 @@ class LocalCache(Generic[V]):
 class Caches:
     details: LocalCache[Any] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
     seat_maps: LocalCache[Any] = field(default_factory=lambda: LocalCache(SEAT_MAP_MAX_AGE))
-    # Events on sale, for the booking door: not dropped by changes (every sale changes its
-    # event), only aged out; the worker checks the event again in the database.
-    on_sale: LocalCache[bool] = field(default_factory=lambda: LocalCache(ON_SALE_MAX_AGE))
+    # Events on sale and their per-order limits, for the booking door: not dropped by changes
+    # (every sale changes its event), only aged out; the worker checks again in the database.
+    on_sale: LocalCache[int] = field(default_factory=lambda: LocalCache(ON_SALE_MAX_AGE))
 
     def drop(self, event_id: str) -> None:
         self.details.drop(event_id)

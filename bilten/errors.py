@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,8 +38,23 @@ CODES: dict[str, int] = {
     "unsupported_media_type": 415,
     "rate_limited": 429,
     "internal_error": 500,
+    "internal": 500,  # a booking request that could not be processed; it failed alone
     "unavailable": 503,
 }
+
+# A dependency out of reach, or a moment's contention, never the request itself: a request
+# answers 503 with Retry-After, and queued work waits and runs again instead of failing.
+UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.TransactionRollbackError,  # deadlock, serialization failure
+    asyncpg.LockNotAvailableError,  # lock_timeout
+    ConnectionError,
+    TimeoutError,
+)
 
 # Starlette raises HTTPException with a bare status; these are the codes we answer with.
 _STATUS_CODES = {

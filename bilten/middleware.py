@@ -10,10 +10,7 @@ import secrets
 import time
 from typing import Any
 
-import asyncpg
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,14 +23,6 @@ REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 UNMATCHED = "<unmatched>"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Failures to reach PostgreSQL or Redis (or to get a pooled connection in time): 503, not 500.
-UNAVAILABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    asyncpg.PostgresConnectionError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 # Request ids need to be unique, not secret: a random per-process prefix and a counter are
@@ -132,7 +121,7 @@ class RequestContext:
         begun = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
-        except UNAVAILABLE as exc:
+        except errors.UNAVAILABLE as exc:
             # PostgreSQL or Redis out of reach, or no connection free in time: the client may
             # retry; this is overload or an outage, not a bug.
             log.warning("%s %s: %s: %s", scope["method"], scope["path"], type(exc).__name__, exc)

@@ -60,6 +60,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# Finished entries, in one atomic step: acknowledged, deleted, and counted as served. Served
+# counts only what this call acknowledged: an entry another worker acknowledged already (after
+# a lease changed hands) is not counted twice. KEYS: stream, served. ARGV: group, entry ids...
+_DONE = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+if acked > 0 then redis.call('INCRBY', KEYS[2], acked) end
+return acked
+"""
+
 
 CLAIM_TTL_MS = 180_000  # a queued request's seats: longer than its wait plus its payment
 SOLD_TTL_MS = 600_000  # a sold seat: refused at the door for 10 minutes, then by the database
@@ -352,22 +362,19 @@ async def _complete(
         or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
         or outcome.booking_id != entry.request_id
     ]
-    stream = keys.queue(event_id)
     async with app.redis.pipeline(transaction=False) as pipe:
         settle_claims(pipe, batch, outcomes)
         announce(pipe, [o for o in outcomes if o is not None])
         if finished:
-            pipe.xack(stream, keys.QUEUE_GROUP, *finished)
-        replies = await pipe.execute()
-    if finished:
-        # Served counts what this worker acknowledged: an entry another worker already
-        # acknowledged (after a lease changed hands) is not counted twice.
-        acked = replies[-1]
-        async with app.redis.pipeline(transaction=False) as pipe:
-            pipe.xdel(stream, *finished)
-            if acked:
-                pipe.incrby(keys.queue_served(event_id), acked)
-            await pipe.execute()
+            pipe.eval(
+                _DONE,
+                2,
+                keys.queue(event_id),
+                keys.queue_served(event_id),
+                keys.QUEUE_GROUP,
+                *finished,
+            )
+        await pipe.execute()
     return len(finished)
 
 

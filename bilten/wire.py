@@ -52,14 +52,52 @@ def _invalid(exc: msgspec.ValidationError) -> ApiError:
 
 
 def decode(raw: bytes, type_: type[T]) -> T:
-    """Decode JSON bytes into ``type_``, raising the API's 400/422 errors."""
+    """Decode JSON bytes into ``type_``, raising the API's 400/422 errors.
+
+    Text holding NUL is refused here, at the door, whatever the field: PostgreSQL cannot store
+    it, and a request that fails only when a worker writes it would fail late, far from its
+    sender. (JSON carries NUL only escaped, so bodies without ``\\u0000`` are not searched.)
+    """
     try:
         value: T = _decoder(type_).decode(raw)
-        return value
     except msgspec.ValidationError as exc:
         raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise ApiError("bad_request", f"Malformed JSON body: {exc}") from None
+    if b"\\u0000" in raw:
+        field = _nul_in(msgspec.to_builtins(value), "")
+        if field is not None:
+            raise _nul_error(field)
+    return value
+
+
+def _nul_error(field: str) -> ApiError:
+    message = "text may not contain NUL characters"
+    return ApiError(
+        "validation_error",
+        f"{field}: {message}" if field else message,
+        {"fields": [{"field": field or None, "message": message}]},
+    )
+
+
+def _nul_in(value: Any, path: str) -> str | None:
+    """The path of the first string holding NUL (keys included), or None."""
+    if isinstance(value, str):
+        return path if "\0" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if "\0" in str(key):
+                return inner
+            found = _nul_in(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _nul_in(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -91,8 +129,12 @@ async def read_json(request: Request, type_: type[T], limit: int = JSON_MAX_BYTE
 def read_query(request: Request, type_: type[T]) -> T:
     """The query string as ``type_`` (strings converted to numbers and times); 422 naming the
     parameter otherwise."""
+    params = dict(request.query_params)
+    field = _nul_in(params, "")
+    if field is not None:
+        raise _nul_error(field)
     try:
-        return msgspec.convert(dict(request.query_params), type_, strict=False)
+        return msgspec.convert(params, type_, strict=False)
     except msgspec.ValidationError as exc:
         raise _invalid(exc) from None
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import bookings, errors, keys, openapi, queue, security
+from bilten import bookings, errors, holds, keys, openapi, queue, security
 from bilten.bookings import Booking, Failure
 from bilten.errors import ApiError
 from bilten.payments import webhooks
@@ -167,29 +167,38 @@ async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> R
     )
 
 
-async def _check_event(app: State, event_id: str) -> None:
-    """404 unless the event is visible; a published one is remembered for a few seconds (the
-    worker checks it again, so an event cancelled meanwhile still sells nothing). Requests that
-    find no entry at the same moment share one query."""
-    if app.caches.on_sale.get(event_id):
-        return
+async def _order_limit(app: State, event_id: str) -> int:
+    """The event's tickets-per-order limit; 404 unless the event is visible. A published
+    event is remembered for a few seconds (the worker checks it again, so an event cancelled
+    meanwhile still sells nothing). Requests that find no entry at the same moment share one
+    query."""
+    limit = app.caches.on_sale.get(event_id)
+    if limit:
+        return limit
     loading = _loading.get(event_id)
     if loading is None:
-        loading = _loading[event_id] = asyncio.ensure_future(_event_status(app, event_id))
+        loading = _loading[event_id] = asyncio.ensure_future(_event_limit(app, event_id))
         loading.add_done_callback(lambda _: _loading.pop(event_id, None))
-    status = await asyncio.shield(loading)
-    if status in (None, "draft"):
+    limit = await asyncio.shield(loading)
+    if limit is None:
         raise ApiError("not_found", "No such event.")
+    return limit
 
 
-_loading: dict[str, asyncio.Future[str | None]] = {}
+_loading: dict[str, asyncio.Future[int | None]] = {}
 
 
-async def _event_status(app: State, event_id: str) -> str | None:
-    status: str | None = await app.db.fetchval("SELECT status FROM events WHERE id = $1", event_id)
-    if status == "published":
-        app.caches.on_sale.put(event_id, True)
-    return status
+async def _event_limit(app: State, event_id: str) -> int | None:
+    """The limit of a visible event (drafts are not), else None."""
+    row = await app.db.fetchrow(
+        "SELECT status, max_tickets_per_order FROM events WHERE id = $1", event_id
+    )
+    if row is None or row["status"] == "draft":
+        return None
+    limit: int = row["max_tickets_per_order"]
+    if row["status"] == "published":
+        app.caches.on_sale.put(event_id, limit)
+    return limit
 
 
 async def _book(request: Request, default_wait: float) -> Response:
@@ -211,7 +220,10 @@ async def _book(request: Request, default_wait: float) -> Response:
     wait = _wait_seconds(request, default_wait)
     app = state(request)
     event_id = str(body.event_id)
-    await _check_event(app, event_id)
+    limit = await _order_limit(app, event_id)
+    # Refused here, it takes no seat and no place in the queue (a hold was limited when made).
+    if body.hold_id is None and wanted["quantity"] > limit:
+        raise holds.over_order_limit(limit, bool(wanted["seat_ids"]))
     entry = queue.Request(
         id=str(uuid.uuid4()),
         user_id=who.user_id,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from bilten import bookings, holds, metrics, notifications, payments, queue, ticketcodes
+from bilten import bookings, errors, holds, metrics, notifications, payments, queue, ticketcodes
 from bilten.bookings import Booking, BookingItem, Payment, TicketRef
 from bilten.db import Connection
 from bilten.errors import ApiError
@@ -680,26 +680,62 @@ async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
     awaited when the caller likes (the queue starts the next batch meanwhile): the payments,
     concurrently, then the finish, in one more transaction.
 
-    Should a step fail as a whole (a bug, a broken row), its bookings go one by one through the
-    one-booking saga, so one bad request cannot block an event's queue.
+    Each failure alone: a batch that fails for a cause of its own (not an outage: that pauses
+    the queue, see :data:`errors.UNAVAILABLE`) is split in halves, each begun in turn (so
+    arrival order still decides), until the request at fault is alone; that one fails with
+    ``internal`` and the others go on. No request can stop an event's queue.
     """
-    began = time.monotonic()
     try:
-        async with app.db.acquire() as conn, conn.transaction():
-            standing = await bookings.create_many(conn, _requests(entries))
-            booking_ids, early = _sort_out(entries, standing)
-            outcomes, payable = await _reserve(conn, [b for b in booking_ids if b is not None])
+        return await _begin(app, entries)
+    except errors.UNAVAILABLE:
+        raise
     except Exception:
-        log.exception("a booking batch failed; running its %d bookings one by one", len(entries))
-        booking_ids, early = await admit(app, entries)
-        # Run to the end before returning: the next batch must not reserve before these.
-        ran = {b: await booking.run(app, b) for b in booking_ids if b is not None}
-        merged = _merge(booking_ids, early, ran)
+        if len(entries) == 1:
+            log.exception("booking request %s could not be processed", entries[0].request_id)
+            return await _fail_alone(app, entries[0])
+        log.warning("a booking batch of %d failed; splitting it", len(entries), exc_info=True)
+    half = len(entries) // 2
+    first = await begin_batch(app, entries[:half])
+    second = await begin_batch(app, entries[half:])
 
-        async def done() -> list[Outcome | None]:
-            return merged
+    async def both() -> list[Outcome | None]:
+        return [*await first(), *await second()]
 
-        return done
+    return both
+
+
+INTERNAL = "This request could not be processed."
+
+
+async def _fail_alone(app: State, entry: queue.Entry) -> Rest:
+    """Fail a request that made its batch fail: its booking ``FAILED`` (``internal``) if it
+    has one, else only its outcome (the request could not even be recorded)."""
+    error = ApiError("internal", INTERNAL)
+    async with app.db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_BOOKING + " FOR UPDATE", entry.request_id)
+        if row is not None and row["saga_state"] == "PENDING":
+            (outcome,) = await _fail_many(conn, [(row, error)])
+        elif row is not None:
+            outcome = _outcome_of(row)  # past the failing step already: recovery goes on
+        elif entry.request is not None:
+            metrics.BOOKINGS.labels("failed", error.code).inc()
+            request = entry.request
+            outcome = Outcome(entry.request_id, request.user_id, request.event_id, "FAILED", error)
+        else:
+            outcome = None
+
+    async def done() -> list[Outcome | None]:
+        return [outcome]
+
+    return done
+
+
+async def _begin(app: State, entries: list[queue.Entry]) -> Rest:
+    began = time.monotonic()
+    async with app.db.acquire() as conn, conn.transaction():
+        standing = await bookings.create_many(conn, _requests(entries))
+        booking_ids, early = _sort_out(entries, standing)
+        outcomes, payable = await _reserve(conn, [b for b in booking_ids if b is not None])
 
     async def rest() -> list[Outcome | None]:
         try:
@@ -707,9 +743,16 @@ async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
         except Exception:
             log.exception("finishing a booking batch failed; finishing its bookings one by one")
             for booking_id in payable:
-                outcomes[booking_id] = await booking.recover(app, booking_id) or await _as_is(
-                    app, booking_id
-                )
+                try:
+                    outcomes[booking_id] = await booking.recover(app, booking_id) or await _as_is(
+                        app, booking_id
+                    )
+                except errors.UNAVAILABLE:
+                    raise  # the batch stays queued and runs again
+                except Exception:
+                    # Each failure alone: recovery owns this booking now (None: not ours).
+                    log.exception("finishing booking %s failed; recovery takes it", booking_id)
+                    outcomes[booking_id] = None
         elapsed = time.monotonic() - began
         for outcome in outcomes.values():
             if outcome is not None and outcome.state == "CONFIRMED":
@@ -717,16 +760,6 @@ async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
         return _merge(booking_ids, early, outcomes)
 
     return rest
-
-
-async def admit(
-    app: State, entries: list[queue.Entry]
-) -> tuple[list[str | None], list[Outcome | None]]:
-    """Make the bookings of a batch's new requests in a transaction of their own (the first
-    step of the saga: PENDING); see :func:`_sort_out` for what it returns."""
-    async with app.db.acquire() as conn, conn.transaction():
-        standing = await bookings.create_many(conn, _requests(entries))
-    return _sort_out(entries, standing)
 
 
 async def _as_is(app: State, booking_id: str) -> Outcome | None:
