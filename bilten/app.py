@@ -26,6 +26,7 @@ from bilten import (
     routes,
     tokens,
 )
+from bilten.intake import Recorder
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
 from bilten.pipelining import AutoPipeline
@@ -96,6 +97,7 @@ async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str
                 db=pool,
                 redis=redis,
                 pipeline=AutoPipeline(redis),
+                intake=Recorder(pool),
                 supervisor=Supervisor(),
                 signer=tokens.signer(settings),
                 passwords=passwords.from_settings(settings),

@@ -147,15 +147,18 @@ _decode_request = msgspec.json.Decoder(Request).decode
 _encode = msgspec.json.Encoder().encode
 
 
-async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | Known:
-    """Queue a request in one atomic step; returns its position (1 = next).
+def encode_request(request: Request) -> bytes:
+    return _encode(request)
 
-    Unless its Idempotency-Key was used before (:class:`Known`), the request is refused with
-    409 ``seat_unavailable`` when a seat it wants is claimed (another queued request wants it,
-    or it was sold), and with 503 when the queue is full; a refused request leaves nothing
-    behind. Otherwise its seats are claimed, its key remembered and its status set. Claims are a
-    pre-check that keeps doomed requests out of the queue; the database still decides.
-    """
+
+def decode_request(raw: bytes) -> Request:
+    return _decode_request(raw)
+
+
+def _script_args(
+    request: Request, maximum: int
+) -> tuple[tuple[str, ...], tuple[str | int | bytes, ...]]:
+    """The KEYS and ARGV of :data:`_SUBMIT` and :data:`_RESTORE` for ``request``."""
     seat_ids: list[str] = request.request.get("seat_ids") or []
     names = (
         keys.idempotency(request.user_id, request.key),
@@ -178,6 +181,19 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
         CLAIM_TTL_MS,
         *seat_ids,
     )
+    return names, args
+
+
+async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | Known:
+    """Queue a request in one atomic step; returns its position (1 = next).
+
+    Unless its Idempotency-Key was used before (:class:`Known`), the request is refused with
+    409 ``seat_unavailable`` when a seat it wants is claimed (another queued request wants it,
+    or it was sold), and with 503 when the queue is full; a refused request leaves nothing
+    behind. Otherwise its seats are claimed, its key remembered and its status set. Claims are a
+    pre-check that keeps doomed requests out of the queue; the database still decides.
+    """
+    names, args = _script_args(request, maximum)
     answer: Any = await redis.script(_SUBMIT, _SUBMIT_SHA, names, args)
     kind = answer[0].decode()
     if kind == "known":
@@ -194,6 +210,32 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
             headers={"Retry-After": "2"},
         )
     return int(answer[1])
+
+
+# A request PostgreSQL has on record and Redis lost, queued again as it was accepted: its key
+# (unless taken again meanwhile), its claims (unchecked: the database decides), its entry and
+# status. KEYS and ARGV as for _SUBMIT, less the maximum and the time check.
+_RESTORE = """
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400, 'NX')
+if #ARGV >= 9 then
+  local expiry = tonumber(ARGV[7]) + tonumber(ARGV[8])
+  for i = 9, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  redis.call('EXPIRE', KEYS[2], 86400)
+end
+local ticket = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[5], '*', 'id', ARGV[1], 'r', ARGV[6])
+redis.call('SADD', KEYS[6], ARGV[2])
+redis.call('HSET', KEYS[7], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
+           'user_id', ARGV[4])
+redis.call('EXPIRE', KEYS[7], 86400)
+return ticket
+"""
+
+
+async def restore(redis: Redis, request: Request) -> None:
+    """Queue again a request that Redis lost (see :mod:`bilten.intake`)."""
+    names, args = _script_args(request, 0)
+    await redis.eval(_RESTORE, len(names), *names, *args)
 
 
 def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> None:

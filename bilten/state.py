@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 
 from bilten.cache import Caches
 from bilten.db import Pool
+from bilten.intake import Recorder
 from bilten.media import Storage
 from bilten.passwords import Passwords
 from bilten.payments.resilience import ResilientProvider
@@ -30,6 +31,7 @@ class State:
     db: Pool
     redis: Redis
     pipeline: AutoPipeline  # script calls of concurrent requests, one round trip for all
+    intake: Recorder  # accepted booking requests, recorded in one statement per loop turn
     supervisor: Supervisor
     signer: Signer
     passwords: Passwords

@@ -242,6 +242,9 @@ async def _book(request: Request, default_wait: float) -> Response:
             if submitted.digest != entry.digest:
                 raise bookings.key_reused(key)
             return await _repeat(app, who.user_id, submitted.request_id, event_id, wait)
+        # On record in PostgreSQL before any answer: Redis alone may lose it. Should this fail
+        # (503), the request may still be booked; a retry with its key finds it.
+        await app.intake.record(entry.id, queue.encode_request(entry))
         if future is not None:
             with contextlib.suppress(TimeoutError):
                 outcome = await asyncio.wait_for(asyncio.shield(future), wait)

@@ -4,7 +4,8 @@
 * sagas left unfinished are resumed, one instance per booking (rows are claimed with
   ``FOR UPDATE SKIP LOCKED`` and their timestamp bumped, which leases them for a while);
 * failed payments whose outcome was unknown are looked up and refunded if money was taken;
-* confirmed bookings of cancelled events are cancelled (and so refunded).
+* confirmed bookings of cancelled events are cancelled (and so refunded);
+* accepted requests that Redis lost are queued again (see :mod:`bilten.intake`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
-from bilten import cache, holds, payments
+from bilten import cache, holds, keys, payments, queue
 from bilten.sagas import booking
 from bilten.state import State
 from bilten.supervisor import Worker
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 INTERVAL = 1.0
 STALE_PENDING = 300  # seconds: a request may wait this long in a long queue
 STALE_PAYMENT = 60  # seconds: longer than a payment call with all its retries
+LOST_AFTER = 3.0  # seconds: an accepted request this old whose Redis status is gone was lost
+REDISPATCH_ROUND = 500  # accepted requests looked at per round
 
 
 async def _claim(app: State, where: str, stale: int, limit: int = 50) -> list[str]:
@@ -117,6 +121,43 @@ async def fold_seat_map_commits(app: State) -> int:
     return len(events)
 
 
+async def redispatch(
+    app: State, lost_after: float = LOST_AFTER, limit: int = REDISPATCH_ROUND
+) -> int:
+    """Forget the records of finished requests; queue again, in arrival order, those Redis
+    lost. Returns how many were queued again."""
+    await app.db.execute(
+        """DELETE FROM accepted_requests a USING bookings b
+           WHERE b.id = a.id AND b.saga_state IN ('CONFIRMED', 'FAILED', 'CANCELLED')"""
+    )
+    async with app.db.acquire() as conn, conn.transaction():
+        # Locked, so that instances running this at once queue each request once.
+        rows = await conn.fetch(
+            """SELECT id::text, request FROM accepted_requests
+               WHERE accepted_at < now() - make_interval(secs => $1)
+               ORDER BY accepted_at, id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+            lost_after,
+            limit,
+        )
+        if not rows:
+            return 0
+        async with app.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hmget(keys.booking_request(row["id"]), "status", "result")
+            statuses: list[Any] = await pipe.execute()
+        finished = [r["id"] for r, (status, result) in zip(rows, statuses, strict=True) if result]
+        lost = [r for r, (status, _) in zip(rows, statuses, strict=True) if status is None]
+        for row in lost:
+            await queue.restore(app.redis, queue.decode_request(row["request"]))
+        if finished:  # ended without a booking row (refused by the worker before it made one)
+            await conn.execute(
+                "DELETE FROM accepted_requests WHERE id = ANY ($1::uuid[])", finished
+            )
+    if lost:
+        log.warning("queued %d accepted booking request(s) again: Redis had lost them", len(lost))
+    return len(lost)
+
+
 async def run_once(app: State) -> int:
     return (
         await fold_seat_map_commits(app)
@@ -124,6 +165,7 @@ async def run_once(app: State) -> int:
         + await resume_sagas(app)
         + await settle_payments(app)
         + await cancel_for_cancelled_events(app)
+        + await redispatch(app)
     )
 
 

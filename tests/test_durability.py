@@ -1,0 +1,81 @@
+"""A 202 is a promise: accepted booking requests survive the loss of Redis's data."""
+
+import asyncio
+import time
+
+from bilten.sagas import batch
+from tests.test_bookings import book, buyer, published_event, queued
+from tests.test_catalog import running
+
+
+async def wait_until_final(db, ids, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await db.fetch(
+            "SELECT id::text, saga_state FROM bookings WHERE id = ANY ($1::uuid[])", ids
+        )
+        states = {r["id"]: r["saga_state"] for r in rows}
+        if len(states) == len(ids) and all(
+            s in ("CONFIRMED", "FAILED", "CANCELLED") for s in states.values()
+        ):
+            return states
+        if time.monotonic() > deadline:
+            return states
+        await asyncio.sleep(0.2)
+
+
+async def test_a_flush_of_redis_mid_sale_loses_no_accepted_request(settings):
+    """Thirty buyers, one seat each (uncontended): ten booked, five reserved and paying, fifteen
+    still queued when Redis is flushed. Every one of them ends confirmed, once."""
+    async with running(settings.replace(roles=frozenset({"api"}))) as (door, c):
+        event_id, seats, _, _ = await published_event(c)
+        buyers = [await buyer(c) for _ in range(30)]
+        answers = await asyncio.gather(
+            *(
+                book(c, auth, {"event_id": event_id, "seat_ids": [seats[n]]}, headers={})
+                for n, auth in enumerate(buyers)
+            )
+        )
+        assert [a.status_code for a in answers] == [202] * 30
+        ids = [a.json()["request_id"] for a in answers]
+        entries = await queued(door.state, event_id)
+        by_id = {e.request_id: e for e in entries}
+        done = await batch.run_batch(door.state, [by_id[i] for i in ids[:10]])
+        assert {o.state for o in done} == {"CONFIRMED"}
+        await batch.begin_batch(door.state, [by_id[i] for i in ids[10:15]])  # paying
+        await door.state.redis.flushall()
+
+        async with running(settings.replace(roles=frozenset({"workers"}))) as (worker, _):
+            states = await wait_until_final(worker.state.db, ids)
+            assert states == dict.fromkeys(ids, "CONFIRMED")
+            sold = await worker.state.db.fetchval(
+                "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'sold'",
+                event_id,
+            )
+            tickets = await worker.state.db.fetch(
+                "SELECT booking_id::text, count(*) AS n FROM tickets WHERE event_id = $1 "
+                "GROUP BY booking_id",
+                event_id,
+            )
+            assert sold == 30
+            assert {t["booking_id"]: t["n"] for t in tickets} == dict.fromkeys(ids, 1)
+            # Their records go once their outcomes are known.
+            deadline = time.monotonic() + 10
+            while await worker.state.db.fetchval("SELECT count(*) FROM accepted_requests"):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        for auth, request_id in zip(buyers, ids, strict=True):
+            status = await c.get(f"/bookings/requests/{request_id}", headers=auth)
+            assert status.json()["status"] == "confirmed", status.text
+
+
+async def test_a_request_is_on_record_before_it_is_answered_and_refusals_are_not(settings):
+    async with running(settings.replace(roles=frozenset({"api"}))) as (door, c):
+        event_id, seats, _, _ = await published_event(c)
+        ann, bob = await buyer(c), await buyer(c)
+        answer = await book(c, ann, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
+        assert answer.status_code == 202
+        refused = await book(c, bob, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
+        assert refused.status_code == 409
+        on_record = await door.state.db.fetch("SELECT id::text FROM accepted_requests")
+        assert [r["id"] for r in on_record] == [answer.json()["request_id"]]
