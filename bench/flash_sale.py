@@ -68,6 +68,7 @@ from bench.common import ROOT, bilten_process, services
 from bilten import bookings, db, events, keys, payments, queue, tokens, users, venues
 from bilten.sagas import booking as saga
 from bilten.settings import Settings
+from bilten.workers import bookings as bookings_worker
 
 PER_ROW = 100
 GOAL_RATE = 1000.0
@@ -1095,7 +1096,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sql-batch",
         type=int,
-        default=queue.BATCH,
+        default=bookings_worker.BATCH,
         help="batch size of the batched SQL-only baseline (the queue's); 0 skips it",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the SQL-only baseline")

@@ -22,7 +22,6 @@ from bilten import (
     outbox,
     passwords,
     payments,
-    queue,
     routes,
     tokens,
 )
@@ -38,6 +37,7 @@ from bilten.settings import Settings
 from bilten.state import State
 from bilten.supervisor import Supervisor
 from bilten.waiters import Waiters
+from bilten.workers import bookings as bookings_worker
 from bilten.workers import heartbeat
 from bilten.workers import mail as mail_worker
 
@@ -59,14 +59,14 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
-async def start_workers(app: State) -> None:
+async def start_workers(app: State, realtime: Realtime) -> None:
     await cache.listen(app.hub, app.caches)
     await app.hub.subscribe(keys.BOOKING_DONE, app.waiters.on_message)
     app.supervisor.start("pubsub", app.hub.worker())
-    app.supervisor.start("heartbeat", heartbeat.worker(app))
+    app.supervisor.start("heartbeat", heartbeat.worker(app, realtime))
     if "realtime" in app.settings.roles:
-        app.hub.on_connect.append(lambda: app.realtime.on_redis_connect(app))
-        app.supervisor.start("realtime", app.realtime.worker(app))
+        app.hub.on_connect.append(lambda: realtime.on_redis_connect(app))
+        app.supervisor.start("realtime", realtime.worker(app))
     if "workers" in app.settings.roles:
         transport = mail.transport_from_settings(app.settings)
         app.supervisor.start("mail", mail_worker.worker(app, transport))
@@ -74,12 +74,13 @@ async def start_workers(app: State) -> None:
         app.supervisor.start("recovery", recovery.worker(app))
         for n in range(app.settings.booking_workers):
             app.supervisor.start(
-                f"bookings-{n}", queue.worker(app, batch.begin_batch, booking.add_announcements)
+                f"bookings-{n}",
+                bookings_worker.worker(app, batch.begin_batch, booking.add_announcements),
             )
 
 
 @contextlib.asynccontextmanager
-async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str, State]]:
+async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str, State | Realtime]]:
     pool = await db.create_pool(settings)
     try:
         async with pool.acquire() as conn:
@@ -107,9 +108,10 @@ async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str
                 payments=payments.provider_from_settings(settings, redis),
                 waiters=Waiters(),
                 started_at=time.time(),
-                realtime=Realtime(settings, hub),
             )
-            await start_workers(app)
+            # The hub reads the state; the state does not know the hub (one way only).
+            realtime = Realtime(settings, hub)
+            await start_workers(app, realtime)
             # Serve only once changes announced by other instances reach us; if Redis is slow
             # to answer, cached entries still age out.
             with contextlib.suppress(TimeoutError):
@@ -122,7 +124,7 @@ async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str
             # Called (thread-safely) when a stop is asked for: see bilten.cli.make_server.
             web.state.on_stop = app.waiters.release_all
             try:
-                yield {"bilten": app}
+                yield {"bilten": app, "realtime": realtime}
             finally:
                 await app.supervisor.stop(settings.shutdown_timeout)
                 await app.payments.aclose()

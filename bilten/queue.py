@@ -1,10 +1,6 @@
-"""The booking queue: one Redis stream per event, drained by workers on every instance.
+"""The booking queue: one Redis stream per event, filled by the door, drained by workers.
 
-All instances form one consumer group. A worker takes an event by a lease (a key with an
-expiry that it renews), so one event's requests are processed in arrival order, while other
-events proceed on other workers. Entries are acknowledged only when their saga has ended. A new
-lease holder first claims whatever the previous holder left pending (``XAUTOCLAIM``): a dead
-instance loses nothing, and the sagas' own state checks make a second run harmless.
+The booking worker (``bilten.workers.bookings``) consumes them as one consumer group.
 Positions are counters: ``ticket`` (enqueued) minus ``served`` (finished). On enqueue the
 owner's channel gets the position and the ticket; afterwards each instance broadcasts the
 event's ``served`` counter to its room when it moves, and clients work out their own position.
@@ -18,14 +14,10 @@ queued request wants, or that was sold, is refused at once instead of queueing t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
-import random
-import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,39 +29,8 @@ from redis.exceptions import ResponseError
 from bilten import holds, keys, metrics
 from bilten.errors import ApiError
 from bilten.pipelining import AutoPipeline
-from bilten.state import State
-from bilten.supervisor import Worker
 
 log = logging.getLogger(__name__)
-
-# A batch's first step (bookings made, seats reserved), returning the rest (payments, finish).
-Begin = Callable[[State, list["Entry"]], Awaitable[Callable[[], Awaitable[list[Any]]]]]
-# Queues the outcomes' announcements (statuses, wake-ups) on a pipeline.
-Announce = Callable[[Pipeline, list[Any]], None]
-
-BATCH = 200
-IDLE_SLEEP = (0.005, 0.1)
-
-# Delete the lease only if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-# Finished entries, in one atomic step: acknowledged, deleted, and counted as served. Served
-# counts only what this call acknowledged: an entry another worker acknowledged already (after
-# a lease changed hands) is not counted twice. KEYS: stream, served. ARGV: group, entry ids...
-_DONE = """
-local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-if acked > 0 then redis.call('INCRBY', KEYS[2], acked) end
-return acked
-"""
-
 
 CLAIM_TTL_MS = 180_000  # a queued request's seats: longer than its wait plus its payment
 SOLD_TTL_MS = 600_000  # a sold seat: refused at the door for 10 minutes, then by the database
@@ -269,7 +230,7 @@ async def position(redis: Redis, event_id: str, ticket: int) -> int:
     return max(0, ticket - int(served or 0))
 
 
-async def _ensure_group(redis: Redis, stream: str) -> None:
+async def ensure_group(redis: Redis, stream: str) -> None:
     with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
         await redis.xgroup_create(stream, keys.QUEUE_GROUP, id="0", mkstream=True)
 
@@ -285,173 +246,3 @@ def parse_entries(raw: Any) -> list[Entry]:
         for entry_id, fields in raw
         if fields
     ]
-
-
-async def drain(
-    app: State,
-    event_id: str,
-    consumer: str,
-    begin: Begin,
-    announce: Announce,
-    stop: asyncio.Event | None = None,
-) -> int:
-    """Process the event's queue while we hold its lease (and until ``stop``, after the batches
-    in hand); returns requests finished.
-
-    Two batches overlap: while one pays and finishes, the next one's seats are reserved. It is
-    reserved only after the one before committed its reservations, so what is free goes to
-    requests in arrival order (what the earlier batch's failed payments give back comes free
-    only after that).
-    """
-    redis = app.redis
-    stream = keys.queue(event_id)
-    lease = keys.queue_lease(event_id)
-    await _ensure_group(redis, stream)
-    done = 0
-    # Entries a previous holder read but never acknowledged come first: they arrived first.
-    backlog: list[Entry] = []
-    cursor: Any = "0-0"
-    while True:
-        # Redis 6.2 answers [cursor, entries]; 7 adds the ids of deleted entries.
-        answer: Any = await redis.xautoclaim(
-            stream, keys.QUEUE_GROUP, consumer, 0, cursor, count=500
-        )
-        cursor = answer[0]
-        backlog += parse_entries(answer[1])
-        if cursor in (b"0-0", "0-0"):
-            break
-    in_flight: asyncio.Task[int] | None = None
-    lost = asyncio.Event()
-    keeper = asyncio.create_task(_keep_lease(app, lease, consumer, lost))
-    try:
-        while not lost.is_set():
-            if backlog:
-                batch, backlog = backlog[:BATCH], backlog[BATCH:]
-            else:
-                read: Any = await redis.xreadgroup(
-                    keys.QUEUE_GROUP, consumer, {stream: ">"}, count=BATCH
-                )
-                batch = parse_entries(read[0][1]) if read else []
-            if not batch:
-                if in_flight is None:
-                    break
-                done += await _finished(in_flight)  # new requests may come while it finishes
-                in_flight = None
-                continue
-            rest = await begin(app, batch)
-            if in_flight is not None:
-                done += await _finished(in_flight)
-            in_flight = asyncio.create_task(_complete(app, event_id, batch, rest, announce))
-            if stop is not None and stop.is_set():
-                break  # shutting down: what is left stays queued for another worker
-        # The lease lost (someone else drains now), the queue empty, or a stop.
-        if in_flight is not None:
-            done += await _finished(in_flight)
-            in_flight = None
-        return done
-    finally:
-        keeper.cancel()
-        if in_flight is not None and not in_flight.done():
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                in_flight.cancel()  # stopping for good; its entries stay pending
-            # Otherwise an error: the batch in hand still finishes.
-            with contextlib.suppress(BaseException):
-                await in_flight
-
-
-async def _keep_lease(app: State, lease: str, consumer: str, lost: asyncio.Event) -> None:
-    """Renew the event's lease while its queue is drained, however long a batch takes; set
-    ``lost`` if it went to someone else (this holder stalled past its expiry)."""
-    every = app.settings.queue_lease_ms / 3000
-    while True:
-        await asyncio.sleep(every)
-        try:
-            renewed = await app.redis.eval(_RENEW, 1, lease, consumer, app.settings.queue_lease_ms)
-        except Exception:
-            log.warning("could not renew the queue lease %s", lease, exc_info=True)
-            continue
-        if not renewed:
-            lost.set()
-            return
-
-
-async def _finished(batch: asyncio.Task[int]) -> int:
-    """A batch's completion; one that failed leaves its entries pending for the next drain."""
-    try:
-        return await batch
-    except Exception:
-        log.exception("completing a booking batch failed; its requests stay queued")
-        return 0
-
-
-async def _complete(
-    app: State,
-    event_id: str,
-    batch: list[Entry],
-    rest: Callable[[], Awaitable[list[Any]]],
-    announce: Announce,
-) -> int:
-    """A batch's rest, then its announcements; its entries are acknowledged once their sagas
-    ended. Returns how many were."""
-    outcomes = await rest()
-    # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
-    # booking (same Idempotency-Key) that has a saga of its own.
-    finished = [
-        entry.entry_id
-        for entry, outcome in zip(batch, outcomes, strict=True)
-        if outcome is None
-        or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
-        or outcome.booking_id != entry.request_id
-    ]
-    async with app.redis.pipeline(transaction=False) as pipe:
-        settle_claims(pipe, batch, outcomes)
-        announce(pipe, [o for o in outcomes if o is not None])
-        if finished:
-            pipe.eval(
-                _DONE,
-                2,
-                keys.queue(event_id),
-                keys.queue_served(event_id),
-                keys.QUEUE_GROUP,
-                *finished,
-            )
-        await pipe.execute()
-    return len(finished)
-
-
-def worker(app: State, begin: Begin, announce: Announce) -> Worker:
-    consumer = f"{app.settings.instance_id}-{secrets.token_hex(3)}"
-
-    async def run(stop: asyncio.Event) -> None:
-        idle = IDLE_SLEEP[0]
-        while not stop.is_set():
-            members: Any = await app.redis.smembers(keys.QUEUE_ACTIVE)
-            events = [e.decode() for e in members]
-            random.shuffle(events)
-            worked = False
-            for event_id in events:
-                lease = keys.queue_lease(event_id)
-                if not await app.redis.set(
-                    lease, consumer, nx=True, px=app.settings.queue_lease_ms
-                ):
-                    continue
-                try:
-                    finished = await drain(app, event_id, consumer, begin, announce, stop)
-                    worked = finished > 0 or worked
-                    stream = keys.queue(event_id)
-                    if await app.redis.xlen(stream) == 0:
-                        # Removed, then checked again: a request enqueued in between re-adds it.
-                        await app.redis.srem(keys.QUEUE_ACTIVE, event_id)
-                        if await app.redis.xlen(stream):
-                            await app.redis.sadd(keys.QUEUE_ACTIVE, event_id)
-                finally:
-                    await app.redis.eval(_RELEASE, 1, lease, consumer)
-                if stop.is_set():
-                    return
-            idle = IDLE_SLEEP[0] if worked else min(idle * 2, IDLE_SLEEP[1])
-            if not worked:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), idle)
-
-    return run

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
@@ -20,9 +20,6 @@ from bilten.settings import Settings
 from bilten.supervisor import Supervisor
 from bilten.tokens import Signer
 from bilten.waiters import Waiters
-
-if TYPE_CHECKING:
-    from bilten.realtime import Realtime
 
 
 @dataclass(frozen=True)
@@ -41,7 +38,6 @@ class State:
     payments: ResilientProvider
     waiters: Waiters
     started_at: float
-    realtime: Realtime
 
 
 def state(conn: HTTPConnection) -> State:

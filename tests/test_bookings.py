@@ -926,11 +926,12 @@ async def test_an_entry_taken_over_after_its_reservation_is_paid_once_and_finish
 async def test_a_batch_longer_than_the_lease_keeps_it_and_a_lost_lease_stops_the_drain(
     settings, monkeypatch
 ):
-    from bilten import keys, queue
+    from bilten import keys
     from bilten.sagas import batch, booking
+    from bilten.workers import bookings as bookings_worker
     from tests.test_catalog import running
 
-    monkeypatch.setattr(queue, "BATCH", 1)  # a batch per request
+    monkeypatch.setattr(bookings_worker, "BATCH", 1)  # a batch per request
     quiet = settings.replace(roles=frozenset({"api"}), queue_lease_ms=300)
     async with running(quiet) as (instance, c):
         app = instance.state
@@ -952,7 +953,9 @@ async def test_a_batch_longer_than_the_lease_keeps_it_and_a_lost_lease_stops_the
             await asyncio.sleep(0.3)  # the keeper's next renewal finds out
             return await batch.begin_batch(app, entries)
 
-        done = await queue.drain(app, event_id, "me", slow_begin, booking.add_announcements)
+        done = await bookings_worker.drain(
+            app, event_id, "me", slow_begin, booking.add_announcements
+        )
         assert seen == [b"me"]  # renewed all along the first batch
         assert done == 1  # the batch in hand finished; no other began once the lease was gone
         assert len(await queued(app, event_id)) == 1

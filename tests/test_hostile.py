@@ -18,7 +18,12 @@ TEXT = st.text(
     max_size=300,
 )
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), TEXT, st.lists(TEXT)
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    TEXT,
+    st.lists(TEXT),
 )
 
 

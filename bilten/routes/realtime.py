@@ -8,8 +8,9 @@ the router (whose coroutines would otherwise stay suspended under every idle con
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -17,7 +18,7 @@ from starlette.websockets import WebSocket
 
 from bilten import errors, openapi, security
 from bilten.errors import ApiError
-from bilten.realtime import stats
+from bilten.realtime import Realtime, stats
 from bilten.state import state
 from bilten.wire import JSONResponse
 from bilten.workers import heartbeat
@@ -41,6 +42,13 @@ async def _refuse(websocket: WebSocket, exc: ApiError) -> None:
         await websocket.close(POLICY_VIOLATION, exc.message)
 
 
+def hub(conn: HTTPConnection) -> Realtime:
+    """This instance's WebSocket hub (beside the state: the hub reads the state, not back)."""
+    value: Any = conn.state.realtime
+    assert isinstance(value, Realtime)
+    return value
+
+
 def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
     """The connection's whole life, or its refusal. Not a coroutine itself: one frame less
     held under every open connection, and nothing of the handshake kept once it is done."""
@@ -50,7 +58,7 @@ def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
     except ApiError as exc:
         return _refuse(websocket, exc)
     app = state(websocket)
-    return app.realtime.serve(app, who, scope, receive, send)
+    return hub(websocket).serve(app, who, scope, receive, send)
 
 
 @openapi.endpoint(
@@ -92,7 +100,7 @@ async def realtime_stats(request: Request) -> Response:
     security.require(request, "admin")
     app = state(request)
     entries = await heartbeat.live_instances(app)
-    return JSONResponse(stats.collect(entries, app.realtime))
+    return JSONResponse(stats.collect(entries, hub(request)))
 
 
 socket_routes = [WebSocketRoute(PATH, SocketEndpoint())]  # documented; Shortcut serves it

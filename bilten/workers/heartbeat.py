@@ -10,7 +10,7 @@ import time
 from typing import cast
 
 from bilten import keys
-from bilten.realtime import stats
+from bilten.realtime import Realtime, stats
 from bilten.state import State
 from bilten.supervisor import Worker
 
@@ -18,7 +18,7 @@ INTERVAL = 5.0
 TTL = 15  # an instance missing three beats is gone
 
 
-async def beat(app: State) -> None:
+async def beat(app: State, realtime: Realtime) -> None:
     now = time.time()
     name = keys.instance(app.settings.instance_id)
     async with app.redis.pipeline(transaction=True) as pipe:
@@ -31,7 +31,7 @@ async def beat(app: State) -> None:
                 "roles": ",".join(sorted(app.settings.roles)),
                 "started_at": app.started_at,
                 "seen_at": now,
-                **stats.heartbeat_fields(app.realtime),
+                **stats.heartbeat_fields(realtime),
             },
         )
         pipe.expire(name, TTL)
@@ -47,11 +47,11 @@ async def forget(app: State) -> None:
         await pipe.execute()
 
 
-def worker(app: State, interval: float = INTERVAL) -> Worker:
+def worker(app: State, realtime: Realtime, interval: float = INTERVAL) -> Worker:
     async def run(stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
-                await beat(app)
+                await beat(app, realtime)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
         finally:
