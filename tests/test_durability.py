@@ -79,3 +79,39 @@ async def test_a_request_is_on_record_before_it_is_answered_and_refusals_are_not
         assert refused.status_code == 409
         on_record = await door.state.db.fetch("SELECT id::text FROM accepted_requests")
         assert [r["id"] for r in on_record] == [answer.json()["request_id"]]
+
+
+async def test_recovery_unclaims_the_seats_of_a_booking_it_fails(settings):
+    """A worker died after reserving (its entry gone with it): recovery finishes the booking;
+    when that fails, the door's claims on its seats go too, so they sell again at once."""
+    from bilten import keys
+    from bilten.sagas import recovery
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (door, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        answer = await c.post(
+            "/bookings",
+            json={
+                "event_id": event_id,
+                "seat_ids": seats[:2],
+                "payment": {"method": "card", "token": "tok_chargeDeclined"},
+            },
+            headers={**auth, "Idempotency-Key": "declined"},
+        )
+        assert answer.status_code == 202
+        booking_id = answer.json()["request_id"]
+        await batch.begin_batch(door.state, await queued(door.state, event_id))
+        claims = keys.seat_claims(event_id)
+        assert await door.state.redis.hexists(claims, seats[0])
+        await door.state.db.execute(
+            "UPDATE bookings SET updated_at = now() - interval '5 minutes' WHERE id = $1",
+            booking_id,
+        )
+        assert await recovery.resume_sagas(door.state) == 1
+        state = await door.state.db.fetchval(
+            "SELECT saga_state FROM bookings WHERE id = $1", booking_id
+        )
+        assert state == "FAILED"
+        assert not await door.state.redis.hexists(claims, seats[0])
+        assert not await door.state.redis.hexists(claims, seats[1])

@@ -57,7 +57,20 @@ async def resume_sagas(app: State) -> int:
         outcome = await booking.recover(app, booking_id)
         if outcome is not None:
             await booking.announce(app, outcome)
+            if outcome.state == "FAILED":
+                await _unclaim(app, booking_id)
     return len(ids)
+
+
+async def _unclaim(app: State, booking_id: str) -> None:
+    """The door's claims on a failed booking's seats: its queue entry was finished without
+    them (its worker died, or left it to recovery), so they are released here."""
+    row = await app.db.fetchrow(
+        "SELECT event_id::text, request -> 'seat_ids' AS seat_ids FROM bookings WHERE id = $1",
+        booking_id,
+    )
+    if row is not None and row["seat_ids"]:
+        await queue.release_claims(app.redis, row["event_id"], list(row["seat_ids"]))
 
 
 async def settle_payments(app: State) -> int:
