@@ -80,7 +80,9 @@ async def start_workers(app: State, realtime: Realtime) -> None:
 
 
 @contextlib.asynccontextmanager
-async def lifespan(settings: Settings, web: Starlette) -> AsyncIterator[dict[str, State | Realtime]]:
+async def lifespan(
+    settings: Settings, web: Starlette
+) -> AsyncIterator[dict[str, State | Realtime]]:
     pool = await db.create_pool(settings)
     try:
         async with pool.acquire() as conn:
