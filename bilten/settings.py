@@ -68,6 +68,9 @@ class Settings:
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
     payment_timeout: float = 10.0
     payment_retries: int = 3
+    # How long a queue batch waits out a provider outage (charging again, same key) before its
+    # unanswered charges fail `unavailable`; below the 120 s its seats are held for.
+    payment_outage_wait: float = 60.0
     test_payment_latency_ms: int = 0
     hold_ttl: int = 600
     booking_workers: int = 4  # queue-draining coroutines per instance
@@ -205,6 +208,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stripe_webhook_secret=env.get("BILTEN_STRIPE_WEBHOOK_SECRET", ""),
         payment_timeout=_float(env, "BILTEN_PAYMENT_TIMEOUT", 10.0),
         payment_retries=_int(env, "BILTEN_PAYMENT_RETRIES", 3, minimum=0),
+        payment_outage_wait=_float(env, "BILTEN_PAYMENT_OUTAGE_WAIT", 60.0),
         test_payment_latency_ms=_int(env, "BILTEN_TEST_PAYMENT_LATENCY_MS", 0, minimum=0),
         hold_ttl=_int(env, "BILTEN_HOLD_TTL", 600, minimum=5),
         booking_workers=_int(env, "BILTEN_BOOKING_WORKERS", 4, minimum=1),

@@ -162,32 +162,50 @@ async def test_declined_card_releases_the_seats(client):
     assert booking.json()["failure"]["code"] == "payment_declined"
 
 
-async def test_provider_failure_is_unavailable_with_nothing_charged(client, settings):
-    import redis.asyncio as aioredis
+def on_fake_stripe(settings, fake, outage_wait):
+    from tests.test_payments import API_KEY
 
-    from bilten.payments import TestProvider
-
-    event_id, seats, _, _ = await published_event(client)
-    auth = await buyer(client)
-    response = await client.post(
-        "/bookings",
-        json={
-            "event_id": event_id,
-            "seat_ids": seats[:1],
-            "payment": {"method": "card", "token": "tok_processingError"},
-        },
-        headers={**auth, "Idempotency-Key": "k-err", **WAIT},
+    return settings.replace(
+        payment_provider="stripe",
+        stripe_api_key=API_KEY,
+        stripe_base_url=fake.url,
+        payment_timeout=2.0,
+        payment_retries=0,
+        payment_outage_wait=outage_wait,
     )
-    assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "unavailable"
-    assert response.headers["retry-after"]
-    assert (await seat_statuses(client, event_id))[seats[0]] == "available"
-    booking_id = response.json()["error"]["details"]["booking_id"]
-    r = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        assert await TestProvider(r).lookup(key=booking_id) is None
-    finally:
-        await r.aclose()
+
+
+async def test_a_provider_outage_pauses_the_sale_then_it_goes_on(settings):
+    """Stripe answers 500 to the first charges, then recovers: the booking waits it out (same
+    idempotency key: charged once) and is confirmed."""
+    from tests.test_catalog import running
+    from tests.test_payments import FakeStripe
+
+    async with FakeStripe() as fake, running(on_fake_stripe(settings, fake, 30)) as (_, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        fake.script = [500, 500, 503]
+        response = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+        assert response.status_code == 201, response.text
+        assert len(fake.charges()) == 4
+        assert len(fake.intents) == 1
+
+
+async def test_a_provider_out_for_too_long_fails_unavailable_with_nothing_charged(settings):
+    from tests.test_catalog import running
+    from tests.test_payments import FakeStripe
+
+    async with FakeStripe() as fake, running(on_fake_stripe(settings, fake, 1.0)) as (_, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        fake.always = 500
+        response = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "unavailable"
+        assert response.headers["retry-after"]
+        assert len(fake.charges()) >= 2  # charged again before giving up
+        assert fake.intents == []
+        assert (await seat_statuses(c, event_id))[seats[0]] == "available"
 
 
 async def test_same_key_same_body_is_one_booking_other_body_is_422(client, settings):

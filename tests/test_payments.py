@@ -96,23 +96,27 @@ async def test_declines_are_final(redis, token, code):
     assert await provider.lookup(key=key) is None
 
 
-async def test_processing_error_is_retried_then_unavailable_and_charges_nothing(redis):
+async def test_processing_error_is_a_card_error_that_never_opens_the_breaker(redis):
+    """A buyer's card failing to process is the buyer's problem: declined at once, never
+    retried, never counted against the provider (twelve of them leave the breaker closed)."""
     provider = resilient(TestProvider(redis), retries=2)
     before = sample(
         "bilten_payment_calls_total", provider="test", operation="charge", outcome="error"
     )
-    key = booking_id()
-    with pytest.raises(ProviderUnavailable):
-        await provider.charge(
-            key=key, amount_cents=100, currency="EUR", token="tok_processingError"
-        )
+    for _ in range(12):
+        with pytest.raises(PaymentDeclined) as declined:
+            await provider.charge(
+                key=booking_id(), amount_cents=100, currency="EUR", token="tok_processingError"
+            )
+        assert declined.value.decline_code == "processing_error"
     after = sample(
         "bilten_payment_calls_total", provider="test", operation="charge", outcome="error"
     )
-    assert after - before == 3
-    assert await provider.lookup(key=key) is None
-    # Nothing was recorded, so a later attempt with a working card may still succeed.
-    charge = await provider.charge(key=key, amount_cents=100, currency="EUR", token="tok_visa")
+    assert after == before
+    assert sample("bilten_payment_circuit_state", provider="test") == 0
+    charge = await provider.charge(
+        key=booking_id(), amount_cents=100, currency="EUR", token="tok_visa"
+    )
     assert charge.status == "succeeded"
 
 
@@ -532,13 +536,14 @@ async def test_stripe_authentication_required_is_a_decline(fake, make_stripe):
     assert declined.value.decline_code == "authentication_required"
 
 
-async def test_stripe_processing_error_is_retried_then_unavailable(fake, make_stripe):
+async def test_stripe_processing_error_is_a_decline_not_retried(fake, make_stripe):
     provider = make_stripe(fake.url, retries=2)
-    with pytest.raises(ProviderUnavailable):
+    with pytest.raises(PaymentDeclined) as declined:
         await provider.charge(
             key=booking_id(), amount_cents=100, currency="EUR", token="tok_processingError"
         )
-    assert len(fake.charges()) == 3
+    assert declined.value.decline_code == "processing_error"
+    assert len(fake.charges()) == 1
 
 
 async def test_two_500s_then_success_charge_once(fake, make_stripe):

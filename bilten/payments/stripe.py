@@ -7,8 +7,9 @@ existing refund first, so they stay idempotent after those 24 hours.
 
 How Stripe's answers are read:
 
-* 402, or an error of type ``card_error``: :class:`PaymentDeclined` with the decline code;
-  except ``processing_error``, which Stripe means as "try again" and so is transient;
+* 402, or an error of type ``card_error``: :class:`PaymentDeclined` with the decline code,
+  ``processing_error`` included: it is about the card, so it never counts against the circuit
+  breaker and is not retried for the buyer (who may try again with a new request);
 * 409 (the same key is still being processed), 429 and 5xx: transient, unless Stripe says
   ``Stripe-Should-Retry: false``;
 * 400 and 404 (an unknown payment method or payment): :class:`PaymentDeclined` with the error
@@ -224,8 +225,6 @@ def _raise_for(response: httpx.Response, body: dict[str, Any]) -> NoReturn:
     message = str(error.get("message") or response.reason_phrase)
     code = str(error.get("decline_code") or error.get("code") or "")
     if status == 402 or error.get("type") == "card_error":
-        if code == "processing_error":
-            raise Transient(f"stripe: processing error: {message}")
         raise PaymentDeclined(code or "card_declined", message)
     if status in (409, 429) or status >= 500:
         if response.headers.get("Stripe-Should-Retry") == "false":

@@ -1,9 +1,10 @@
 """The built-in test provider: Stripe's test token names, no money, a ledger in Redis.
 
 ``tok_visa`` succeeds; ``tok_chargeDeclined`` is declined ``generic_decline``;
-``tok_insufficientFunds`` is declined ``insufficient_funds``; ``tok_processingError`` fails like
-an unreachable provider (nothing is recorded, so the retry layer retries it and then gives up);
-any other token is declined ``invalid_token``.
+``tok_insufficientFunds`` is declined ``insufficient_funds``; ``tok_processingError`` is declined
+``processing_error`` (a card error, as Stripe has it: the buyer's problem, never a fault of the
+provider that would count against its circuit breaker); any other token is declined
+``invalid_token``.
 
 The ledger lives in Redis rather than in the process, so a charge survives a crash of the
 instance that made it and any instance can look it up: that is what saga recovery needs. One
@@ -28,8 +29,11 @@ from bilten.payments.base import Charge, PaymentDeclined, Transient
 from bilten.pipelining import AutoPipeline
 
 SUCCEEDS = "tok_visa"
-PROCESSING_ERROR = "tok_processingError"
-DECLINES = {"tok_chargeDeclined": "generic_decline", "tok_insufficientFunds": "insufficient_funds"}
+DECLINES = {
+    "tok_chargeDeclined": "generic_decline",
+    "tok_insufficientFunds": "insufficient_funds",
+    "tok_processingError": "processing_error",
+}
 UNKNOWN_TOKEN = "invalid_token"
 LEDGER_TTL = 90 * 24 * 3600  # long enough for any cancellation; it is test money after all
 
@@ -69,8 +73,6 @@ class TestProvider:
 
     async def charge(self, *, key: str, amount_cents: int, currency: str, token: str) -> Charge:
         await self._pause()
-        if token == PROCESSING_ERROR:
-            raise Transient("test provider: processing error (tok_processingError)")
         fields: dict[str, str | int] = {
             "amount_cents": amount_cents,
             "currency": currency.upper(),

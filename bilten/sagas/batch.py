@@ -829,11 +829,33 @@ def _merge(
     ]
 
 
+OUTAGE_PAUSE = (0.5, 8.0)  # seconds between charges again while the provider is out: first, most
+
+
+async def _charge_all(app: State, payable: dict[str, Payable]) -> dict[str, PaymentResult]:
+    """Charge concurrently. A provider outage pauses the batch, not fails it: what the provider
+    could not answer is charged again (same key: never twice) with a growing pause, for up to
+    ``payment_outage_wait`` seconds; only then does it fail ``unavailable``. Declines are final
+    at once. The event's queue waits meanwhile: with the provider out, it could sell nothing."""
+    charged = await asyncio.gather(*(_charge(app, b, due) for b, due in payable.items()))
+    results: dict[str, PaymentResult] = dict(zip(payable, charged, strict=True))
+    deadline = time.monotonic() + app.settings.payment_outage_wait
+    pause = OUTAGE_PAUSE[0]
+    while True:
+        out = [b for b, r in results.items() if isinstance(r, payments.ProviderUnavailable)]
+        if not out or time.monotonic() + pause > deadline:
+            return results
+        log.warning("payment provider unavailable: %d charge(s) wait %.1f s", len(out), pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, OUTAGE_PAUSE[1])
+        again = await asyncio.gather(*(_charge(app, b, payable[b]) for b in out))
+        results.update(zip(out, again, strict=True))
+
+
 async def _pay_and_finish(app: State, payable: dict[str, Payable]) -> dict[str, Outcome | None]:
     if not payable:
         return {}
-    charged = await asyncio.gather(*(_charge(app, b, due) for b, due in payable.items()))
-    results = dict(zip(payable, charged, strict=True))
+    results = await _charge_all(app, payable)
     finished, leftovers = await finish_batch(app, results)
     outcomes: dict[str, Outcome | None] = dict(finished)
     for booking_id in leftovers:
