@@ -20,7 +20,7 @@ Then PostgreSQL is checked directly (nothing sold twice, seats sold == tickets =
 confirmed bookings, no hold outliving its time, every booking finished, every confirmed booking
 paid), and the same saga transactions are timed without HTTP, queue or workers, each on a fresh
 event of the same size: the saga's one-booking ``reserve`` and ``finish`` in a tight loop over a
-few pooled connections, and its batch steps (``reserve_batch``, ``finish_batch``) a queue batch
+few pooled connections, and the saga's steps (``reserve``, ``finish``) a queue batch
 at a time on one connection, as one event's worker runs them. The ratio of HTTP to SQL-only is
 what the HTTP path keeps of what the SQL can do.
 
@@ -66,7 +66,8 @@ from redis.asyncio import Redis
 
 from bench.common import ROOT, bilten_process, services
 from bilten import bookings, db, events, keys, payments, queue, tokens, users, venues
-from bilten.sagas import booking as saga
+from bilten.sagas.finish import finish
+from bilten.sagas.reserve import reserve
 from bilten.settings import Settings
 from bilten.workers import bookings as bookings_worker
 
@@ -879,11 +880,12 @@ async def sql_baseline(
             nonlocal reserve_time, confirm_time
             for booking_id, wanted in work:
                 began = time.perf_counter()
-                reserved = await saga.reserve(app, booking_id)
+                reserved = (await _reserve(app, [booking_id]))[booking_id]
                 if reserved is None or reserved.state != "PAYMENT_PENDING":
                     raise SystemExit(f"SQL-only baseline: reserve gave {reserved}")
                 middle = time.perf_counter()
-                done = await saga.finish(app, booking_id, _charge(booking_id, len(wanted)))
+                charge = _charge(booking_id, len(wanted))
+                done = (await finish(app, {booking_id: charge})).get(booking_id)
                 if done is None or done.state != "CONFIRMED":
                     raise SystemExit(f"SQL-only baseline: finish gave {done}")
                 reserve_time += middle - began
@@ -906,6 +908,13 @@ async def sql_baseline(
     )
 
 
+async def _reserve(app: Any, booking_ids: list[str]) -> dict[str, Any]:
+    """The saga's reserve step in a transaction of its own."""
+    async with app.db.acquire() as conn, conn.transaction():
+        outcomes, _ = await reserve(conn, booking_ids)
+    return outcomes
+
+
 async def sql_batch_baseline(
     database_url: str,
     seats: int,
@@ -914,13 +923,8 @@ async def sql_batch_baseline(
     size: int,
     secret_key: str,
 ) -> Baseline | None:
-    """The saga's batch transactions (``admit``: the booking rows, ``reserve_batch``,
-    ``finish_batch``), one batch of ``size`` after another on one connection, as one event's
-    queue worker runs them."""
-    try:
-        from bilten.sagas import batch
-    except ImportError:
-        return None  # this version of the saga has no batch runner
+    """The saga's batch transactions (the booking rows and ``reserve`` in one, ``finish``), one
+    batch of ``size`` after another on one connection, as one event's queue worker runs them."""
     settings = Settings(
         database_url=database_url, db_pool_min=1, db_pool_max=1, secret_key=secret_key
     )
@@ -936,14 +940,16 @@ async def sql_batch_baseline(
             t0 = time.perf_counter()
             async with pool.acquire() as conn, conn.transaction():
                 await bookings.create_many(conn, orders.requests[start : start + size])
-            reserved = await batch.reserve_batch(app, chunk)
+            reserved = await _reserve(app, chunk)
             if any(o is None or o.state != "PAYMENT_PENDING" for o in reserved.values()):
                 raise SystemExit(f"SQL-only batch baseline: reserve gave {reserved}")
             t1 = time.perf_counter()
             paid: dict[str, Any] = {b: _charge(b, len(wanted[b])) for b in chunk}
-            finished, leftovers = await batch.finish_batch(app, paid)
-            if leftovers or any(o.state != "CONFIRMED" for o in finished.values()):
-                raise SystemExit(f"SQL-only batch baseline: finish gave {finished}, {leftovers}")
+            finished = await finish(app, paid)
+            if len(finished) != len(chunk) or any(
+                o.state != "CONFIRMED" for o in finished.values()
+            ):
+                raise SystemExit(f"SQL-only batch baseline: finish gave {finished}")
             reserve_time += t1 - t0
             confirm_time += time.perf_counter() - t1
         seconds = time.perf_counter() - began

@@ -10,6 +10,7 @@ catalog sequence: no hot row) and writes an outbox row with the changed seats.
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
@@ -81,7 +82,10 @@ SELECT seat_id::text FROM event_seats WHERE event_id = $1 AND seat_id = ANY ($2:
 _RECLAIM_UNITS = """
 WITH expired AS (
     UPDATE holds SET status = 'expired'
-    WHERE ticket_type_id = $1 AND event_id = $2 AND status = 'active' AND expires_at <= now()
+    WHERE id IN (SELECT id FROM holds
+                 WHERE ticket_type_id = $1 AND event_id = $2 AND status = 'active'
+                   AND expires_at <= now()
+                 ORDER BY id FOR UPDATE)
     RETURNING quantity
 )
 UPDATE ticket_types SET held = held - (SELECT coalesce(sum(quantity), 0) FROM expired),
@@ -260,40 +264,75 @@ async def get(conn: Connection, hold_id: str, user_id: str) -> Hold | None:
 
 
 async def release(conn: Connection, hold_id: str, status: str = "released") -> str | None:
-    """Give a hold's seats or units back; returns its event id, None when it was not active.
+    """Give a hold's seats or units back; returns its event id, None when it was not active."""
+    events = await release_many(conn, [hold_id], status)
+    return events[0] if events else None
 
-    Only seats still held by this hold are released: an expired hold's seat may belong to
+
+async def release_many(
+    conn: Connection, hold_ids: list[str], status: str = "released"
+) -> list[str]:
+    """Give active holds' seats and units back, in a few statements for all; returns the events
+    that changed. Locks follow the one order (holds, ticket types, seats: each by id).
+
+    Only seats still held by these holds are released: an expired hold's seat may belong to
     someone else by now.
     """
-    row = await conn.fetchrow(
-        """UPDATE holds SET status = $2 WHERE id = $1 AND status = 'active'
-           RETURNING event_id::text, ticket_type_id::text, quantity""",
-        hold_id,
+    if not hold_ids:
+        return []
+    released = await conn.fetch(
+        """WITH locked AS (
+               SELECT id FROM holds WHERE id = ANY ($1::uuid[]) AND status = 'active'
+               ORDER BY id FOR UPDATE)
+           UPDATE holds h SET status = $2 FROM locked WHERE h.id = locked.id
+           RETURNING h.id::text, h.event_id::text, h.ticket_type_id::text, h.quantity""",
+        hold_ids,
         status,
     )
-    if row is None:
-        return None
-    if row["ticket_type_id"]:
+    if not released:
+        return []
+    units: dict[str, int] = defaultdict(int)
+    for hold in released:
+        if hold["ticket_type_id"]:
+            units[hold["ticket_type_id"]] += hold["quantity"]
+    rows: list[outbox.Row] = []
+    if units:
         await conn.execute(
-            """UPDATE ticket_types SET held = held - $2, version = nextval('catalog_version')
-               WHERE id = $1""",
-            row["ticket_type_id"],
-            row["quantity"],
+            """WITH locked AS (
+                   SELECT id FROM ticket_types WHERE id = ANY ($1::uuid[])
+                   ORDER BY id FOR UPDATE)
+               UPDATE ticket_types t SET held = t.held - u.n, version = nextval('catalog_version')
+               FROM unnest($1::uuid[], $2::int[]) AS u(id, n), locked
+               WHERE t.id = u.id AND locked.id = u.id""",
+            list(units),
+            list(units.values()),
         )
-        await outbox.catalog_changed(conn, row["event_id"])
-    else:
+    seat_holds = [h["id"] for h in released if not h["ticket_type_id"]]
+    if seat_holds:
         freed = await conn.fetch(
-            """UPDATE event_seats SET status = 'available', hold_id = NULL, hold_expires_at = NULL,
-                      version = nextval('catalog_version')
-               WHERE event_id = $1 AND hold_id = $2 AND status = 'held'
-               RETURNING seat_id::text, version""",
-            row["event_id"],
-            hold_id,
+            """WITH locked AS (
+                   SELECT event_id, seat_id FROM event_seats
+                   WHERE hold_id = ANY ($1::uuid[]) AND status = 'held'
+                   ORDER BY seat_id FOR UPDATE)
+               UPDATE event_seats es SET status = 'available', hold_id = NULL,
+                      hold_expires_at = NULL, version = nextval('catalog_version')
+               FROM locked
+               WHERE es.event_id = locked.event_id AND es.seat_id = locked.seat_id
+               RETURNING es.event_id::text, es.seat_id::text, es.version""",
+            seat_holds,
         )
-        await outbox.seat_changes(
-            conn, row["event_id"], [(r["seat_id"], "available", r["version"]) for r in freed]
-        )
-    return str(row["event_id"])
+        by_event: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+        for seat in freed:
+            by_event[seat["event_id"]].append((seat["seat_id"], "available", seat["version"]))
+        for event_id, changes in by_event.items():
+            rows += outbox.seat_rows(event_id, changes)
+    events = sorted({h["event_id"] for h in released})
+    rows += [
+        ("catalog", {"event_id": e})
+        for e in {h["event_id"] for h in released if h["ticket_type_id"]}
+    ]
+    await outbox.add_many(conn, rows)
+    return events
 
 
 async def sweep_expired(conn: Connection, limit: int = 500) -> list[str]:
@@ -303,9 +342,4 @@ async def sweep_expired(conn: Connection, limit: int = 500) -> list[str]:
            ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
         limit,
     )
-    events = set()
-    for row in ids:
-        event_id = await release(conn, row["id"], "expired")
-        if event_id:
-            events.add(event_id)
-    return sorted(events)
+    return await release_many(conn, [r["id"] for r in ids], "expired")

@@ -15,54 +15,26 @@ request it sees twice as the same booking.
 
 from __future__ import annotations
 
-import asyncio
-
+from bilten.batching import Batcher
 from bilten.db import Pool
 
-_Call = tuple[str, bytes, "asyncio.Future[None]"]
 
-
-class Recorder:
+class Recorder(Batcher[tuple[str, bytes], None]):
     """Group commit of accepted requests: :meth:`record` returns once its row is committed."""
 
     def __init__(self, pool: Pool) -> None:
+        super().__init__()
         self.pool = pool
-        self.pending: list[_Call] = []
-        self.writing: set[asyncio.Task[None]] = set()
 
     async def record(self, request_id: str, payload: bytes) -> None:
         """Record the request ``request_id``, its queue entry encoded as ``payload``."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        if not self.pending:
-            loop.call_soon(self._flush)
-        self.pending.append((request_id, payload, future))
-        await future
+        await self.call((request_id, payload))
 
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        task = asyncio.ensure_future(self._write(batch))
-        self.writing.add(task)
-        task.add_done_callback(self.writing.discard)
-
-    async def _write(self, batch: list[_Call]) -> None:
-        try:
-            await self.pool.execute(
-                """INSERT INTO accepted_requests (id, request)
-                   SELECT * FROM unnest($1::uuid[], $2::bytea[]) ON CONFLICT DO NOTHING""",
-                [request_id for request_id, _, _ in batch],
-                [payload for _, payload, _ in batch],
-            )
-        except BaseException as exc:  # PostgreSQL out of reach: every caller answers 503
-            for _, _, future in batch:
-                if not future.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        future.cancel()
-                    else:
-                        future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for _, _, future in batch:
-            if not future.done():
-                future.set_result(None)
+    async def handle(self, calls: list[tuple[str, bytes]]) -> list[None]:
+        await self.pool.execute(
+            """INSERT INTO accepted_requests (id, request)
+               SELECT * FROM unnest($1::uuid[], $2::bytea[]) ON CONFLICT DO NOTHING""",
+            [request_id for request_id, _ in calls],
+            [payload for _, payload in calls],
+        )
+        return [None] * len(calls)

@@ -28,26 +28,43 @@ BATCH = 500
 _encoder = msgspec.json.Encoder()
 
 
+Row = tuple[str, dict[str, Any]]  # topic, payload
+
+
 async def add(conn: Connection, topic: str, payload: dict[str, Any]) -> None:
-    await conn.execute("INSERT INTO outbox (topic, payload) VALUES ($1, $2)", topic, payload)
+    await add_many(conn, [(topic, payload)])
+
+
+async def add_many(conn: Connection, rows: list[Row]) -> None:
+    """Record several changes in one statement."""
+    if rows:
+        await conn.execute(
+            "INSERT INTO outbox (topic, payload) SELECT * FROM unnest($1::text[], $2::jsonb[])",
+            [topic for topic, _ in rows],
+            [payload for _, payload in rows],
+        )
+
+
+def seat_rows(event_id: str, changes: Iterable[tuple[str, str, int]]) -> list[Row]:
+    """The row recording that seats changed, ``(seat_id, status, version)`` each; no row for
+    no change."""
+    rows = list(changes)
+    if not rows:
+        return []
+    payload = {
+        "type": "seats",
+        "event_id": event_id,
+        "version": max(v for _, _, v in rows),
+        "changes": [{"seat_id": s, "status": st, "version": v} for s, st, v in rows],
+    }
+    return [("seats", payload)]
 
 
 async def seat_changes(
     conn: Connection, event_id: str, changes: Iterable[tuple[str, str, int]]
 ) -> None:
     """Record that seats changed: ``(seat_id, status, version)`` each."""
-    rows = list(changes)
-    if rows:
-        await add(
-            conn,
-            "seats",
-            {
-                "type": "seats",
-                "event_id": event_id,
-                "version": max(v for _, _, v in rows),
-                "changes": [{"seat_id": s, "status": st, "version": v} for s, st, v in rows],
-            },
-        )
+    await add_many(conn, seat_rows(event_id, changes))
 
 
 async def catalog_changed(conn: Connection, event_id: str) -> None:

@@ -142,7 +142,8 @@ async def test_redis_killed_mid_sale_and_restarted_loses_nothing(settings, tmp_p
             assert [a.status_code for a in first] == [202] * 20
             await asyncio.sleep(0.1)
             done = await instance.state.db.fetchval(
-                "SELECT count(*) FROM bookings WHERE saga_state = 'CONFIRMED'"
+                "SELECT count(*) FROM bookings WHERE saga_state = 'CONFIRMED' AND event_id = $1",
+                event_id,
             )
             assert done < 20  # mid-sale
             proc.send_signal(signal.SIGKILL)

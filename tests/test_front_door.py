@@ -1,10 +1,10 @@
 """The README's two commands, exactly as a newcomer types them.
 
-Each test makes a fresh ``git clone`` of this repository (its committed tree plus any
-uncommitted changes to tracked files) inside a private (0700) folder, under a path with a space
-in it, and there runs ``make run`` (which builds ``.venv`` first) and ``make test``, as root and
-as a plain user. ``make test`` is narrowed with ``PYTEST_ADDOPTS`` to a few modules that start
-the embedded servers; the whole suite running inside itself would never end.
+Each test makes a fresh ``git clone`` of this repository (its committed tree plus what is not
+committed yet, so that it tests the working tree) inside a private (0700) folder, under a path
+with a space in it, and there runs ``make run`` (which builds ``.venv`` first) and ``make
+test``, as root and as a plain user. ``make test`` is narrowed with ``PYTEST_ADDOPTS`` to a few
+modules that start the embedded servers; the whole suite running inside itself would never end.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ def private_clone(owner: str | None = None) -> Iterator[Path]:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True)
         if work:
             subprocess.run(["git", "checkout", "--quiet", work], cwd=target, check=True)
+        new = subprocess.run(  # and files not yet added (the stash leaves them out)
+            ["git", "ls-files", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+        for name in filter(None, (n.decode() for n in new)):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
         if owner:
             subprocess.run(["chown", "-R", f"{owner}:", str(parent)], check=True)
         assert parent.stat().st_mode & 0o777 == 0o700

@@ -41,7 +41,7 @@ async def test_a_caller_that_gives_up_leaves_the_others_answered(redis):
     pipeline = AutoPipeline(redis)
     gone = asyncio.ensure_future(pipeline.script(SCRIPT, SHA, ["gone"], ["a"]))
     kept = asyncio.ensure_future(pipeline.script(SCRIPT, SHA, ["gone"], ["b"]))
-    while not pipeline.sending:  # until the batch is on its way
+    while not pipeline.running:  # until the batch is on its way
         await asyncio.sleep(0)
     gone.cancel()
     assert await kept == 2
@@ -49,7 +49,7 @@ async def test_a_caller_that_gives_up_leaves_the_others_answered(redis):
     # Sent before its caller gave up, the call still ran, as a single call would have.
     assert await redis.lrange("gone", 0, -1) == [b"a", b"b"]
     await asyncio.sleep(0)
-    assert not pipeline.sending and not pipeline.pending
+    assert not pipeline.running and not pipeline.pending
 
 
 async def test_a_failed_connection_fails_every_call_of_the_batch(redis_url):

@@ -53,12 +53,13 @@ async def sweep_holds(app: State) -> int:
 async def resume_sagas(app: State) -> int:
     ids = await _claim(app, "saga_state = 'PENDING'", STALE_PENDING)
     ids += await _claim(app, "saga_state IN ('SEATS_RESERVED', 'PAYMENT_PENDING')", STALE_PAYMENT)
-    for booking_id in ids:
-        outcome = await booking.recover(app, booking_id)
-        if outcome is not None:
-            await booking.announce(app, outcome)
-            if outcome.state == "FAILED":
-                await _unclaim(app, booking_id)
+    if not ids:
+        return 0
+    outcomes = [o for o in (await booking.recover(app, ids)).values() if o is not None]
+    await booking.announce_many(app, outcomes)
+    for outcome in outcomes:
+        if outcome.state == "FAILED":
+            await _unclaim(app, outcome.booking_id)
     return len(ids)
 
 

@@ -1,0 +1,274 @@
+"""The saga's last step: PAYMENT_PENDING → CONFIRMED, or FAILED with the seats released.
+
+Paid bookings are confirmed together (seats sold, units counted, tickets issued, notices
+queued); refused ones are released together. A payment that outlived its seats is refunded
+after the transaction commits (no provider call runs inside one), and by the settling sweeper
+should that fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from bilten import holds, metrics, notifications, outbox, payments, ticketcodes
+from bilten.bookings import Booking, BookingItem, Payment, TicketRef
+from bilten.db import Connection
+from bilten.errors import ApiError
+from bilten.sagas.steps import (
+    MANY_LOCKED,
+    Outcome,
+    PaymentResult,
+    fail_many,
+    lock_types,
+    result_message,
+    transitions,
+)
+from bilten.state import State
+
+log = logging.getLogger(__name__)
+
+HOLD_EXPIRED = "The hold ran out before the booking."
+
+
+def _payment_error(result: payments.PaymentDeclined | payments.ProviderUnavailable) -> ApiError:
+    if isinstance(result, payments.PaymentDeclined):
+        return ApiError(
+            "payment_declined", "The card was declined.", {"decline_code": result.decline_code}
+        )
+    return ApiError(
+        "unavailable",
+        "The payment provider is unavailable; nothing was charged.",
+        headers={"Retry-After": "5"},
+    )
+
+
+async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Outcome]:
+    """PAYMENT_PENDING → CONFIRMED for the paid (seats sold, units counted, tickets issued), or
+    FAILED with their seats released: declined, provider unavailable (the payment is marked
+    unsettled: a sweeper looks it up and refunds anything taken), or paid after their seats were
+    gone (the payment outlived its window: refunded once this transaction has committed, and by
+    the sweeper should that fail). Bookings no longer PAYMENT_PENDING are left alone."""
+    outcomes: dict[str, Outcome] = {}
+    async with app.db.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(MANY_LOCKED, list(results))
+        rows = [r for r in rows if r["saga_state"] == "PAYMENT_PENDING"]
+        # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats.
+        hold_ids = [r["hold_id"] for r in rows]
+        kinds = await conn.fetch(
+            "SELECT ticket_type_id::text FROM holds WHERE id = ANY ($1::uuid[])"
+            " ORDER BY id FOR UPDATE",
+            hold_ids,
+        )
+        await lock_types(conn, [k["ticket_type_id"] for k in kinds if k["ticket_type_id"]])
+        await conn.execute(
+            "SELECT 1 FROM event_seats WHERE hold_id = ANY ($1::uuid[]) AND status = 'held'"
+            " ORDER BY seat_id FOR UPDATE",
+            hold_ids,
+        )
+        paid = [r for r in rows if isinstance(results[r["id"]], payments.Charge)]
+        refused = [r for r in rows if not isinstance(results[r["id"]], payments.Charge)]
+        confirmed, lost_ids = await _confirm_many(app, conn, paid, results)
+        lost = [r for r in paid if r["id"] in set(lost_ids)]
+        await holds.release_many(conn, [r["hold_id"] for r in refused + lost])
+        declined = [
+            (r, _payment_error(results[r["id"]]))  # type: ignore[arg-type]
+            for r in refused
+            if isinstance(results[r["id"]], payments.PaymentDeclined)
+        ]
+        unknown = [
+            (r, _payment_error(results[r["id"]]))  # type: ignore[arg-type]
+            for r in refused
+            if isinstance(results[r["id"]], payments.ProviderUnavailable)
+        ]
+        unknown += [(r, ApiError("hold_expired", HOLD_EXPIRED)) for r in lost]
+        for outcome in (
+            *confirmed,
+            *await fail_many(conn, declined),
+            *await fail_many(conn, unknown, unsettled=True),
+        ):
+            outcomes[outcome.booking_id] = outcome
+    for row in lost:  # committed first: no provider call inside a transaction
+        await _refund_lost(app, row["id"], results[row["id"]])  # type: ignore[arg-type]
+    return outcomes
+
+
+async def _refund_lost(app: State, booking_id: str, charge: payments.Charge) -> None:
+    """Give back a payment whose booking failed; the settling sweeper retries what fails."""
+    try:
+        await app.payments.refund(
+            key=booking_id, payment_id=charge.id, amount_cents=charge.amount_cents
+        )
+    except (payments.PaymentDeclined, payments.ProviderUnavailable) as exc:
+        log.warning("refund of booking %s failed for now: %s", booking_id, exc)
+        return
+    await app.db.execute(
+        """UPDATE bookings SET payment_status = 'refunded', payment_unsettled = false
+           WHERE id = $1""",
+        booking_id,
+    )
+
+
+async def _confirm_many(
+    app: State, conn: Connection, rows: list[Any], results: dict[str, PaymentResult]
+) -> tuple[list[Outcome], list[str]]:
+    if not rows:
+        return [], []
+    hold_rows = await conn.fetch(
+        """SELECT id::text, ticket_type_id::text, quantity FROM holds
+           WHERE id = ANY ($1::uuid[]) AND status = 'active' ORDER BY id FOR UPDATE""",
+        [r["hold_id"] for r in rows],
+    )
+    live = {h["id"]: h for h in hold_rows}
+    # Seats still held by each hold (locked): a hold that lost any is settled one by one.
+    held = await conn.fetch(
+        """SELECT hold_id::text, event_id::text FROM event_seats
+           WHERE hold_id = ANY ($1::uuid[]) AND status = 'held' ORDER BY seat_id FOR UPDATE""",
+        [h for h in live if not live[h]["ticket_type_id"]],
+    )
+    seats_of: dict[str, int] = defaultdict(int)
+    for seat in held:
+        seats_of[seat["hold_id"]] += 1
+    ok: list[Any] = []
+    leftovers: list[Any] = []
+    for row in rows:
+        hold = live.get(row["hold_id"])
+        whole = hold is not None and (
+            hold["ticket_type_id"] is not None or seats_of[row["hold_id"]] == hold["quantity"]
+        )
+        (ok if whole else leftovers).append(row)
+    if not ok:
+        return [], [r["id"] for r in leftovers]
+    outbox_rows: list[tuple[str, dict[str, Any]]] = []
+    for event_id in {r["event_id"] for r in ok}:
+        mine = [
+            r for r in ok if r["event_id"] == event_id and not live[r["hold_id"]]["ticket_type_id"]
+        ]
+        if mine:
+            sold = await conn.fetch(
+                """UPDATE event_seats es SET status = 'sold', booking_id = b.booking_id,
+                          hold_id = NULL, hold_expires_at = NULL,
+                          version = nextval('catalog_version')
+                   FROM unnest($2::uuid[], $3::uuid[]) AS b(hold_id, booking_id)
+                   WHERE es.event_id = $1 AND es.hold_id = b.hold_id AND es.status = 'held'
+                   RETURNING es.seat_id::text, es.version""",
+                event_id,
+                [r["hold_id"] for r in mine],
+                [r["id"] for r in mine],
+            )
+            outbox_rows += outbox.seat_rows(
+                event_id, [(s["seat_id"], "sold", s["version"]) for s in sold]
+            )
+    units: dict[str, int] = defaultdict(int)
+    for row in ok:
+        hold = live[row["hold_id"]]
+        if hold["ticket_type_id"]:
+            units[hold["ticket_type_id"]] += hold["quantity"]
+            outbox_rows.append(("catalog", {"event_id": row["event_id"]}))
+    if units:
+        await conn.execute(
+            """UPDATE ticket_types t SET held = t.held - u.n, sold = t.sold + u.n,
+                      version = nextval('catalog_version')
+               FROM unnest($1::uuid[], $2::int[]) AS u(id, n) WHERE t.id = u.id""",
+            list(units),
+            list(units.values()),
+        )
+    ids = [r["id"] for r in ok]
+    await conn.execute(
+        "UPDATE holds SET status = 'booked' WHERE id = ANY ($1::uuid[])",
+        [r["hold_id"] for r in ok],
+    )
+    items = await conn.fetch(
+        """SELECT booking_id::text, seat_id::text, ticket_type_id::text, label, price_cents
+           FROM booking_items WHERE booking_id = ANY ($1::uuid[]) ORDER BY booking_id, position""",
+        ids,
+    )
+    by_booking = {r["id"]: r for r in ok}
+    signing = {e: await ticketcodes.private_key(conn, e) for e in {r["event_id"] for r in ok}}
+    tickets = []
+    for item in items:
+        booking = by_booking[item["booking_id"]]
+        ticket_id = str(uuid.uuid4())
+        code = ticketcodes.sign(signing[booking["event_id"]], ticket_id, booking["event_id"])
+        tickets.append(
+            (
+                ticket_id,
+                booking["id"],
+                booking["event_id"],
+                booking["user_id"],
+                item["seat_id"],
+                item["ticket_type_id"],
+                item["label"],
+                code,
+            )
+        )
+    await conn.execute(
+        """INSERT INTO tickets (id, booking_id, event_id, user_id, seat_id, ticket_type_id,
+                                label, code)
+           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[],
+                                $6::uuid[], $7::text[], $8::text[])""",
+        *map(list, zip(*tickets, strict=True)),
+    )
+    charges = [results[i] for i in ids]
+    await conn.execute(
+        """UPDATE bookings b SET saga_state = 'CONFIRMED', payment_status = 'succeeded',
+                  payment_token = '',
+                  payment_id = p.payment_id, updated_at = now()
+           FROM unnest($1::uuid[], $2::text[]) AS p(id, payment_id) WHERE b.id = p.id""",
+        ids,
+        [c.id for c in charges if isinstance(c, payments.Charge)],
+    )
+    await transitions(conn, [(i, "PAYMENT_PENDING", "CONFIRMED", None) for i in ids])
+    outbox_rows += [
+        ("user", {"user_id": r["user_id"], "message": result_message(r["id"], "confirmed")})
+        for r in ok
+    ]
+    await outbox.add_many(conn, outbox_rows)
+    await notifications.bookings_changed(
+        conn, "booking_confirmed", [(r["id"], r["user_id"]) for r in ok]
+    )
+    metrics.BOOKINGS.labels("confirmed", "").inc(len(ok))
+    views = _views(ok, items, tickets)
+    return (
+        [
+            Outcome(r["id"], r["user_id"], r["event_id"], "CONFIRMED", booking=views[r["id"]])
+            for r in ok
+        ],
+        [r["id"] for r in leftovers],
+    )
+
+
+def _views(rows: list[Any], items: list[Any], tickets: list[tuple[Any, ...]]) -> dict[str, Booking]:
+    """The confirmed bookings as ``GET /bookings/{id}`` shows them, from what was just written."""
+    views = {
+        r["id"]: Booking(
+            id=r["id"],
+            event_id=r["event_id"],
+            status="confirmed",
+            items=[],
+            total_cents=r["total_cents"],
+            currency=r["currency"],
+            payment=Payment(
+                status="succeeded", provider=r["payment_provider"], amount_cents=r["total_cents"]
+            ),
+            tickets=[],
+            created_at=r["created_at"],
+        )
+        for r in rows
+    }
+    for item in items:
+        views[item["booking_id"]].items.append(
+            BookingItem(
+                seat_id=item["seat_id"],
+                ticket_type_id=item["ticket_type_id"],
+                label=item["label"],
+                price_cents=item["price_cents"],
+            )
+        )
+    for ticket_id, booking_id, _, _, _, _, label, code in tickets:
+        views[booking_id].tickets.append(TicketRef(id=ticket_id, code=code, label=label))
+    for view in views.values():
+        view.tickets.sort(key=lambda t: (t.label, t.id))
+    return views
