@@ -29,7 +29,6 @@ from bilten.sagas.steps import (
     Payable,
     PaymentResult,
     result_message,
-    transitions,
 )
 from bilten.state import State
 
@@ -168,6 +167,19 @@ def add_announcements(pipe: Pipeline, outcomes: list[Outcome]) -> None:
 _encode_done = msgspec.json.Encoder().encode
 
 
+# → CANCELLED: the booking, its history row and its buyer's messages in one statement.
+_CANCELLED = """
+WITH moved AS (
+    UPDATE bookings SET saga_state = 'CANCELLED', payment_status = 'refunded', updated_at = now()
+    WHERE id = $1 AND saga_state = 'CONFIRMED'
+    RETURNING id),
+history AS (
+    INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
+    SELECT id, 'CONFIRMED', 'CANCELLED', 'cancelled' FROM moved)
+INSERT INTO outbox (topic, payload) SELECT 'user', note FROM moved, unnest($2::jsonb[]) AS note
+"""
+
+
 async def cancel(app: State, booking_id: str) -> Outcome:
     """CONFIRMED → CANCELLED: the payment refunded, seats and units given back, tickets void.
 
@@ -205,19 +217,16 @@ async def cancel(app: State, booking_id: str) -> Outcome:
                 {"decline_code": exc.decline_code},
             ) from None
         await _release_sold(conn, row)
-        await conn.execute(
-            """UPDATE bookings SET saga_state = 'CANCELLED', payment_status = 'refunded',
-                      updated_at = now() WHERE id = $1""",
-            booking_id,
-        )
-        await transitions(conn, [(booking_id, "CONFIRMED", "CANCELLED", "cancelled")])
-        await outbox.to_user(conn, row["user_id"], result_message(booking_id, "cancelled"))
-        await notifications.booking_changed(conn, "booking_cancelled", booking_id, row["user_id"])
-        await outbox.to_user(
-            conn,
-            row["user_id"],
+        messages = [
+            result_message(booking_id, "cancelled"),
             {"type": "payment.status", "booking_id": booking_id, "status": "refunded"},
+        ]
+        await conn.execute(
+            _CANCELLED,
+            booking_id,
+            [{"user_id": row["user_id"], "message": m} for m in messages],
         )
+        await notifications.booking_changed(conn, "booking_cancelled", booking_id, row["user_id"])
         metrics.BOOKINGS.labels("cancelled", "").inc()
         return Outcome(booking_id, row["user_id"], row["event_id"], "CANCELLED")
 

@@ -24,7 +24,6 @@ from bilten.sagas.steps import (
     fail_many,
     lock_types,
     result_message,
-    transitions,
 )
 from bilten.state import State
 
@@ -109,6 +108,25 @@ async def _refund_lost(app: State, booking_id: str, charge: payments.Charge) -> 
            WHERE id = $1""",
         booking_id,
     )
+
+
+# → CONFIRMED: the bookings, their history rows, and the outbox rows (the seat deltas and
+# catalog changes, then the buyers' messages) in one statement.
+_CONFIRMED = """
+WITH p AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS p(id, payment_id, note)),
+moved AS (
+    UPDATE bookings b SET saga_state = 'CONFIRMED', payment_status = 'succeeded',
+           payment_token = '', payment_id = p.payment_id, updated_at = now()
+    FROM p WHERE b.id = p.id
+    RETURNING b.id),
+history AS (
+    INSERT INTO booking_transitions (booking_id, from_state, to_state)
+    SELECT id, 'PAYMENT_PENDING', 'CONFIRMED' FROM moved)
+INSERT INTO outbox (topic, payload)
+SELECT * FROM unnest($4::text[], $5::jsonb[])
+UNION ALL
+SELECT 'user', p.note FROM p JOIN moved USING (id)
+"""
 
 
 async def _confirm_many(
@@ -213,19 +231,13 @@ async def _confirm_many(
     )
     charges = [results[i] for i in ids]
     await conn.execute(
-        """UPDATE bookings b SET saga_state = 'CONFIRMED', payment_status = 'succeeded',
-                  payment_token = '',
-                  payment_id = p.payment_id, updated_at = now()
-           FROM unnest($1::uuid[], $2::text[]) AS p(id, payment_id) WHERE b.id = p.id""",
+        _CONFIRMED,
         ids,
         [c.id for c in charges if isinstance(c, payments.Charge)],
+        [{"user_id": r["user_id"], "message": result_message(r["id"], "confirmed")} for r in ok],
+        [topic for topic, _ in outbox_rows],
+        [payload for _, payload in outbox_rows],
     )
-    await transitions(conn, [(i, "PAYMENT_PENDING", "CONFIRMED", None) for i in ids])
-    outbox_rows += [
-        ("user", {"user_id": r["user_id"], "message": result_message(r["id"], "confirmed")})
-        for r in ok
-    ]
-    await outbox.add_many(conn, outbox_rows)
     await notifications.bookings_changed(
         conn, "booking_confirmed", [(r["id"], r["user_id"]) for r in ok]
     )

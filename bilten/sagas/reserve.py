@@ -27,8 +27,20 @@ from bilten.sagas.steps import (
     fail_many,
     lock_types,
     outcome_of,
-    transitions,
 )
+
+# The transition, its history row included, in one statement (the seats were reserved: the
+# booking goes on to its payment; SEATS_RESERVED is never a state of its own on disk).
+_RESERVED = """
+WITH r AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)),
+moved AS (
+    UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
+           saga_state = 'PAYMENT_PENDING', updated_at = now()
+    FROM r WHERE b.id = r.id
+    RETURNING b.id)
+INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
+SELECT id, 'PENDING', 'PAYMENT_PENDING', 'seats_reserved' FROM moved
+"""
 
 _LOCK_SEATS = """
 SELECT es.seat_id::text, s.label, t.price_cents,
@@ -341,21 +353,13 @@ async def reserve(
             [i.label for _, _, i in items],
             [i.price_cents for _, _, i in items],
         )
+        # PAYMENT_PENDING is committed before any provider call: a crash leaves an
+        # outcome that recovery looks up instead of guessing.
         await conn.execute(
-            """UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
-                      saga_state = 'PAYMENT_PENDING', updated_at = now()
-               FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)
-               WHERE b.id = r.id""",
+            _RESERVED,
             [r.row["id"] for r in reserved],
             [r.hold_id for r in reserved],
             [sum(i.price_cents for i in r.items) for r in reserved],
-        )
-        # PAYMENT_PENDING is committed before any provider call: a crash leaves an
-        # outcome that recovery looks up instead of guessing.
-        await transitions(
-            conn,
-            [(r.row["id"], "PENDING", "SEATS_RESERVED", None) for r in reserved]
-            + [(r.row["id"], "SEATS_RESERVED", "PAYMENT_PENDING", None) for r in reserved],
         )
     for outcome in await fail_many(conn, failed):
         outcomes[outcome.booking_id] = outcome

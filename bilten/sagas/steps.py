@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bilten import bookings, metrics, outbox, payments
+from bilten import bookings, metrics, payments
 from bilten.db import Connection
 from bilten.errors import ApiError
 
@@ -77,15 +77,23 @@ def result_message(booking_id: str, status: str, error: ApiError | None = None) 
     return message
 
 
-async def transitions(
-    conn: Connection, moves: list[tuple[str, str | None, str, str | None]]
-) -> None:
-    if moves:
-        await conn.execute(
-            """INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
-               SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])""",
-            *map(list, zip(*moves, strict=True)),
-        )
+# → FAILED: the bookings, their history rows and their buyers' messages in one statement.
+_FAILED = """
+WITH f AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bool[],
+                         $7::jsonb[])
+        AS f(id, src, code, message, details, unsettled, note)),
+moved AS (
+    UPDATE bookings b SET saga_state = 'FAILED', updated_at = now(), payment_token = '',
+           failure_code = f.code, failure_message = f.message, failure_details = f.details,
+           payment_status = 'failed', payment_unsettled = b.payment_unsettled OR f.unsettled
+    FROM f WHERE b.id = f.id
+    RETURNING b.id),
+history AS (
+    INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
+    SELECT f.id, f.src, 'FAILED', f.code FROM f JOIN moved USING (id))
+INSERT INTO outbox (topic, payload) SELECT 'user', f.note FROM f JOIN moved USING (id)
+"""
 
 
 async def fail_many(
@@ -94,23 +102,15 @@ async def fail_many(
     if not failed:
         return []
     await conn.execute(
-        """UPDATE bookings b SET saga_state = 'FAILED', updated_at = now(), payment_token = '',
-                  failure_code = f.code, failure_message = f.message, failure_details = f.details,
-                  payment_status = 'failed', payment_unsettled = b.payment_unsettled OR f.unsettled
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bool[])
-                AS f(id, code, message, details, unsettled)
-           WHERE b.id = f.id""",
+        _FAILED,
         [row["id"] for row, _ in failed],
+        [row["saga_state"] for row, _ in failed],
         [e.code for _, e in failed],
         [e.message for _, e in failed],
         [e.details or {} for _, e in failed],
         [unsettled] * len(failed),
-    )
-    await transitions(conn, [(row["id"], row["saga_state"], "FAILED", e.code) for row, e in failed])
-    await outbox.add_many(
-        conn,
         [
-            ("user", {"user_id": row["user_id"], "message": result_message(row["id"], "failed", e)})
+            {"user_id": row["user_id"], "message": result_message(row["id"], "failed", e)}
             for row, e in failed
         ],
     )
