@@ -26,6 +26,7 @@ V = TypeVar("V")
 DETAIL_MAX_AGE = 5.0
 SEAT_MAP_MAX_AGE = 60.0
 ON_SALE_MAX_AGE = 5.0  # entries are also checked against the current version
+SEATS_MAX_AGE = 600.0  # an event's seats are fixed when it is made: kept only to bound memory
 MAX_ENTRIES = 2000
 
 
@@ -80,6 +81,10 @@ class Caches:
     # Events on sale and their per-order limits, for the booking door: not dropped by changes
     # (every sale changes its event), only aged out; the worker checks again in the database.
     on_sale: LocalCache[int] = field(default_factory=lambda: LocalCache(ON_SALE_MAX_AGE))
+    # The ids of each event's seats, for the booking door (never dropped: they never change).
+    seat_ids: LocalCache[frozenset[str]] = field(
+        default_factory=lambda: LocalCache(SEATS_MAX_AGE, max_entries=100)
+    )
 
     def drop(self, event_id: str) -> None:
         self.details.drop(event_id)

@@ -118,11 +118,7 @@ async def claim_seats(
         known = {r["seat_id"] for r in await conn.fetch(_KNOWN_SEATS, event_id, seat_ids)}
         unknown = [s for s in seat_ids if s not in known]
         if unknown:
-            raise ApiError(
-                "validation_error",
-                "seat_ids: not seats of this event",
-                {"fields": [{"field": "seat_ids", "message": "unknown seat"}], "seat_ids": unknown},
-            )
+            raise not_seats_of_event(unknown)
         raise seat_unavailable(taken or seat_ids)
     items = [
         Item(seat_id=r["seat_id"], label=r["label"], price_cents=r["price_cents"]) for r in claimed
@@ -170,6 +166,15 @@ async def event_for_sale(conn: Connection, event_id: str) -> Any:
     if row["too_early"]:
         raise ApiError("conflict", "The sale has not started yet.")
     return row
+
+
+def not_seats_of_event(unknown: list[str]) -> ApiError:
+    """422: seat ids that are not seats of the event."""
+    return ApiError(
+        "validation_error",
+        "seat_ids: not seats of this event",
+        {"fields": [{"field": "seat_ids", "message": "unknown seat"}], "seat_ids": unknown},
+    )
 
 
 def over_order_limit(limit: int, by_seats: bool) -> ApiError:

@@ -243,3 +243,17 @@ async def test_over_the_order_limit_is_refused_at_the_door_taking_nothing(client
     assert units.status_code == 422, units.text
     assert await redis.hlen(keys.seat_claims(event_id)) == 0
     assert await redis.xlen(keys.queue(event_id)) == 0
+
+
+async def test_seats_of_another_event_are_refused_at_the_door_taking_nothing(client, redis):
+    auth = await buyer(client)
+    event_id, seats, _, _ = await published_event(client)
+    _, other_seats, _, _ = await published_event(client)
+    mixed = [seats[0], other_seats[0], str(uuid.uuid4())]
+    response = await book(client, auth, {"event_id": event_id, "seat_ids": mixed}, headers={})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"]["seat_ids"] == mixed[1:]
+    assert await redis.hlen(keys.seat_claims(event_id)) == 0
+    assert await redis.xlen(keys.queue(event_id)) == 0
+    ours = await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
+    assert ours.status_code == 202, ours.text

@@ -186,6 +186,27 @@ async def _order_limit(app: State, event_id: str) -> int:
 
 
 _loading: dict[str, asyncio.Future[int | None]] = {}
+_loading_seats: dict[str, asyncio.Future[frozenset[str]]] = {}
+
+
+async def _seat_ids(app: State, event_id: str) -> frozenset[str]:
+    """The event's seat ids, loaded once per process (requests that find no entry at the same
+    moment share one query) and kept: an event's seats never change."""
+    found = app.caches.seat_ids.get(event_id)
+    if found is not None:
+        return found
+    loading = _loading_seats.get(event_id)
+    if loading is None:
+        loading = _loading_seats[event_id] = asyncio.ensure_future(_load_seat_ids(app, event_id))
+        loading.add_done_callback(lambda _: _loading_seats.pop(event_id, None))
+    return await asyncio.shield(loading)
+
+
+async def _load_seat_ids(app: State, event_id: str) -> frozenset[str]:
+    rows = await app.db.fetch("SELECT seat_id::text FROM event_seats WHERE event_id = $1", event_id)
+    ids = frozenset(r["seat_id"] for r in rows)
+    app.caches.seat_ids.put(event_id, ids)
+    return ids
 
 
 async def _event_limit(app: State, event_id: str) -> int | None:
@@ -224,6 +245,11 @@ async def _book(request: Request, default_wait: float) -> Response:
     # Refused here, it takes no seat and no place in the queue (a hold was limited when made).
     if body.hold_id is None and wanted["quantity"] > limit:
         raise holds.over_order_limit(limit, bool(wanted["seat_ids"]))
+    if wanted.get("seat_ids"):
+        known = await _seat_ids(app, event_id)
+        unknown = [s for s in wanted["seat_ids"] if s not in known]
+        if unknown:
+            raise holds.not_seats_of_event(unknown)
     entry = queue.Request(
         id=str(uuid.uuid4()),
         user_id=who.user_id,

@@ -234,14 +234,7 @@ async def _reserve_event(
             if seat_ids:
                 unknown = [s for s in seat_ids if s not in known]
                 if unknown:
-                    raise ApiError(
-                        "validation_error",
-                        "seat_ids: not seats of this event",
-                        {
-                            "fields": [{"field": "seat_ids", "message": "unknown seat"}],
-                            "seat_ids": unknown,
-                        },
-                    )
+                    raise holds.not_seats_of_event(unknown)
                 taken = [s for s in seat_ids if s not in free]
                 if taken:
                     raise holds.seat_unavailable(taken)
