@@ -8,9 +8,11 @@ listener that (re)subscribes starts from empty caches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -22,6 +24,7 @@ from bilten.pubsub import Hub
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
+T = TypeVar("T")
 
 DETAIL_MAX_AGE = 5.0
 SEAT_MAP_MAX_AGE = 60.0
@@ -43,6 +46,7 @@ class LocalCache(Generic[V]):
     entries: OrderedDict[str, tuple[float, V]] = field(default_factory=OrderedDict)
     epoch: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    loading: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
 
     def token(self, key: str) -> tuple[int, int]:
         return self.epoch, self.drops.get(key, 0)
@@ -55,6 +59,19 @@ class LocalCache(Generic[V]):
             del self.entries[key]
             return None
         return entry[1]
+
+    async def get_or_load(self, key: str, load: Callable[[], Awaitable[T]]) -> V | T:
+        """The entry, else what ``load`` returns (it puts what should be kept); callers that
+        find no entry at the same moment share one load."""
+        found = self.get(key)
+        if found is not None:
+            return found
+        running = self.loading.get(key)
+        if running is None:
+            running = self.loading[key] = asyncio.ensure_future(load())
+            running.add_done_callback(lambda _: self.loading.pop(key, None))
+        result: T = await asyncio.shield(running)
+        return result
 
     def put(self, key: str, value: V, token: tuple[int, int] | None = None) -> None:
         if token is not None and token != self.token(key):

@@ -170,43 +170,11 @@ async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> R
 async def _order_limit(app: State, event_id: str) -> int:
     """The event's tickets-per-order limit; 404 unless the event is visible. A published
     event is remembered for a few seconds (the worker checks it again, so an event cancelled
-    meanwhile still sells nothing). Requests that find no entry at the same moment share one
-    query."""
-    limit = app.caches.on_sale.get(event_id)
-    if limit:
-        return limit
-    loading = _loading.get(event_id)
-    if loading is None:
-        loading = _loading[event_id] = asyncio.ensure_future(_event_limit(app, event_id))
-        loading.add_done_callback(lambda _: _loading.pop(event_id, None))
-    limit = await asyncio.shield(loading)
+    meanwhile still sells nothing)."""
+    limit = await app.caches.on_sale.get_or_load(event_id, lambda: _event_limit(app, event_id))
     if limit is None:
         raise ApiError("not_found", "No such event.")
     return limit
-
-
-_loading: dict[str, asyncio.Future[int | None]] = {}
-_loading_seats: dict[str, asyncio.Future[frozenset[str]]] = {}
-
-
-async def _seat_ids(app: State, event_id: str) -> frozenset[str]:
-    """The event's seat ids, loaded once per process (requests that find no entry at the same
-    moment share one query) and kept: an event's seats never change."""
-    found = app.caches.seat_ids.get(event_id)
-    if found is not None:
-        return found
-    loading = _loading_seats.get(event_id)
-    if loading is None:
-        loading = _loading_seats[event_id] = asyncio.ensure_future(_load_seat_ids(app, event_id))
-        loading.add_done_callback(lambda _: _loading_seats.pop(event_id, None))
-    return await asyncio.shield(loading)
-
-
-async def _load_seat_ids(app: State, event_id: str) -> frozenset[str]:
-    rows = await app.db.fetch("SELECT seat_id::text FROM event_seats WHERE event_id = $1", event_id)
-    ids = frozenset(r["seat_id"] for r in rows)
-    app.caches.seat_ids.put(event_id, ids)
-    return ids
 
 
 async def _event_limit(app: State, event_id: str) -> int | None:
@@ -220,6 +188,18 @@ async def _event_limit(app: State, event_id: str) -> int | None:
     if row["status"] == "published":
         app.caches.on_sale.put(event_id, limit)
     return limit
+
+
+async def _seat_ids(app: State, event_id: str) -> frozenset[str]:
+    """The event's seat ids, loaded once per process and kept: an event's seats never change."""
+    return await app.caches.seat_ids.get_or_load(event_id, lambda: _load_seat_ids(app, event_id))
+
+
+async def _load_seat_ids(app: State, event_id: str) -> frozenset[str]:
+    rows = await app.db.fetch("SELECT seat_id::text FROM event_seats WHERE event_id = $1", event_id)
+    ids = frozenset(r["seat_id"] for r in rows)
+    app.caches.seat_ids.put(event_id, ids)
+    return ids
 
 
 async def _book(request: Request, default_wait: float) -> Response:
