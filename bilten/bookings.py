@@ -24,7 +24,7 @@ class BookingItem(msgspec.Struct, kw_only=True):
 
 
 class Payment(msgspec.Struct, kw_only=True):
-    status: Literal["pending", "succeeded", "failed", "refunded"]
+    status: Literal["pending", "succeeded", "failed", "refunding", "refunded"]
     provider: str
     amount_cents: int
 

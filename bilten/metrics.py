@@ -80,6 +80,21 @@ SAGA_SECONDS = Histogram(
     "From the first step of a booking saga to its end.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+REFUNDS = Counter(
+    "bilten_refunds_total",
+    "Refunds by event: requested (decided and recorded), refunded (confirmed by the provider), "
+    "retried (an attempt that failed and will be made again), dead (given up: see the refunds "
+    "table's last_error; an operator must act).",
+    ("outcome",),
+)
+REFUNDED_CENTS = Counter(
+    "bilten_refunded_cents_total", "Money given back, confirmed by the provider, in cents."
+)
+REFUNDS_WAITING = Gauge(
+    "bilten_refunds_waiting",
+    "Refunds not confirmed yet, by state (pending: will be tried again; dead: given up).",
+    ("state",),
+)
 QUEUE_DEPTH = Gauge("bilten_booking_queue_depth", "Booking requests waiting, seen on enqueue.")
 
 CHECK_INS = Counter(

@@ -213,10 +213,14 @@ async def test_stats_add_up(client):
     other = (await register(client, "rival@example.com", "organizer"))[0]
     assert (await client.get(f"/events/{event_id}/stats", headers=other)).status_code == 403
     assert (await client.get(f"/events/{event_id}/stats", headers=ann)).status_code == 403
-    # A cancelled booking leaves the figures.
-    await client.post(f"/bookings/{first['booking']['id']}/cancel", headers=ann)
+    # A booking whose ticket was used cannot be cancelled; a cancelled one leaves the figures.
+    used = await client.post(f"/bookings/{first['booking']['id']}/cancel", headers=ann)
+    assert used.status_code == 409
+    assert used.json()["error"]["details"]["reason"] == "checked_in"
+    cancelled = await client.post(f"/bookings/{second.json()['booking']['id']}/cancel", headers=bob)
+    assert cancelled.status_code == 200, cancelled.text
     stats = (await client.get(f"/events/{event_id}/stats", headers=organizer)).json()
-    assert stats["tickets_sold"] == 3 and stats["revenue_cents"] == 4500
+    assert stats["tickets_sold"] == 2 and stats["revenue_cents"] == 9000
 
 
 async def test_business_metrics(client):

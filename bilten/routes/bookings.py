@@ -419,11 +419,15 @@ async def list_bookings(request: Request) -> Response:
 
 
 @openapi.endpoint(
-    summary="Cancel a confirmed booking: refunded, seats released, tickets void.",
+    summary="Cancel a confirmed booking: seats released, tickets void, the payment refunded.",
     tag="bookings",
     response=Booking,
     auth=True,
     errors=("not_found", "conflict", "unavailable"),
+    description="Refused with 409 conflict, details.reason checked_in, event_started or "
+    "already_cancelled, once a ticket was used, the event has begun, or it was cancelled "
+    "before. The refund is carried out after the cancel is recorded: the booking reads "
+    "payment.status refunding until the provider confirms it (then refunded).",
 )
 async def cancel_booking(request: Request) -> Response:
     who = security.authenticate(request)

@@ -17,7 +17,7 @@ from typing import Any, cast
 import msgspec
 from redis.asyncio.client import Pipeline
 
-from bilten import bookings, keys, metrics, notifications, outbox, payments
+from bilten import bookings, keys, metrics, notifications, outbox, payments, refunds
 from bilten.db import Connection
 from bilten.errors import ApiError
 from bilten.sagas.finish import finish
@@ -167,68 +167,80 @@ def add_announcements(pipe: Pipeline, outcomes: list[Outcome]) -> None:
 _encode_done = msgspec.json.Encoder().encode
 
 
-# → CANCELLED: the booking, its history row and its buyer's messages in one statement.
+# → CANCELLED: the booking, its history row and its buyer's message in one statement.
 _CANCELLED = """
 WITH moved AS (
-    UPDATE bookings SET saga_state = 'CANCELLED', payment_status = 'refunded', updated_at = now()
+    UPDATE bookings SET saga_state = 'CANCELLED', updated_at = now()
     WHERE id = $1 AND saga_state = 'CONFIRMED'
     RETURNING id),
 history AS (
     INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
-    SELECT id, 'CONFIRMED', 'CANCELLED', 'cancelled' FROM moved)
-INSERT INTO outbox (topic, payload) SELECT 'user', note FROM moved, unnest($2::jsonb[]) AS note
+    SELECT id, 'CONFIRMED', 'CANCELLED', $2 FROM moved)
+INSERT INTO outbox (topic, payload) SELECT 'user', $3::jsonb FROM moved
 """
 
 
-async def cancel(app: State, booking_id: str) -> Outcome:
-    """CONFIRMED → CANCELLED: the payment refunded, seats and units given back, tickets void.
+def _refused(reason: str, message: str) -> ApiError:
+    return ApiError("conflict", message, {"reason": reason})
 
-    The booking stays locked while the refund is made, so two cancels cannot both refund; a
-    refund the provider refuses leaves everything as it was (the caller gets 503).
+
+async def cancel(app: State, booking_id: str, *, by_organizer: bool = False) -> Outcome:
+    """CONFIRMED → CANCELLED: seats and units given back, tickets void, the payment to be
+    refunded (``refunding``), all in one transaction that commits before the provider is
+    called; the refund is then tried at once, and retried by the refund worker until the
+    provider confirms it (:mod:`bilten.refunds`).
+
+    A buyer may not cancel once a ticket was checked in (``checked_in``) or the event has
+    begun (``event_started``); an organizer's cancellation of the whole event refunds every
+    booking whatever its tickets' state. The tickets are locked before they are looked at, so
+    a cancel and a check-in of one ticket never both win.
     """
     async with app.db.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            BOOKING + " FOR UPDATE",
-            booking_id,
-        )
+        row = await conn.fetchrow(BOOKING + " FOR UPDATE", booking_id)
         if row is None:
             raise ApiError("not_found", "No such booking.")
+        if row["saga_state"] == "CANCELLED":
+            raise _refused("already_cancelled", "The booking is cancelled already.")
         if row["saga_state"] != "CONFIRMED":
             raise ApiError(
                 "conflict",
                 f"Only a confirmed booking can be cancelled; this one is "
                 f"{row['saga_state'].lower()}.",
-                {"status": row["saga_state"].lower()},
+                {"reason": "not_confirmed", "status": row["saga_state"].lower()},
             )
-        try:
-            await app.payments.refund(
-                key=booking_id, payment_id=row["payment_id"], amount_cents=row["total_cents"]
-            )
-        except payments.ProviderUnavailable:
-            raise ApiError(
-                "unavailable",
-                "The refund could not be made now; nothing changed.",
-                headers={"Retry-After": "5"},
-            ) from None
-        except payments.PaymentDeclined as exc:
-            raise ApiError(
-                "conflict",
-                f"The provider refused the refund: {exc.decline_code}.",
-                {"decline_code": exc.decline_code},
-            ) from None
+        tickets = await conn.fetch(
+            "SELECT status FROM tickets WHERE booking_id = $1 ORDER BY id FOR UPDATE", booking_id
+        )
+        if not by_organizer:
+            if any(t["status"] == "checked_in" for t in tickets):
+                raise _refused("checked_in", "A ticket of this booking was used at the door.")
+            if await conn.fetchval(
+                "SELECT starts_at <= now() FROM events WHERE id = $1", row["event_id"]
+            ):
+                raise _refused("event_started", "The event has begun.")
         await _release_sold(conn, row)
-        messages = [
-            result_message(booking_id, "cancelled"),
-            {"type": "payment.status", "booking_id": booking_id, "status": "refunded"},
-        ]
         await conn.execute(
             _CANCELLED,
             booking_id,
-            [{"user_id": row["user_id"], "message": m} for m in messages],
+            "event_cancelled" if by_organizer else "cancelled",
+            {"user_id": row["user_id"], "message": result_message(booking_id, "cancelled")},
+        )
+        await refunds.request(
+            conn,
+            [
+                refunds.Wanted(
+                    booking_id,
+                    row["payment_id"],
+                    row["total_cents"],
+                    row["currency"],
+                    "event_cancelled" if by_organizer else "cancelled",
+                )
+            ],
         )
         await notifications.booking_changed(conn, "booking_cancelled", booking_id, row["user_id"])
-        metrics.BOOKINGS.labels("cancelled", "").inc()
-        return Outcome(booking_id, row["user_id"], row["event_id"], "CANCELLED")
+    metrics.BOOKINGS.labels("cancelled", "").inc()
+    await refunds.run(app, [booking_id])  # committed first: no provider call inside it
+    return Outcome(booking_id, row["user_id"], row["event_id"], "CANCELLED")
 
 
 async def _release_sold(conn: Connection, row: Any) -> None:
@@ -269,6 +281,34 @@ async def _release_sold(conn: Connection, row: Any) -> None:
     )
 
 
+STRAY = "unconfirmed_charge"
+
+
+async def refund_stray(app: State, booking_id: str, charge: payments.Charge) -> None:
+    """A charge the provider took for a booking that failed or was cancelled (found by a
+    lookup, or told by a webhook): refunded, as durable intent, unless it is already (a
+    booking has one refund at the most)."""
+    async with app.db.acquire() as conn, conn.transaction():
+        state = await conn.fetchval(
+            "SELECT saga_state FROM bookings WHERE id = $1 FOR UPDATE", booking_id
+        )
+        if state not in ("FAILED", "CANCELLED") or charge.status != "succeeded":
+            return
+        await refunds.request(
+            conn,
+            [
+                refunds.Wanted(
+                    booking_id,
+                    charge.id,
+                    charge.amount_cents,
+                    charge.currency,
+                    "unconfirmed_charge",
+                )
+            ],
+        )
+    await refunds.run(app, [booking_id])
+
+
 async def apply_webhook(app: State, kind: str, obj: dict[str, Any]) -> None:
     """Apply a provider callback about a payment made with a booking id as its key."""
     metadata = obj.get("metadata") or {}
@@ -289,10 +329,14 @@ async def apply_webhook(app: State, kind: str, obj: dict[str, Any]) -> None:
         error = obj.get("last_payment_error") or {}
         result = payments.PaymentDeclined(str(error.get("decline_code") or "declined"))
     elif kind == "charge.refunded":
+        await refunds.confirmed(app, booking_id, None, int(obj.get("amount_refunded", 0)))
         await app.db.execute(
             """UPDATE bookings SET payment_status = 'refunded', updated_at = now()
                WHERE id = $1 AND saga_state IN ('CANCELLED', 'FAILED')""",
             booking_id,
         )
     if result is not None:
-        await announce_many(app, list((await finish(app, {booking_id: result})).values()))
+        outcomes = await finish(app, {booking_id: result})
+        await announce_many(app, list(outcomes.values()))
+        if isinstance(result, payments.Charge) and booking_id not in outcomes:
+            await refund_stray(app, booking_id, result)  # the booking ended without it

@@ -13,7 +13,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-from bilten import holds, metrics, notifications, outbox, payments, ticketcodes
+from bilten import holds, metrics, notifications, outbox, payments, refunds, ticketcodes
 from bilten.bookings import Booking, BookingItem, Payment, TicketRef
 from bilten.db import Connection
 from bilten.errors import ApiError
@@ -44,12 +44,23 @@ def _payment_error(result: payments.PaymentDeclined | payments.ProviderUnavailab
     )
 
 
+def _matches(row: Any, charge: payments.Charge) -> bool:
+    """A charge confirms a booking only if it took the booking's amount in its currency."""
+    return (
+        charge.status == "succeeded"
+        and charge.amount_cents == row["total_cents"]
+        and charge.currency.upper() == row["currency"].upper()
+    )
+
+
 async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Outcome]:
     """PAYMENT_PENDING → CONFIRMED for the paid (seats sold, units counted, tickets issued), or
-    FAILED with their seats released: declined, provider unavailable (the payment is marked
-    unsettled: a sweeper looks it up and refunds anything taken), or paid after their seats were
-    gone (the payment outlived its window: refunded once this transaction has committed, and by
-    the sweeper should that fail). Bookings no longer PAYMENT_PENDING are left alone."""
+    FAILED with their seats released: declined; provider unavailable (the payment is marked
+    unsettled: a sweeper looks it up and refunds anything taken); a charge that is not the
+    booking's amount in its currency; paid after its seats were gone (the payment outlived its
+    window). What was taken without a booking to show for it is refunded as durable intent
+    (:mod:`bilten.refunds`), carried out once this transaction has committed. Bookings no longer
+    PAYMENT_PENDING are left alone."""
     outcomes: dict[str, Outcome] = {}
     async with app.db.acquire() as conn, conn.transaction():
         rows = await conn.fetch(MANY_LOCKED, list(results))
@@ -67,46 +78,67 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
             " ORDER BY seat_id FOR UPDATE",
             hold_ids,
         )
-        paid = [r for r in rows if isinstance(results[r["id"]], payments.Charge)]
-        refused = [r for r in rows if not isinstance(results[r["id"]], payments.Charge)]
+        charges = {b: r for b, r in results.items() if isinstance(r, payments.Charge)}
+        paid = [r for r in rows if r["id"] in charges and _matches(r, charges[r["id"]])]
+        wrong = [r for r in rows if r["id"] in charges and not _matches(r, charges[r["id"]])]
+        refused = [r for r in rows if r["id"] not in charges]
         confirmed, lost_ids = await _confirm_many(app, conn, paid, results)
         lost = [r for r in paid if r["id"] in set(lost_ids)]
-        await holds.release_many(conn, [r["hold_id"] for r in refused + lost])
+        await holds.release_many(conn, [r["hold_id"] for r in refused + lost + wrong])
         declined = [
             (r, _payment_error(results[r["id"]]))  # type: ignore[arg-type]
             for r in refused
             if isinstance(results[r["id"]], payments.PaymentDeclined)
         ]
+        declined += [(r, _mismatch(r, charges[r["id"]])) for r in wrong]
         unknown = [
             (r, _payment_error(results[r["id"]]))  # type: ignore[arg-type]
             for r in refused
             if isinstance(results[r["id"]], payments.ProviderUnavailable)
         ]
-        unknown += [(r, ApiError("hold_expired", HOLD_EXPIRED)) for r in lost]
+        declined += [(r, ApiError("hold_expired", HOLD_EXPIRED)) for r in lost]
         for outcome in (
             *confirmed,
             *await fail_many(conn, declined),
             *await fail_many(conn, unknown, unsettled=True),
         ):
             outcomes[outcome.booking_id] = outcome
-    for row in lost:  # committed first: no provider call inside a transaction
-        await _refund_lost(app, row["id"], results[row["id"]])  # type: ignore[arg-type]
+        taken = [(r, "seats_lost") for r in lost] + [
+            (r, "charge_mismatch") for r in wrong if charges[r["id"]].status == "succeeded"
+        ]
+        await refunds.request(
+            conn,
+            [
+                refunds.Wanted(
+                    r["id"],
+                    charges[r["id"]].id,
+                    charges[r["id"]].amount_cents,
+                    charges[r["id"]].currency,
+                    reason,
+                )
+                for r, reason in taken
+            ],
+        )
+    if taken:  # committed first: no provider call inside a transaction
+        await refunds.run(app, [r["id"] for r, _ in taken])
     return outcomes
 
 
-async def _refund_lost(app: State, booking_id: str, charge: payments.Charge) -> None:
-    """Give back a payment whose booking failed; the settling sweeper retries what fails."""
-    try:
-        await app.payments.refund(
-            key=booking_id, payment_id=charge.id, amount_cents=charge.amount_cents
-        )
-    except (payments.PaymentDeclined, payments.ProviderUnavailable) as exc:
-        log.warning("refund of booking %s failed for now: %s", booking_id, exc)
-        return
-    await app.db.execute(
-        """UPDATE bookings SET payment_status = 'refunded', payment_unsettled = false
-           WHERE id = $1""",
-        booking_id,
+def _mismatch(row: Any, charge: payments.Charge) -> ApiError:
+    log.error(
+        "booking %s: the provider's charge %s is %s %d %s, the booking %d %s",
+        row["id"],
+        charge.id,
+        charge.status,
+        charge.amount_cents,
+        charge.currency,
+        row["total_cents"],
+        row["currency"],
+    )
+    return ApiError(
+        "payment_declined",
+        "The payment did not match the booking; anything taken is refunded.",
+        {"decline_code": "charge_mismatch"},
     )
 
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
-from bilten import cache, holds, keys, payments, queue
+from bilten import cache, holds, keys, payments, queue, refunds
 from bilten.sagas import booking
 from bilten.state import State
 from bilten.supervisor import Worker
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 INTERVAL = 1.0
 STALE_PENDING = 300  # seconds: a request may wait this long in a long queue
 STALE_PAYMENT = 60  # seconds: longer than a payment call with all its retries
+SETTLE_EVERY = 5  # seconds between lookups of one unsettled payment
+SETTLE_WINDOW = 900  # seconds after a booking was made that a lookup finding nothing is not final
 LOST_AFTER = 3.0  # seconds: an accepted request this old whose Redis status is gone was lost
 REDISPATCH_ROUND = 500  # accepted requests looked at per round
 
@@ -75,30 +77,38 @@ async def _unclaim(app: State, booking_id: str) -> None:
 
 
 async def settle_payments(app: State) -> int:
-    ids = await _claim(app, "payment_unsettled", 5)
+    """Payments whose outcome was not known when their booking failed: looked up (the booking
+    id is the provider's key), again and again for :data:`SETTLE_WINDOW` after the booking was
+    made, since a provider's search may lag (Stripe's: up to a minute); a charge found is
+    refunded (durable intent), one never found is settled when the window ends."""
+    ids = await _claim(app, "payment_unsettled", SETTLE_EVERY)
     for booking_id in ids:
         try:
             charge = await app.payments.lookup(key=booking_id)
-            if charge is not None and charge.status == "succeeded":
-                await app.payments.refund(
-                    key=booking_id, payment_id=charge.id, amount_cents=charge.amount_cents
-                )
-                log.warning("refunded an unconfirmed charge of booking %s", booking_id)
         except payments.ProviderUnavailable:
             continue  # next round
-        await app.db.execute(
-            """UPDATE bookings SET payment_unsettled = false,
-                      payment_status = CASE WHEN $2 THEN 'refunded' ELSE payment_status END
-               WHERE id = $1""",
-            booking_id,
-            charge is not None and charge.status in ("succeeded", "refunded"),
-        )
+        if charge is not None and charge.status == "succeeded":
+            await booking.refund_stray(app, booking_id, charge)
+        elif charge is not None:  # refunded at the provider already
+            await app.db.execute(
+                """UPDATE bookings SET payment_unsettled = false, payment_status = 'refunded'
+                   WHERE id = $1""",
+                booking_id,
+            )
+        else:
+            await app.db.execute(
+                """UPDATE bookings SET payment_unsettled = false
+                   WHERE id = $1 AND created_at < now() - make_interval(secs => $2)""",
+                booking_id,
+                SETTLE_WINDOW,
+            )
     return len(ids)
 
 
 async def cancel_for_cancelled_events(app: State) -> int:
-    # Claimed like stale sagas: a booking whose refund keeps failing waits its turn again
-    # instead of being retried every second ahead of the others.
+    # Claimed like stale sagas: a booking whose cancel fails (the database, say) waits its turn
+    # again instead of being retried every second ahead of the others. Its refund is the refund
+    # worker's (bilten.refunds).
     ids = await _claim(
         app,
         "saga_state = 'CONFIRMED' AND event_id IN "
@@ -107,7 +117,7 @@ async def cancel_for_cancelled_events(app: State) -> int:
     )
     for booking_id in ids:
         try:
-            outcome = await booking.cancel(app, booking_id)
+            outcome = await booking.cancel(app, booking_id, by_organizer=True)
         except Exception as exc:
             log.warning("could not cancel booking %s of a cancelled event: %s", booking_id, exc)
             continue
@@ -179,6 +189,7 @@ async def run_once(app: State) -> int:
         + await resume_sagas(app)
         + await settle_payments(app)
         + await cancel_for_cancelled_events(app)
+        + await refunds.run(app)
         + await redispatch(app)
     )
 

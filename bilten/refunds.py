@@ -1,0 +1,174 @@
+"""Refunds as durable intent: decided and recorded in a transaction, carried out after it.
+
+No provider call runs inside a database transaction. Whatever decides that money goes back (a
+buyer's or an organizer's cancel, a payment that outlived its seats, a charge found for a
+booking that failed) calls :func:`request` in its own transaction: a ``refunds`` row, the
+booking's payment ``refunding``, a ``payment.status`` message to its buyer. Once that has
+committed, :func:`run` claims due refunds (a short statement that also leases them: another
+worker leaves them alone until ``next_at``), calls the provider with the booking id as the
+idempotency key (so trying again never refunds twice), and records the answer: ``refunded``,
+another attempt later with a growing pause, or after :data:`MAX_ATTEMPTS` (or a refusal by the
+provider) ``dead``, which an operator sees in the metrics and in the row's ``last_error``.
+Recovery runs it every second on every instance; the paths that request a refund also run it
+at once for their own, so a buyer usually sees ``refunded`` in the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from bilten import metrics, payments
+from bilten.db import Connection
+from bilten.payments.resilience import backoff_delay
+from bilten.state import State
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 12  # with the pause doubling from 5 s to an hour: about a day and a half
+PAUSE = (5.0, 3600.0)
+LEASE = 120.0  # seconds a claimed refund is left to the worker that claimed it
+ROUND = 50
+
+
+@dataclass(frozen=True)
+class Wanted:
+    booking_id: str
+    payment_id: str
+    amount_cents: int
+    currency: str
+    reason: str  # cancelled | event_cancelled | seats_lost | unconfirmed_charge | charge_mismatch
+
+
+_REQUEST = """
+WITH r AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[])
+        AS r(booking_id, payment_id, amount_cents, currency, reason)),
+made AS (
+    INSERT INTO refunds (booking_id, payment_id, amount_cents, currency, reason)
+    SELECT * FROM r ON CONFLICT DO NOTHING
+    RETURNING booking_id),
+moved AS (
+    UPDATE bookings b SET payment_status = 'refunding', payment_unsettled = false,
+           updated_at = now()
+    FROM made WHERE b.id = made.booking_id
+    RETURNING b.id, b.user_id)
+INSERT INTO outbox (topic, payload)
+SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
+    'type', 'payment.status', 'booking_id', id::text, 'status', 'refunding'))
+FROM moved
+RETURNING 1
+"""
+
+
+async def request(conn: Connection, wanted: list[Wanted]) -> None:
+    """Record refunds to make, in the caller's transaction (a booking has one at the most)."""
+    if not wanted:
+        return
+    made = await conn.fetch(
+        _REQUEST,
+        [w.booking_id for w in wanted],
+        [w.payment_id for w in wanted],
+        [w.amount_cents for w in wanted],
+        [w.currency for w in wanted],
+        [w.reason for w in wanted],
+    )
+    metrics.REFUNDS.labels("requested").inc(len(made))
+
+
+_CLAIM = """
+UPDATE refunds r SET attempts = r.attempts + 1, next_at = now() + make_interval(secs => $2)
+FROM (SELECT booking_id FROM refunds
+      WHERE status = 'pending' AND next_at <= now()
+        AND ($3::uuid[] IS NULL OR booking_id = ANY ($3::uuid[]))
+      ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
+WHERE r.booking_id = due.booking_id
+RETURNING r.booking_id::text, r.payment_id, r.amount_cents, r.attempts
+"""
+
+_DONE = """
+WITH done AS (
+    UPDATE refunds SET status = 'refunded', refund_id = $2, done_at = now(), last_error = NULL
+    WHERE booking_id = $1 AND status <> 'refunded'
+    RETURNING booking_id),
+moved AS (
+    UPDATE bookings b SET payment_status = 'refunded', updated_at = now()
+    FROM done WHERE b.id = done.booking_id
+    RETURNING b.id, b.user_id)
+INSERT INTO outbox (topic, payload)
+SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
+    'type', 'payment.status', 'booking_id', id::text, 'status', 'refunded'))
+FROM moved
+RETURNING 1
+"""
+
+
+async def run(app: State, booking_ids: list[str] | None = None, limit: int = ROUND) -> int:
+    """Carry out the refunds that are due (only these bookings' when given), concurrently;
+    returns how many were confirmed."""
+    due = await app.db.fetch(_CLAIM, limit, LEASE, booking_ids)
+    done = await asyncio.gather(*(_carry_out(app, row) for row in due))
+    if booking_ids is None:
+        await _count_waiting(app)
+    return sum(done)
+
+
+async def _carry_out(app: State, due: Any) -> bool:
+    booking_id = due["booking_id"]
+    try:
+        refund_id = (
+            await app.payments.refund(
+                key=booking_id, payment_id=due["payment_id"], amount_cents=due["amount_cents"]
+            )
+            if due["amount_cents"] > 0
+            else "nothing"
+        )
+    except payments.PaymentDeclined as exc:
+        await _give_up(app, booking_id, f"refused by the provider: {exc.decline_code}")
+        return False
+    except payments.ProviderUnavailable as exc:
+        if due["attempts"] >= MAX_ATTEMPTS:
+            await _give_up(app, booking_id, str(exc))
+        else:
+            pause = backoff_delay(due["attempts"] - 1, *PAUSE)
+            await app.db.execute(
+                """UPDATE refunds SET next_at = now() + make_interval(secs => $2),
+                          last_error = $3
+                   WHERE booking_id = $1 AND status = 'pending'""",
+                booking_id,
+                pause,
+                str(exc),
+            )
+            metrics.REFUNDS.labels("retried").inc()
+            log.warning("refund of booking %s failed, trying again in %.0f s", booking_id, pause)
+        return False
+    await confirmed(app, booking_id, refund_id, due["amount_cents"])
+    return True
+
+
+async def confirmed(app: State, booking_id: str, refund_id: str | None, amount: int) -> None:
+    """The provider gave the money back (said by its answer, or by a webhook)."""
+    if await app.db.fetchval(_DONE, booking_id, refund_id):
+        metrics.REFUNDS.labels("refunded").inc()
+        metrics.REFUNDED_CENTS.inc(amount)
+
+
+async def _give_up(app: State, booking_id: str, error: str) -> None:
+    await app.db.execute(
+        "UPDATE refunds SET status = 'dead', last_error = $2 WHERE booking_id = $1",
+        booking_id,
+        error,
+    )
+    metrics.REFUNDS.labels("dead").inc()
+    log.error("refund of booking %s given up: %s (the refunds row keeps it)", booking_id, error)
+
+
+async def _count_waiting(app: State) -> None:
+    rows = await app.db.fetch(
+        "SELECT status, count(*) AS n FROM refunds WHERE status <> 'refunded' GROUP BY status"
+    )
+    counts = {r["status"]: r["n"] for r in rows}
+    for state in ("pending", "dead"):
+        metrics.REFUNDS_WAITING.labels(state).set(counts.get(state, 0))
