@@ -108,6 +108,7 @@ def bilten_process(
         BILTEN_REDIS_URL=redis_url,
         BILTEN_LOG_LEVEL="WARNING",
         BILTEN_SECRET_KEY=secret_key or secrets.token_urlsafe(48),
+        BILTEN_PAYMENT_PROVIDER="test",  # fake cards: a benchmark moves no money
         **env,
     )
     proc = subprocess.Popen(

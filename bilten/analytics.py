@@ -21,6 +21,13 @@ class MinuteSales(msgspec.Struct, kw_only=True):
     tickets: int
 
 
+class Refunds(msgspec.Struct, kw_only=True):
+    count: int  # confirmed by the provider
+    amount_cents: int
+    pending: int  # decided, not confirmed yet: retried until they are
+    dead: int  # given up after every attempt: an operator must act
+
+
 class EventStats(msgspec.Struct, kw_only=True):
     event_id: str
     tickets_sold: int
@@ -29,6 +36,7 @@ class EventStats(msgspec.Struct, kw_only=True):
     by_tier: list[TierSales]
     checked_in: int
     sales_per_minute: list[MinuteSales]
+    refunds: Refunds
 
 
 _BY_TIER = """
@@ -54,6 +62,16 @@ GROUP BY 1 ORDER BY 1
 """
 
 
+_REFUNDS = """
+SELECT count(*) FILTER (WHERE r.status = 'refunded') AS count,
+       coalesce(sum(r.amount_cents) FILTER (WHERE r.status = 'refunded'), 0) AS amount_cents,
+       count(*) FILTER (WHERE r.status = 'pending') AS pending,
+       count(*) FILTER (WHERE r.status = 'dead') AS dead
+FROM refunds r JOIN bookings b ON b.id = r.booking_id
+WHERE b.event_id = $1
+"""
+
+
 async def event_stats(conn: Connection, event_id: str, currency: str) -> EventStats:
     tiers = [TierSales(**dict(r)) for r in await conn.fetch(_BY_TIER, event_id)]
     minutes = [MinuteSales(**dict(r)) for r in await conn.fetch(_PER_MINUTE, event_id)]
@@ -68,4 +86,5 @@ async def event_stats(conn: Connection, event_id: str, currency: str) -> EventSt
         by_tier=tiers,
         checked_in=checked_in,
         sales_per_minute=minutes,
+        refunds=Refunds(**dict(await conn.fetchrow(_REFUNDS, event_id))),
     )

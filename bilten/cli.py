@@ -261,6 +261,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     if args.roles:
         settings = settings.replace(roles=parse_roles(args.roles))
     _require_urls(settings)
+    if not settings.payment_provider_chosen:
+        raise Fatal(
+            "BILTEN_PAYMENT_PROVIDER must be set: stripe, or test to sell for the built-in test "
+            "provider's fake cards (no money)",
+            2,
+        )
     try:
         if settings.smtp_url:  # a malformed SMTP URL stops us here, in one line
             mail.SmtpTransport.from_url(settings.smtp_url)

@@ -4,11 +4,12 @@ No provider call runs inside a database transaction. Whatever decides that money
 buyer's or an organizer's cancel, a payment that outlived its seats, a charge found for a
 booking that failed) calls :func:`request` in its own transaction: a ``refunds`` row, the
 booking's payment ``refunding``, a ``payment.status`` message to its buyer. Once that has
-committed, :func:`run` claims due refunds (a short statement that also leases them: another
-worker leaves them alone until ``next_at``), calls the provider with the booking id as the
-idempotency key (so trying again never refunds twice), and records the answer: ``refunded``,
-another attempt later with a growing pause, or after :data:`MAX_ATTEMPTS` (or a refusal by the
-provider) ``dead``, which an operator sees in the metrics and in the row's ``last_error``.
+committed, :func:`run` claims due refunds (a short statement that also leases them: other
+workers leave them alone until ``next_at``, twice as long as a refund call may take), calls the
+provider with the booking id as the idempotency key (so trying again never refunds twice), and
+records the answer: ``refunded``, another attempt later with a growing pause, or after
+:data:`MAX_ATTEMPTS` (or a refusal by the provider) ``dead``, which an operator sees in the
+metrics and in the row's ``last_error``.
 Recovery runs it every second on every instance; the paths that request a refund also run it
 at once for their own, so a buyer usually sees ``refunded`` in the same answer.
 """
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 12  # with the pause doubling from 5 s to an hour: about a day and a half
 PAUSE = (5.0, 3600.0)
-LEASE = 120.0  # seconds a claimed refund is left to the worker that claimed it
 ROUND = 50
 
 
@@ -108,7 +108,10 @@ RETURNING 1
 async def run(app: State, booking_ids: list[str] | None = None, limit: int = ROUND) -> int:
     """Carry out the refunds that are due (only these bookings' when given), concurrently;
     returns how many were confirmed."""
-    due = await app.db.fetch(_CLAIM, limit, LEASE, booking_ids)
+    # A claimed refund is left to its worker for longer than a refund call may take.
+    settings = app.settings
+    lease = settings.payment_timeout * (settings.payment_retries + 1) * 2 + 5
+    due = await app.db.fetch(_CLAIM, limit, lease, booking_ids)
     done = await asyncio.gather(*(_carry_out(app, row) for row in due))
     if booking_ids is None:
         await _count_waiting(app)

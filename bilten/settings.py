@@ -63,6 +63,9 @@ class Settings:
     public_url: str = "http://127.0.0.1:8000"
     media_dir: Path | None = None  # uploaded images; None: <data_dir>/media
     payment_provider: str = "test"  # test | stripe
+    # False when BILTEN_PAYMENT_PROVIDER was not set: `serve` then refuses to sell tickets for
+    # the test provider's fake cards (dev and the tests use it as their default).
+    payment_provider_chosen: bool = True
     stripe_api_key: str = dataclasses.field(default="", repr=False)
     stripe_base_url: str = "https://api.stripe.com"
     stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
@@ -201,7 +204,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         mail_poll_interval=_float(env, "BILTEN_MAIL_POLL_INTERVAL", 1.0),
         public_url=env.get("BILTEN_PUBLIC_URL", "").rstrip("/") or "http://127.0.0.1:8000",
         media_dir=Path(env["BILTEN_MEDIA_DIR"]) if env.get("BILTEN_MEDIA_DIR") else None,
-        payment_provider=env.get("BILTEN_PAYMENT_PROVIDER", "test"),
+        payment_provider=env.get("BILTEN_PAYMENT_PROVIDER", "").strip() or "test",
+        payment_provider_chosen=bool(env.get("BILTEN_PAYMENT_PROVIDER", "").strip()),
         stripe_api_key=env.get("BILTEN_STRIPE_API_KEY", ""),
         stripe_base_url=_url(env, ("BILTEN_STRIPE_BASE_URL",), ("http", "https")).rstrip("/")
         or "https://api.stripe.com",

@@ -171,6 +171,7 @@ def server_env(settings: Settings, **extra: str) -> dict[str, str]:
         BILTEN_DB_POOL_MAX="4",
         BILTEN_SHUTDOWN_TIMEOUT="5",
         BILTEN_SECRET_KEY=settings.secret_key,
+        BILTEN_PAYMENT_PROVIDER=settings.payment_provider,
     )
     env.update(extra)
     return env

@@ -330,15 +330,21 @@ class Seen:
 class FakeStripe:
     """PaymentIntents as Stripe answers them, idempotency keys included, plus failures on
     demand: ``script`` answers the next requests with those statuses (``"hang"`` never
-    answers), ``always`` answers every request with one status, ``delay`` slows every answer."""
+    answers; ``"late"`` does the work, then answers only after ``late_by`` seconds, past the
+    client's timeout), ``always`` answers every request with one status, ``delay`` slows every
+    answer, and ``search_lag`` keeps new intents out of search results for that long, as
+    Stripe's search index lags behind."""
 
     def __init__(self) -> None:
         self.requests: list[Seen] = []
         self.script: list[int | str] = []
         self.always: int | None = None
         self.delay = 0.0
+        self.late_by = 5.0
+        self.search_lag = 0.0
         self.headers: dict[str, str] = {}
         self.intents: list[dict[str, Any]] = []
+        self.refunds: list[dict[str, Any]] = []
         self._replays: dict[str, tuple[int, dict[str, Any]]] = {}
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -395,7 +401,10 @@ class FakeStripe:
                     return
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                if isinstance(planned, int):
+                if planned == "late":
+                    status, payload = self._answer(seen)
+                    await asyncio.sleep(self.late_by)
+                elif isinstance(planned, int):
                     status, payload = planned, {"error": {"type": "api_error", "message": "boom"}}
                 else:
                     status, payload = self._answer(seen)
@@ -417,8 +426,19 @@ class FakeStripe:
             return 401, {"error": {"type": "invalid_request_error", "message": "bad key"}}
         if (seen.method, seen.path) == ("GET", "/v1/payment_intents/search"):
             booking = seen.query["query"].split(":", 1)[1].strip("'")
-            found = [i for i in self.intents if i["metadata"]["booking_id"] == booking]
+            indexed = time.monotonic() - self.search_lag
+            found = [
+                i
+                for i in self.intents
+                if i["metadata"]["booking_id"] == booking and i["_made"] <= indexed
+            ]
+            found = [{k: v for k, v in i.items() if k != "_made"} for i in found]
             return 200, {"object": "search_result", "data": found, "has_more": False}
+        if (seen.method, seen.path) == ("GET", "/v1/refunds"):
+            mine = [r for r in self.refunds if r["payment_intent"] == seen.query["payment_intent"]]
+            return 200, {"object": "list", "data": mine, "has_more": False}
+        if (seen.method, seen.path) == ("POST", "/v1/refunds"):
+            return self._refund(seen)
         if (seen.method, seen.path) != ("POST", "/v1/payment_intents"):
             return 404, {"error": {"type": "invalid_request_error", "message": "no such route"}}
         key = seen.headers.get("idempotency-key")
@@ -429,6 +449,30 @@ class FakeStripe:
             self._replays[key] = answer
         return answer
 
+    def _refund(self, seen: Seen) -> tuple[int, dict[str, Any]]:
+        key = seen.headers.get("idempotency-key")
+        if key and key in self._replays:
+            return self._replays[key]
+        intent = next((i for i in self.intents if i["id"] == seen.form["payment_intent"]), None)
+        if intent is None or intent["status"] != "succeeded":
+            return 400, {"error": {"type": "invalid_request_error", "code": "resource_missing"}}
+        if intent["latest_charge"]["refunded"]:
+            return 400, {
+                "error": {"type": "invalid_request_error", "code": "charge_already_refunded"}
+            }
+        intent["latest_charge"]["refunded"] = True
+        refund = {
+            "id": f"re_{secrets.token_hex(8)}",
+            "object": "refund",
+            "payment_intent": intent["id"],
+            "amount": int(seen.form.get("amount", intent["amount"])),
+            "status": "succeeded",
+        }
+        self.refunds.append(refund)
+        if key:
+            self._replays[key] = (200, refund)
+        return 200, refund
+
     def _create_intent(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         intent = {
             "id": f"pi_{secrets.token_hex(8)}",
@@ -438,6 +482,7 @@ class FakeStripe:
             "metadata": {"booking_id": form["metadata[booking_id]"]},
             "status": "succeeded",
             "latest_charge": {"id": f"ch_{secrets.token_hex(8)}", "refunded": False},
+            "_made": time.monotonic(),
         }
         method = form.get("payment_method", "")
         if method == "pm_card_authenticationRequired":
@@ -673,7 +718,9 @@ async def test_breaker_failed_trial_opens_again(fake, make_stripe):
     assert len(fake.requests) == 3
 
 
-async def test_breaker_half_open_lets_one_trial_through(fake, make_stripe):
+async def test_breaker_half_open_holds_the_others_for_the_trial(fake, make_stripe):
+    """After the cooldown one trial goes to the provider while the others wait for it: a good
+    answer lets them through (a half-open breaker must not fail a batch's other charges)."""
     clock = Clock()
     provider = make_stripe(fake.url, retries=0, failure_threshold=1, cooldown=1, clock=clock)
     fake.script = [500]
@@ -681,12 +728,31 @@ async def test_breaker_half_open_lets_one_trial_through(fake, make_stripe):
         await provider.lookup(key=booking_id())
     clock.now += 1
     fake.delay = 0.05
+    seen = len(fake.requests)
     results = await asyncio.gather(
         *(provider.lookup(key=booking_id()) for _ in range(4)), return_exceptions=True
     )
-    assert sum(r is None for r in results) == 1
-    assert sum(isinstance(r, ProviderUnavailable) for r in results) == 3
-    assert len(fake.requests) == 2
+    assert results == [None] * 4
+    assert len(fake.requests) == seen + 4
+    assert circuit() == CLOSED
+
+
+async def test_breaker_failed_trial_fails_the_ones_it_held(fake, make_stripe):
+    clock = Clock()
+    provider = make_stripe(fake.url, retries=0, failure_threshold=1, cooldown=1, clock=clock)
+    fake.script = [500]
+    with pytest.raises(ProviderUnavailable):
+        await provider.lookup(key=booking_id())
+    clock.now += 1
+    fake.delay = 0.05
+    fake.script = [503]
+    seen = len(fake.requests)
+    results = await asyncio.gather(
+        *(provider.lookup(key=booking_id()) for _ in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, ProviderUnavailable) for r in results)
+    assert len(fake.requests) == seen + 1  # the trial alone reached the provider
+    assert circuit() == OPEN
 
 
 async def test_declines_do_not_open_the_breaker(fake, make_stripe):

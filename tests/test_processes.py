@@ -74,6 +74,8 @@ def test_migrate_twice_then_serve(settings, fresh_url):
             "cannot reach PostgreSQL at 127.0.0.1:1",
         ),
         ({"BILTEN_REDIS_URL": "redis://127.0.0.1:1/0"}, 1, "cannot reach Redis at 127.0.0.1:1"),
+        # A forgotten setting must not sell tickets for fake cards in production.
+        ({"BILTEN_PAYMENT_PROVIDER": ""}, 2, "BILTEN_PAYMENT_PROVIDER must be set"),
     ],
 )
 def test_bad_configuration_exits_with_one_clear_line(settings, env, status, fragment):

@@ -6,8 +6,10 @@ same answer. Retrying a charge is safe because providers are idempotent by key.
 
 The breaker counts consecutive failed attempts. At the threshold it opens: calls fail at once
 with :class:`ProviderUnavailable` for the cooldown, sparing a struggling provider and the
-callers' time. After the cooldown one trial call goes through (half-open): success closes the
-breaker, failure opens it for another cooldown. Declines are answers, not failures.
+callers' time. After the cooldown one trial call goes through (half-open) while the others wait
+for its answer, up to one call's timeout: success closes the breaker and lets them through,
+failure opens it for another cooldown and fails them. Declines (card errors included) are
+answers, not failures: a buyer's card can never switch sales off.
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ class Breaker:
         threshold: int = 5,
         cooldown: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        hold: float = 10.0,
     ) -> None:
         self.name = name
         self.threshold = threshold
         self.cooldown = cooldown
+        self.hold = hold  # how long calls wait for a half-open trial's answer
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
-        self._trial = False  # a half-open trial call is under way
+        self._trial: asyncio.Event | None = None  # set when the trial under way has an answer
         metrics.PAYMENT_CIRCUIT.labels(name).set(CLOSED)
 
     @property
@@ -60,28 +64,41 @@ class Breaker:
             return CLOSED
         return HALF_OPEN if self._clock() - self._opened_at >= self.cooldown else OPEN
 
-    def allow(self) -> bool:
-        state = self.state
-        if state == CLOSED:
-            return True
-        if state == OPEN or self._trial:
-            return False
-        self._trial = True
-        metrics.PAYMENT_CIRCUIT.labels(self.name).set(HALF_OPEN)
-        return True
+    async def allow(self) -> bool:
+        """Closed: go. Open: fail at once. Half-open: the first caller is the trial; the others
+        wait for its answer (up to :attr:`hold` seconds) and follow it."""
+        while True:
+            state = self.state
+            if state == CLOSED:
+                return True
+            if state == OPEN:
+                return False
+            if self._trial is None:
+                self._trial = asyncio.Event()
+                metrics.PAYMENT_CIRCUIT.labels(self.name).set(HALF_OPEN)
+                return True
+            try:
+                await asyncio.wait_for(self._trial.wait(), self.hold)
+            except TimeoutError:
+                return False
+
+    def _trial_ended(self) -> None:
+        if self._trial is not None:
+            self._trial.set()
+            self._trial = None
 
     def succeeded(self) -> None:
         if self._opened_at is not None:
             log.info("payment provider %s answers again: circuit closed", self.name)
         self._failures = 0
         self._opened_at = None
-        self._trial = False
+        self._trial_ended()
         metrics.PAYMENT_CIRCUIT.labels(self.name).set(CLOSED)
 
     def failed(self) -> None:
         self._failures += 1
         was_open = self._opened_at is not None
-        self._trial = False
+        self._trial_ended()
         if was_open or self._failures >= self.threshold:
             if not was_open:
                 log.warning(
@@ -95,7 +112,7 @@ class Breaker:
 
     def abandoned(self) -> None:
         """An attempt ended without an answer (cancelled): let another call be the trial."""
-        self._trial = False
+        self._trial_ended()
 
 
 class ResilientProvider:
@@ -120,7 +137,7 @@ class ResilientProvider:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.breaker = Breaker(
-            inner.name, threshold=failure_threshold, cooldown=cooldown, clock=clock
+            inner.name, threshold=failure_threshold, cooldown=cooldown, clock=clock, hold=timeout
         )
 
     async def charge(self, *, key: str, amount_cents: int, currency: str, token: str) -> Charge:
@@ -148,7 +165,7 @@ class ResilientProvider:
     async def _call(self, operation: str, attempt: Callable[[], Awaitable[T]]) -> T:
         calls = metrics.PAYMENT_CALLS
         for number in range(self.retries + 1):
-            if not self.breaker.allow():
+            if not await self.breaker.allow():
                 calls.labels(self.name, operation, "circuit_open").inc()
                 raise ProviderUnavailable(f"payment provider {self.name}: circuit open")
             started = time.perf_counter()

@@ -22,4 +22,3 @@ CREATE TABLE refunds (
 );
 
 CREATE INDEX refunds_due ON refunds (next_at) WHERE status = 'pending';
-CREATE INDEX refunds_by_event ON refunds (booking_id) INCLUDE (status, amount_cents);

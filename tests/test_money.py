@@ -1,0 +1,258 @@
+"""Money rules: who may cancel, refunds as durable intent, charges whose outcome was unknown."""
+
+import asyncio
+import signal
+import time
+import uuid
+
+import httpx
+import pytest
+
+from bilten import db, keys
+from bilten.sagas import recovery
+from tests.catalog_helpers import PASSWORD
+from tests.test_bookings import book, buyer, on_fake_stripe, published_event
+from tests.test_catalog import running
+from tests.test_payments import FakeStripe
+
+
+async def ledger(redis, booking_id):
+    return {
+        k.decode(): v.decode()
+        for k, v in (await redis.hgetall(keys.test_payment(booking_id))).items()
+    }
+
+
+async def check_in(client, organizer, code):
+    return await client.post("/tickets/check-in", headers=organizer, json={"code": code})
+
+
+async def test_a_used_ticket_is_never_refunded_by_its_buyer(client, redis):
+    event_id, seats, _, organizer = await published_event(client)
+    auth = await buyer(client)
+    booked = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:2]})).json()
+    booking = booked["booking"]
+    assert (await check_in(client, organizer, booking["tickets"][0]["code"])).status_code == 200
+    refused = await client.post(f"/bookings/{booking['id']}/cancel", headers=auth)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["details"]["reason"] == "checked_in"
+    found = (await client.get(f"/bookings/{booking['id']}", headers=auth)).json()
+    assert found["status"] == "confirmed" and found["payment"]["status"] == "succeeded"
+    assert (await ledger(redis, booking["id"]))["status"] == "succeeded"  # the money is kept
+
+
+async def test_no_cancel_once_the_event_has_begun_and_no_second_cancel(client, database_url):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    first = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()
+    second = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[1:2]})).json()
+    done = await client.post(f"/bookings/{first['booking']['id']}/cancel", headers=auth)
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "cancelled"
+    assert done.json()["payment"]["status"] == "refunded"
+    again = await client.post(f"/bookings/{first['booking']['id']}/cancel", headers=auth)
+    assert again.status_code == 409
+    assert again.json()["error"]["details"]["reason"] == "already_cancelled"
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE events SET starts_at = now() - interval '1 minute' WHERE id = $1", event_id
+        )
+    finally:
+        await conn.close()
+    late = await client.post(f"/bookings/{second['booking']['id']}/cancel", headers=auth)
+    assert late.status_code == 409
+    assert late.json()["error"]["details"]["reason"] == "event_started"
+
+
+async def test_a_cancel_and_a_check_in_of_one_ticket_never_both_win(client, redis):
+    event_id, seats, _, organizer = await published_event(client, rows=2, per_row=10)
+    outcomes = []
+    for seat in seats[:12]:
+        auth = await buyer(client)
+        booking = (await book(client, auth, {"event_id": event_id, "seat_ids": [seat]})).json()[
+            "booking"
+        ]
+        cancel, scan = await asyncio.gather(
+            client.post(f"/bookings/{booking['id']}/cancel", headers=auth),
+            check_in(client, organizer, booking["tickets"][0]["code"]),
+        )
+        won = (cancel.status_code == 200, scan.status_code == 200)
+        assert won in ((True, False), (False, True)), (cancel.text, scan.text)
+        ticket = (await client.get(f"/tickets/{booking['tickets'][0]['id']}", headers=auth)).json()
+        money = await ledger(redis, booking["id"])
+        if won[0]:  # cancelled: the ticket is void, the money back
+            assert scan.status_code == 404
+            assert ticket["status"] == "void" and money["status"] == "refunded"
+        else:  # in the hall: the money is kept
+            assert cancel.json()["error"]["details"]["reason"] == "checked_in"
+            assert ticket["status"] == "checked_in" and money["status"] == "succeeded"
+        outcomes.append(won)
+    print(f"cancel won {sum(c for c, _ in outcomes)}, check-in won {sum(s for _, s in outcomes)}")
+
+
+async def test_an_organizer_cancelling_the_event_refunds_even_used_tickets(client, redis):
+    event_id, seats, _, organizer = await published_event(client)
+    auth = await buyer(client)
+    booking = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
+        "booking"
+    ]
+    assert (await check_in(client, organizer, booking["tickets"][0]["code"])).status_code == 200
+    assert (await client.post(f"/events/{event_id}/cancel", headers=organizer)).status_code == 200
+    deadline = time.monotonic() + 10
+    while (found := (await client.get(f"/bookings/{booking['id']}", headers=auth)).json())[
+        "payment"
+    ]["status"] != "refunded":
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.1)
+    assert found["status"] == "cancelled"
+    assert (await ledger(redis, booking["id"]))["status"] == "refunded"
+    stats = (await client.get(f"/events/{event_id}/stats", headers=organizer)).json()
+    assert stats["refunds"] == {"count": 1, "amount_cents": 4500, "pending": 0, "dead": 0}
+
+
+async def test_a_refund_the_provider_cannot_make_now_is_made_later(settings):
+    """Cancelled while Stripe answers 500: the booking is cancelled at once (refunding), and the
+    refund worker makes the refund once Stripe answers again."""
+    async with FakeStripe() as fake, running(on_fake_stripe(settings, fake, 1.0)) as (app, c):
+        event_id, seats, _, organizer = await published_event(c)
+        auth = await buyer(c)
+        booking = (await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
+            "booking"
+        ]
+        fake.always = 500
+        cancelled = await c.post(f"/bookings/{booking['id']}/cancel", headers=auth)
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        assert cancelled.json()["payment"]["status"] == "refunding"
+        assert fake.refunds == []
+        row = await app.state.db.fetchrow(
+            "SELECT status, attempts, last_error FROM refunds WHERE booking_id = $1", booking["id"]
+        )
+        assert row["status"] == "pending" and row["attempts"] == 1 and "500" in row["last_error"]
+        fake.always = None
+        await app.state.db.execute("UPDATE refunds SET next_at = now()")  # its pause is over
+        assert await recovery.run_once(app.state) >= 1
+        found = (await c.get(f"/bookings/{booking['id']}", headers=auth)).json()
+        assert found["payment"]["status"] == "refunded"
+        assert len(fake.refunds) == 1
+        stats = (await c.get(f"/events/{event_id}/stats", headers=organizer)).json()
+        assert stats["refunds"]["count"] == 1 and stats["refunds"]["pending"] == 0
+
+
+async def test_a_timeout_then_the_charge_is_found_confirmed_never_failed_with_money(settings):
+    """Stripe takes the money but answers after the client's timeout: the retry with the same
+    key replays the charge, and the booking is confirmed, charged once."""
+    async with FakeStripe() as fake:
+        own = on_fake_stripe(settings, fake, 30).replace(payment_timeout=0.5, payment_retries=2)
+        async with running(own) as (_, c):
+            event_id, seats, _, _ = await published_event(c)
+            auth = await buyer(c)
+            fake.late_by = 1.0
+            fake.script = ["late"]
+            response = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+            assert response.status_code == 201, response.text
+            assert len(fake.intents) == 1 and len(fake.charges()) == 2
+
+
+async def test_a_charge_found_late_for_a_failed_booking_is_refunded(settings, monkeypatch):
+    """No retry, the provider's answer lost and its search index behind: the booking fails
+    (its payment unknown), the lookups find nothing at first, then find the charge, and it is
+    refunded. The buyer never keeps paying for nothing."""
+    monkeypatch.setattr(recovery, "SETTLE_EVERY", 0)
+    async with FakeStripe() as fake:
+        own = on_fake_stripe(settings, fake, 0.2).replace(payment_timeout=0.5)
+        async with running(own.replace(roles=frozenset({"api", "workers"}))) as (app, c):
+            event_id, seats, _, _ = await published_event(c)
+            auth = await buyer(c)
+            fake.late_by = 1.0
+            fake.search_lag = 2.0
+            fake.script = ["late"] + [500] * 3  # the charge is made; its answer never comes
+            response = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+            assert response.status_code == 503, response.text
+            booking_id = response.json()["error"]["details"]["booking_id"]
+            assert len(fake.intents) == 1  # money was taken
+            deadline = time.monotonic() + 20
+            while not fake.refunds:
+                assert time.monotonic() < deadline, "the charge was never refunded"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)
+            row = await app.state.db.fetchrow(
+                "SELECT saga_state, payment_status, payment_unsettled FROM bookings WHERE id = $1",
+                booking_id,
+            )
+            assert row["saga_state"] == "FAILED"
+            assert row["payment_status"] == "refunded" and not row["payment_unsettled"]
+            assert len(fake.refunds) == 1
+
+
+async def test_twenty_failing_cards_do_not_slow_anyone_else(settings):
+    """tok_processingError is the buyer's card failing, not the provider: twenty of them among
+    forty ordinary buyers leave the breaker closed and every ordinary booking confirmed."""
+    async with running(settings) as (app, c):
+        event_id, seats, _, _ = await published_event(c, rows=6, per_row=10)
+        buyers = [await buyer(c) for _ in range(60)]
+        tokens = ["tok_processingError"] * 20 + ["tok_visa"] * 40
+        answers = await asyncio.gather(
+            *(
+                c.post(
+                    "/bookings",
+                    json={
+                        "event_id": event_id,
+                        "seat_ids": [seats[n]],
+                        "payment": {"method": "card", "token": token},
+                    },
+                    headers={**auth, "Idempotency-Key": uuid.uuid4().hex, "Prefer": "wait=20"},
+                )
+                for n, (auth, token) in enumerate(zip(buyers, tokens, strict=True))
+            )
+        )
+        failing, ordinary = answers[:20], answers[20:]
+        assert [a.status_code for a in ordinary] == [201] * 40
+        assert {a.json()["error"]["details"]["decline_code"] for a in failing} == {
+            "processing_error"
+        }
+        assert app.state.payments.breaker.state == 0  # closed
+
+
+@pytest.mark.slow
+async def test_an_instance_killed_between_the_cancel_and_its_refund(spawn_server, redis):
+    """kill -9 of the instance while the refund call is under way (the cancel has committed):
+    another instance's refund worker makes the refund, once."""
+    env = {
+        "BILTEN_TEST_PAYMENT_LATENCY_MS": "1500",
+        "BILTEN_PAYMENT_TIMEOUT": "2",
+        "BILTEN_PAYMENT_RETRIES": "0",
+        "BILTEN_LIMIT_REGISTER_IP": "0/60",
+        "BILTEN_LIMIT_API_IP": "0/60",
+        "BILTEN_ARGON2_MEMORY_KIB": "1024",
+        "BILTEN_ARGON2_TIME_COST": "1",
+    }
+    a = spawn_server(**env)
+    async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
+        event_id, seats, _, _ = await published_event(on_a)
+        email = f"kill-{uuid.uuid4().hex[:8]}@x.com"
+        registered = await on_a.post(
+            "/auth/register", json={"email": email, "password": PASSWORD, "name": email}
+        )
+        auth = {"Authorization": f"Bearer {registered.json()['access_token']}"}
+        booking = (await book(on_a, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
+            "booking"
+        ]
+        cancel = asyncio.ensure_future(on_a.post(f"/bookings/{booking['id']}/cancel", headers=auth))
+        await asyncio.sleep(0.7)  # committed; the refund call sleeps 1.5 s in the provider
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait()
+        with pytest.raises(httpx.HTTPError):
+            await cancel
+    b = spawn_server(**env)
+    async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+        deadline = time.monotonic() + 30
+        while (found := (await on_b.get(f"/bookings/{booking['id']}", headers=auth)).json())[
+            "payment"
+        ]["status"] != "refunded":
+            assert found["status"] == "cancelled" and found["payment"]["status"] == "refunding"
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.3)
+    money = await ledger(redis, booking["id"])
+    assert money["status"] == "refunded" and money["refund_id"]  # one ledger entry, refunded
