@@ -256,3 +256,29 @@ async def test_an_instance_killed_between_the_cancel_and_its_refund(spawn_server
             await asyncio.sleep(0.3)
     money = await ledger(redis, booking["id"])
     assert money["status"] == "refunded" and money["refund_id"]  # one ledger entry, refunded
+
+
+async def test_a_charge_that_is_not_the_bookings_amount_confirms_nothing(settings, redis):
+    """A provider answer that took another amount (a bug, a tampered webhook): the booking
+    fails, its seats go back, and what was taken is refunded."""
+    from bilten.sagas import batch
+    from bilten.sagas.finish import finish
+    from tests.test_bookings import queued
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (app, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        answer = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
+        booking_id = answer.json()["request_id"]
+        await batch.begin_batch(app.state, await queued(app.state, event_id))  # reserved
+        wrong = await app.state.payments.charge(
+            key=booking_id, amount_cents=1, currency="EUR", token="tok_visa"
+        )
+        outcome = (await finish(app.state, {booking_id: wrong}))[booking_id]
+        assert outcome.state == "FAILED"
+        assert outcome.error.details["decline_code"] == "charge_mismatch"
+        found = (await c.get(f"/bookings/{booking_id}", headers=auth)).json()
+        assert found["status"] == "failed" and found["payment"]["status"] == "refunded"
+        assert (await ledger(redis, booking_id))["status"] == "refunded"
+        map_ = (await c.get(f"/events/{event_id}/seats")).json()["seats"]
+        assert next(s["status"] for s in map_ if s["id"] == seats[0]) == "available"
