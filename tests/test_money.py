@@ -282,3 +282,36 @@ async def test_a_charge_that_is_not_the_bookings_amount_confirms_nothing(setting
         assert (await ledger(redis, booking_id))["status"] == "refunded"
         map_ = (await c.get(f"/events/{event_id}/seats")).json()["seats"]
         assert next(s["status"] for s in map_ if s["id"] == seats[0]) == "available"
+
+
+async def test_a_refund_the_provider_refuses_is_dead_and_shown(client, database_url):
+    """Given up at once when the provider refuses it (here: a payment it does not know), and
+    visible to the organizer and in the metrics, with the reason kept."""
+    from prometheus_client import REGISTRY
+
+    event_id, seats, _, organizer = await published_event(client)
+    auth = await buyer(client)
+    booking = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
+        "booking"
+    ]
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE bookings SET payment_id = 'tpay_unknown' WHERE id = $1", booking["id"]
+        )
+        cancelled = await client.post(f"/bookings/{booking['id']}/cancel", headers=auth)
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["payment"]["status"] == "refunding"
+        row = await conn.fetchrow(
+            "SELECT status, last_error FROM refunds WHERE booking_id = $1", booking["id"]
+        )
+    finally:
+        await conn.close()
+    assert row["status"] == "dead" and "no_such_payment" in row["last_error"]
+    stats = (await client.get(f"/events/{event_id}/stats", headers=organizer)).json()
+    assert stats["refunds"]["dead"] == 1 and stats["refunds"]["count"] == 0
+    from bilten import refunds
+
+    assert refunds.MAX_ATTEMPTS > 1
+    dead = REGISTRY.get_sample_value("bilten_refunds_total", {"outcome": "dead"})
+    assert dead is not None and dead >= 1
