@@ -162,6 +162,10 @@ def make_server(
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # X-Forwarded-For is believed only from the proxies named in BILTEN_TRUSTED_PROXIES
+        # (walking it back from the nearest hop): otherwise any client could pick its own IP.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or None,
         # Compression would cost a zlib context per socket and one deflate per message per
         # socket, where the hub sends the same bytes to everyone.
         ws_per_message_deflate=False,

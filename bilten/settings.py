@@ -7,6 +7,7 @@ result down explicitly.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -89,6 +90,9 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client; none: the peer
+    # of the socket is the client, and forwarded headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
     host: str = "127.0.0.1"  # where serve and dev listen unless --host says otherwise
     port: int = 8000
     roles: frozenset[str] = ROLES
@@ -161,6 +165,20 @@ def parse_roles(raw: str) -> frozenset[str]:
     return roles
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated addresses or networks (CIDR), each checked."""
+    found = []
+    for item in env.get(name, "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingsError(f"{name}: {item!r} is not an address or a network") from None
+    return tuple(found)
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     level = env.get("BILTEN_LOG_LEVEL", "INFO").upper()
@@ -227,6 +245,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_level=level,
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),
+        trusted_proxies=_networks(env, "BILTEN_TRUSTED_PROXIES"),
         host=env.get("BILTEN_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "BILTEN_PORT", 8000, minimum=1),
         roles=parse_roles(env.get("BILTEN_ROLES", "api,realtime,workers")),
