@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "bilten"
 INSTANCES = f"{PREFIX}:instances"  # sorted set: instance id -> last heartbeat (unix time)
 
@@ -9,6 +11,12 @@ INSTANCES = f"{PREFIX}:instances"  # sorted set: instance id -> last heartbeat (
 def instance(instance_id: str) -> str:
     """Hash describing one live instance; expires unless its heartbeat renews it."""
     return f"{PREFIX}:instance:{instance_id}"
+
+
+def login_known(email: str, ip: str) -> str:
+    """Set when ``email`` signed in from ``ip``: that address is spared the per-email ceiling."""
+    digest = hashlib.sha256(f"{email}|{ip}".encode()).hexdigest()[:32]
+    return f"{PREFIX}:login-known:{digest}"
 
 
 def rate_limit(name: str, subject: str) -> str:

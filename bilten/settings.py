@@ -51,8 +51,11 @@ class Settings:
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 64 * 1024
     argon2_parallelism: int = 2
-    limit_login_email: Rate = Rate(5, 60)
+    limit_login_email_ip: Rate = Rate(5, 60)  # failed logins of one email from one address
     limit_login_ip: Rate = Rate(30, 60)
+    # Failed logins of one email from everywhere: slower and higher, and not applied to an
+    # address this account signed in from before, so that strangers cannot lock its owner out.
+    limit_login_email: Rate = Rate(100, 3600)
     limit_register_ip: Rate = Rate(20, 3600)
     limit_forgot_email: Rate = Rate(3, 3600)
     limit_api_ip: Rate = Rate(1200, 60)
@@ -210,7 +213,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         argon2_time_cost=_int(env, "BILTEN_ARGON2_TIME_COST", 3, minimum=1),
         argon2_memory_kib=_int(env, "BILTEN_ARGON2_MEMORY_KIB", 64 * 1024, minimum=1024),
         argon2_parallelism=_int(env, "BILTEN_ARGON2_PARALLELISM", 2, minimum=1),
-        limit_login_email=_rate(env, "BILTEN_LIMIT_LOGIN_EMAIL", Rate(5, 60)),
+        limit_login_email_ip=_rate(env, "BILTEN_LIMIT_LOGIN_EMAIL_IP", Rate(5, 60)),
+        limit_login_email=_rate(env, "BILTEN_LIMIT_LOGIN_EMAIL", Rate(100, 3600)),
         limit_login_ip=_rate(env, "BILTEN_LIMIT_LOGIN_IP", Rate(30, 60)),
         limit_register_ip=_rate(env, "BILTEN_LIMIT_REGISTER_IP", Rate(20, 3600)),
         limit_forgot_email=_rate(env, "BILTEN_LIMIT_FORGOT_EMAIL", Rate(3, 3600)),

@@ -326,17 +326,50 @@ async def test_password_is_rehashed_when_parameters_change(settings, client):
 
 
 @contextlib.asynccontextmanager
-async def app_client(settings):
+async def app_client(settings, *others):
+    """A client of a new instance, and one more for each address in ``others`` (clients seen
+    from those addresses)."""
     from asgi_lifespan import LifespanManager
     from httpx import ASGITransport, AsyncClient
 
     from bilten.app import create_app
 
-    async with LifespanManager(create_app(settings)) as manager:
-        async with AsyncClient(
-            transport=ASGITransport(app=manager.app), base_url="http://bilten.test"
-        ) as c:
-            yield c
+    async with LifespanManager(create_app(settings)) as manager, contextlib.AsyncExitStack() as s:
+        made = []
+        for address in ("127.0.0.1", *others):
+            transport = ASGITransport(app=manager.app, client=(address, 40000))
+            made.append(
+                await s.enter_async_context(
+                    AsyncClient(transport=transport, base_url="http://bilten.test")
+                )
+            )
+        yield made[0] if not others else made
+
+
+async def test_a_stranger_guessing_cannot_lock_the_owner_out(settings):
+    async with app_client(settings, "10.0.0.7", "10.0.0.66") as (_, owner, stranger):
+        assert (await register(owner, email="own@example.com")).status_code == 201
+        guesses = [
+            (await login(stranger, email="own@example.com", password=f"guess-{n}-xxxx")).status_code
+            for n in range(10)
+        ]
+        assert guesses == [401] * 5 + [429] * 5
+        assert (await login(owner, email="own@example.com")).status_code == 200
+
+
+async def test_the_per_email_ceiling_spares_addresses_the_owner_used(settings):
+    tight = settings.replace(limit_login_email=Rate(6, 3600))
+    strangers = [f"10.0.1.{n}" for n in range(4)]
+    async with app_client(tight, "10.0.0.7", "10.0.0.8", *strangers) as clients:
+        _, home, travel, *attackers = clients
+        assert (await register(home, email="own@example.com")).status_code == 201
+        assert (await login(home, email="own@example.com")).status_code == 200  # known now
+        for attacker in attackers:  # 3 each, under the per-address limit, 12 for the email
+            for n in range(3):
+                await login(attacker, email="own@example.com", password=f"guess-{n}-xxxx")
+        # A new address meets the ceiling; the address the owner signed in from does not.
+        assert (await login(travel, email="own@example.com")).status_code == 429
+        assert (await login(home, email="own@example.com")).status_code == 200
 
 
 async def test_registrations_are_limited_per_ip(settings):

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import credentials, mail, openapi, passwords, ratelimit, security, tokens, users
+from bilten import credentials, keys, mail, openapi, passwords, ratelimit, security, tokens, users
 from bilten.errors import ApiError
 from bilten.state import State, state
 from bilten.users import User
@@ -19,6 +19,7 @@ from bilten.wire import JSONResponse, Struct, read_json
 log = logging.getLogger(__name__)
 
 VERIFY_TTL = 24 * 3600
+KNOWN_ADDRESS_TTL = 90 * 24 * 3600
 RESET_TTL = 3600
 
 Email = Annotated[str, msgspec.Meta(max_length=254, pattern=r"^\s*[^@\s]+@[^@\s]+\.[^@\s]+\s*$")]
@@ -145,12 +146,19 @@ async def login(request: Request) -> Response:
     app = state(request)
     body = await read_json(request, LoginBody)
     email = users.normalise_email(body.email)
+    ip = client_ip(request)
     # Each attempt is counted before the password is checked, so parallel guesses cannot slip
-    # past the limit; a successful attempt is refunded, leaving only failures counted.
-    limits = (
-        ("login_email", email, app.settings.limit_login_email),
-        ("login_ip", client_ip(request), app.settings.limit_login_ip),
-    )
+    # past the limit; a successful attempt is refunded, leaving only failures counted. Failures
+    # count per email and address, per address, and, slower, per email from everywhere: that
+    # last ceiling spares addresses the account signed in from before, so that strangers
+    # guessing its password cannot lock its owner out.
+    known = keys.login_known(email, ip)
+    limits = [
+        ("login_email_ip", f"{email}|{ip}", app.settings.limit_login_email_ip),
+        ("login_ip", ip, app.settings.limit_login_ip),
+    ]
+    if not await app.redis.exists(known):
+        limits.append(("login_email", email, app.settings.limit_login_email))
     outcomes = [await ratelimit.hit(app.redis, *limit) for limit in limits]
     denied = [o for o in outcomes if not o.allowed]
     if denied:
@@ -166,6 +174,7 @@ async def login(request: Request) -> Response:
         session = await _session(app, conn, user)
     for limit in limits:
         await ratelimit.hit(app.redis, *limit, amount=-1)
+    await app.redis.set(known, 1, ex=KNOWN_ADDRESS_TTL)
     return JSONResponse(session)
 
 
