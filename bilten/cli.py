@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import getpass
 import logging
 import os
 import secrets
@@ -346,25 +347,42 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_seed_demo(settings))
 
 
+def _read_password() -> str:
+    """From a prompt (asked twice) on a terminal, else the first line of standard input: never
+    from the command line, which other users of the machine can read."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != first:
+            raise Fatal("the passwords differ", 2)
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
 def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> None:
     from bilten import passwords, users
+    from bilten.errors import ApiError
 
     _require_urls_db(settings)
-    if not passwords.MIN_LENGTH <= len(args.password) <= passwords.MAX_LENGTH:
+    password = _read_password()
+    if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
         raise Fatal(
             f"the password must be {passwords.MIN_LENGTH} to {passwords.MAX_LENGTH} characters", 2
         )
+    try:
+        email = users.valid_email(args.email)
+    except ApiError as exc:
+        raise Fatal(exc.message, 2) from None
 
     async def create() -> str:
-        password_hash = await passwords.from_settings(settings).hash(args.password)
+        password_hash = await passwords.from_settings(settings).hash(password)
         conn = await db.connect(settings.database_url)
         try:
             async with conn.transaction():
-                found = await users.credentials(conn, args.email)
+                found = await users.credentials(conn, email)
                 if found is None:
                     user = await users.create(
                         conn,
-                        email=args.email,
+                        email=email,
                         password_hash=password_hash,
                         name=args.name,
                         role="admin",
@@ -436,10 +454,11 @@ def parser() -> argparse.ArgumentParser:
         "create-admin",
         help="create an admin account, or make an existing account an admin",
         description="Admins are made only here, never through the API. An existing account "
-        "with this email becomes an admin and gets the given password.",
+        "with this email becomes an admin and gets the given password. The password (10 to "
+        "256 characters) is asked for on a terminal, else read from the first line of "
+        "standard input; never given on the command line.",
     )
     admin.add_argument("--email", required=True)
-    admin.add_argument("--password", required=True, help="10 to 256 characters")
     admin.add_argument("--name", default="Administrator")
     admin.set_defaults(run=cmd_create_admin)
     return top

@@ -112,6 +112,27 @@ async def issue_one_time(conn: Connection, user_id: str, purpose: str, ttl: int)
     return token
 
 
+async def one_time_user(conn: Connection, token: str, purpose: str) -> str | None:
+    """The user of a one-time token still good to use, without spending it."""
+    user_id: str | None = await conn.fetchval(
+        """SELECT user_id::text FROM user_tokens
+           WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()""",
+        tokens.digest(token),
+        purpose,
+    )
+    return user_id
+
+
+async def spend_all(conn: Connection, user_id: str, purpose: str) -> None:
+    """Spend every outstanding token of ``purpose`` of the user."""
+    await conn.execute(
+        """UPDATE user_tokens SET used_at = now()
+           WHERE user_id = $1 AND purpose = $2 AND used_at IS NULL""",
+        user_id,
+        purpose,
+    )
+
+
 async def use_one_time(conn: Connection, token: str, purpose: str) -> str | None:
     """Spend a one-time token; the user's id, or None when unknown, used or expired."""
     user_id: str | None = await conn.fetchval(

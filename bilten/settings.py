@@ -58,6 +58,8 @@ class Settings:
     limit_login_email: Rate = Rate(100, 3600)
     limit_register_ip: Rate = Rate(20, 3600)
     limit_forgot_email: Rate = Rate(3, 3600)
+    limit_forgot_ip: Rate = Rate(20, 3600)
+    limit_reset_ip: Rate = Rate(20, 3600)
     limit_api_ip: Rate = Rate(1200, 60)
     smtp_url: str = dataclasses.field(default="", repr=False)
     mail_from: str = "Bilten <no-reply@bilten.localhost>"
@@ -218,6 +220,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         limit_login_ip=_rate(env, "BILTEN_LIMIT_LOGIN_IP", Rate(30, 60)),
         limit_register_ip=_rate(env, "BILTEN_LIMIT_REGISTER_IP", Rate(20, 3600)),
         limit_forgot_email=_rate(env, "BILTEN_LIMIT_FORGOT_EMAIL", Rate(3, 3600)),
+        limit_forgot_ip=_rate(env, "BILTEN_LIMIT_FORGOT_IP", Rate(20, 3600)),
+        limit_reset_ip=_rate(env, "BILTEN_LIMIT_RESET_IP", Rate(20, 3600)),
         limit_api_ip=_rate(env, "BILTEN_LIMIT_API_IP", Rate(1200, 60)),
         smtp_url=_url(env, ("BILTEN_SMTP_URL",), ("smtp", "smtps")),
         mail_from=env.get("BILTEN_MAIL_FROM", "") or "Bilten <no-reply@bilten.localhost>",

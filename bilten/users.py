@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import email_validator
 import msgspec
 
 from bilten.db import Connection
@@ -51,7 +52,25 @@ ADDRESS_FIELDS = ("label", "line1", "line2", "city", "region", "postal_code", "c
 
 
 def normalise_email(email: str) -> str:
+    """The form an address is stored and looked up in (for sign-in, where it is not judged)."""
     return email.strip().lower()
+
+
+def valid_email(raw: str, field: str = "email") -> str:
+    """An address checked by email-validator (syntax, no list characters, no reserved domain
+    but ``.test``) and normalised; 422 naming ``field`` otherwise. Deliverability is not
+    checked: that would need DNS at sign-up, and the verification mail proves it anyway."""
+    try:
+        checked = email_validator.validate_email(
+            raw.strip(), check_deliverability=False, test_environment=True
+        )
+    except email_validator.EmailNotValidError as exc:
+        raise ApiError(
+            "validation_error",
+            f"{field}: {exc}",
+            {"fields": [{"field": field, "message": str(exc)}]},
+        ) from None
+    return normalise_email(checked.normalized)
 
 
 def _user(row: Any) -> User:
@@ -63,7 +82,7 @@ async def create(conn: Connection, *, email: str, password_hash: str, name: str,
         row = await conn.fetchrow(
             f"""INSERT INTO users (email, password_hash, name, role) VALUES ($1, $2, $3, $4)
                 RETURNING {USER}""",
-            normalise_email(email),
+            valid_email(email),
             password_hash,
             name,
             role,

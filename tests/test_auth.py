@@ -413,3 +413,56 @@ def test_a_verified_token_is_remembered_only_until_it_expires():
     with pytest.raises(tokens.InvalidToken):
         signer.verify("not.a.token")
     assert "not.a.token" not in signer.verified
+
+
+@pytest.mark.parametrize(
+    "email", ["victim@example.com,", "victim@example.com, other@example.com", "a b@x.com", "x@y"]
+)
+async def test_addresses_that_are_not_one_address_are_refused(client, email):
+    response = await register(client, email=email)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"]["fields"][0]["field"] == "email"
+    forgot = await client.post("/auth/forgot-password", json={"email": email})
+    assert forgot.status_code == 422
+
+
+async def test_a_made_up_reset_token_costs_no_hashing(client, monkeypatch):
+    from bilten.passwords import Passwords
+
+    hashed = []
+    original = Passwords.hash
+
+    async def counting(self, password):
+        hashed.append(password)
+        return await original(self, password)
+
+    monkeypatch.setattr(Passwords, "hash", counting)
+    for n in range(5):
+        response = await client.post(
+            "/auth/reset-password", json={"token": f"made-up-{n}", "password": "a new password"}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_token"
+    assert hashed == []
+
+
+async def test_reset_attempts_are_limited_per_ip(settings):
+    async with app_client(settings.replace(limit_reset_ip=Rate(3, 3600))) as c:
+        statuses = [
+            (
+                await c.post(
+                    "/auth/reset-password", json={"token": f"t{n}", "password": "a new password"}
+                )
+            ).status_code
+            for n in range(5)
+        ]
+    assert statuses == [400, 400, 400, 429, 429]
+
+
+async def test_forgot_is_limited_per_ip_across_emails(settings):
+    async with app_client(settings.replace(limit_forgot_ip=Rate(3, 3600))) as c:
+        statuses = [
+            (await c.post("/auth/forgot-password", json={"email": f"n{n}@example.com"})).status_code
+            for n in range(5)
+        ]
+    assert statuses == [202, 202, 202, 429, 429]

@@ -143,3 +143,23 @@ async def test_forgot_password_is_rate_limited_per_email(mailbox):
         for _ in range(5)
     ]
     assert statuses == [202, 202, 202, 429, 429]
+
+
+async def test_a_reset_spends_every_other_reset_token(mailbox):
+    client, inbox = mailbox
+    await register(client)
+    await next_mail(inbox, 1)
+    for _ in range(2):
+        forgot = await client.post("/auth/forgot-password", json={"email": "ann@example.com"})
+        assert forgot.status_code == 202
+    await next_mail(inbox, 3)
+    first, second = (token_in(m) for m in inbox.messages[1:3])
+    assert first != second
+    used = await client.post(
+        "/auth/reset-password", json={"token": second, "password": NEW_PASSWORD}
+    )
+    assert used.status_code == 204
+    stale = await client.post(
+        "/auth/reset-password", json={"token": first, "password": "yet another password"}
+    )
+    assert stale.status_code == 400

@@ -20,7 +20,7 @@ from tests.procs import children, still_alive
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args, env, timeout=60):
+def run_cli(*args, env, timeout=60, stdin=""):
     return subprocess.run(
         [sys.executable, "-m", "bilten", *args],
         env=env,
@@ -28,6 +28,7 @@ def run_cli(*args, env, timeout=60):
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )
 
 
@@ -235,8 +236,9 @@ def test_dev_as_root_never_loosens_a_private_folder(shared_tmp):
 
 async def test_create_admin_then_sign_in_as_admin(settings, client):
     env = server_env(settings, BILTEN_ARGON2_MEMORY_KIB="1024", BILTEN_ARGON2_TIME_COST="1")
-    args = ("create-admin", "--email", "Root@Example.com", "--password", "admin password 1")
-    result = await asyncio.to_thread(run_cli, *args, env=env)
+    args = ("create-admin", "--email", "Root@Example.com")
+    # The password comes on standard input, never on the command line.
+    result = await asyncio.to_thread(run_cli, *args, env=env, stdin="admin password 1\n")
     assert result.returncode == 0, result.stderr
     assert "created admin root@example.com" in result.stdout
     login = await client.post(
@@ -246,19 +248,21 @@ async def test_create_admin_then_sign_in_as_admin(settings, client):
     assert login.json()["user"]["role"] == "admin"
     # Again: an existing account is promoted and gets the new password.
     again = await asyncio.to_thread(
-        run_cli,
-        "create-admin",
-        "--email",
-        "root@example.com",
-        "--password",
-        "another password",
-        env=env,
+        run_cli, "create-admin", "--email", "root@example.com", env=env, stdin="another password"
     )
     assert again.returncode == 0 and "made root@example.com an admin" in again.stdout
     short = await asyncio.to_thread(
-        run_cli, "create-admin", "--email", "x@example.com", "--password", "short", env=env
+        run_cli, "create-admin", "--email", "x@example.com", env=env, stdin="short\n"
     )
     assert short.returncode == 2 and "10 to 256" in short.stderr
+    listed = await asyncio.to_thread(
+        run_cli, "create-admin", "--email", "x@example.com,", env=env, stdin="long enough pw\n"
+    )
+    assert listed.returncode == 2 and "invalid characters" in listed.stderr
+    legacy = await asyncio.to_thread(
+        run_cli, "create-admin", "--email", "y@example.com", "--password", "on the line", env=env
+    )
+    assert legacy.returncode == 2  # there is no such option: a password is never an argument
 
 
 async def test_seed_demo_creates_a_published_event_once(settings, client):

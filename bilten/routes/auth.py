@@ -22,7 +22,7 @@ VERIFY_TTL = 24 * 3600
 KNOWN_ADDRESS_TTL = 90 * 24 * 3600
 RESET_TTL = 3600
 
-Email = Annotated[str, msgspec.Meta(max_length=254, pattern=r"^\s*[^@\s]+@[^@\s]+\.[^@\s]+\s*$")]
+Email = Annotated[str, msgspec.Meta(max_length=254)]  # then judged by email-validator
 Password = Annotated[
     str, msgspec.Meta(min_length=passwords.MIN_LENGTH, max_length=passwords.MAX_LENGTH)
 ]
@@ -259,21 +259,39 @@ async def verify_email(request: Request) -> Response:
 async def forgot_password(request: Request) -> Response:
     app = state(request)
     body = await read_json(request, EmailBody)
-    email = users.normalise_email(body.email)
+    email = users.valid_email(body.email)
+    await ratelimit.enforce(
+        app.redis, "forgot_ip", client_ip(request), app.settings.limit_forgot_ip
+    )
     await ratelimit.enforce(app.redis, "forgot_email", email, app.settings.limit_forgot_email)
-    async with app.db.acquire() as conn, conn.transaction():
-        found = await users.credentials(conn, email)
-        if found is not None:
-            await _mail_token(
-                app,
-                conn,
-                found[0],
-                credentials.RESET_PASSWORD,
-                RESET_TTL,
-                "password_reset",
-                "reset-password",
-            )
+    # One statement whether or not the account exists (the token and the mail are made only if
+    # it does): the answer takes the same time either way, and the mail is sent by the worker.
+    token, digest = tokens.opaque()
+    await app.db.execute(
+        _FORGOT,
+        email,
+        digest,
+        credentials.RESET_PASSWORD,
+        RESET_TTL,
+        f"password_reset:{digest.hex()[:24]}",
+        token,
+        f"{app.settings.public_url}/reset-password?token={token}",
+        RESET_TTL // 60,
+    )
     return JSONResponse(Accepted(), status_code=202)
+
+
+_FORGOT = """
+WITH u AS (SELECT id, email, name FROM users WHERE email = $1),
+t AS (
+    INSERT INTO user_tokens (token_hash, user_id, purpose, expires_at)
+    SELECT $2, id, $3, now() + make_interval(secs => $4) FROM u)
+INSERT INTO mail_jobs (job_key, template, recipient, context)
+SELECT $5, 'password_reset', u.email, jsonb_build_object(
+    'name', u.name, 'token', $6::text, 'link', $7::text, 'expires_minutes', $8::int)
+FROM u
+ON CONFLICT (job_key) DO NOTHING
+"""
 
 
 @openapi.endpoint(
@@ -286,16 +304,27 @@ async def forgot_password(request: Request) -> Response:
 async def reset_password(request: Request) -> Response:
     app = state(request)
     body = await read_json(request, ResetBody)
+    await ratelimit.enforce(app.redis, "reset_ip", client_ip(request), app.settings.limit_reset_ip)
+    # The token first: a made-up one costs an indexed read, never a password hash.
+    async with app.db.acquire() as conn:
+        user_id = await credentials.one_time_user(conn, body.token, credentials.RESET_PASSWORD)
+    if user_id is None:
+        raise INVALID_RESET
+    await ratelimit.enforce(app.redis, "reset_user", user_id, app.settings.limit_forgot_email)
     password_hash = await app.passwords.hash(body.password)
     async with app.db.acquire() as conn, conn.transaction():
-        user_id = await credentials.use_one_time(conn, body.token, credentials.RESET_PASSWORD)
-        if user_id is None:
-            raise ApiError("invalid_token", "The reset token is invalid or expired.")
+        if await credentials.use_one_time(conn, body.token, credentials.RESET_PASSWORD) is None:
+            raise INVALID_RESET  # spent meanwhile
         await users.set_password_hash(conn, user_id, password_hash)
         await credentials.revoke_all(conn, user_id)
+        # Every other reset token of the account is spent with it.
+        await credentials.spend_all(conn, user_id, credentials.RESET_PASSWORD)
         # Whoever reads the mail controls the address.
         await users.mark_verified(conn, user_id)
     return Response(status_code=204)
+
+
+INVALID_RESET = ApiError("invalid_token", "The reset token is invalid or expired.")
 
 
 routes = [
