@@ -141,7 +141,11 @@ def create_app(settings: Settings) -> Starlette:
     shortcut = [Middleware(Shortcut)] if "realtime" in settings.roles else []
     return Starlette(
         routes=routes.build(settings.roles),
-        middleware=[*shortcut, Middleware(RequestContext), Middleware(ApiBudget)],
+        middleware=[
+            *shortcut,
+            Middleware(RequestContext, hsts=settings.public_url.startswith("https://")),
+            Middleware(ApiBudget),
+        ],
         exception_handlers=errors.HANDLERS,
         lifespan=lambda app: lifespan(settings, app),
     )

@@ -211,10 +211,12 @@ class FolderTransport:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A reader never sees half a message, and a retry of the same job replaces the file.
+    # A reader never sees half a message, and a retry of the same job replaces the file. Only
+    # the owner may read it: mails carry reset links and tickets.
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(temporary, "wb") as out:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())

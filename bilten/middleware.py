@@ -86,9 +86,22 @@ class ApiBudget:
         await self.app(scope, receive, send)
 
 
+# On every response. A page that needs more (the API docs) sends its own policy.
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_STRICT_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+
+
 class RequestContext:
-    def __init__(self, app: ASGIApp) -> None:
+    """Request ids, metrics, security headers, and the last line of error handling. ``hsts``:
+    the site is served over https (``BILTEN_PUBLIC_URL``), so browsers are told to keep to it."""
+
+    def __init__(self, app: ASGIApp, hsts: bool = False) -> None:
         self.app = app
+        self.headers = [*_SECURITY_HEADERS, *([_HSTS] if hsts else [])]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -114,7 +127,10 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                headers = [*message.get("headers", ()), header, *self.headers]
+                if not any(name.lower() == _STRICT_CSP[0] for name, _ in headers):
+                    headers.append(_STRICT_CSP)
+                message["headers"] = headers
             await send(message)
 
         metrics.HTTP_IN_FLIGHT.inc()

@@ -98,6 +98,9 @@ class Settings:
     # Proxies (addresses or networks) whose X-Forwarded-For names the client; none: the peer
     # of the socket is the client, and forwarded headers are ignored.
     trusted_proxies: tuple[str, ...] = ()
+    # Who may read /metrics: these addresses or networks, or a bearer token when set.
+    metrics_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    metrics_token: str = ""
     host: str = "127.0.0.1"  # where serve and dev listen unless --host says otherwise
     port: int = 8000
     roles: frozenset[str] = ROLES
@@ -254,6 +257,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         data_dir=Path(env.get("BILTEN_DATA_DIR", ".bilten")),
         trusted_proxies=_networks(env, "BILTEN_TRUSTED_PROXIES"),
+        metrics_allow=_networks(env, "BILTEN_METRICS_ALLOW") or ("127.0.0.0/8", "::1/128"),
+        metrics_token=env.get("BILTEN_METRICS_TOKEN", ""),
         host=env.get("BILTEN_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "BILTEN_PORT", 8000, minimum=1),
         roles=parse_roles(env.get("BILTEN_ROLES", "api,realtime,workers")),

@@ -536,6 +536,8 @@ async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
                 return c.post(url, content=body, headers=headers)
 
             assert (await post(payload, None)).status_code == 400
+            huge = await post(b"{" + b" " * (300 * 1024) + b"}", None)
+            assert huge.status_code == 413  # bounded before any signature work
             assert (
                 await post(payload, sign_stripe_payload(payload, "whsec_other", now))
             ).status_code == 400

@@ -185,3 +185,48 @@ async def test_every_log_line_carries_the_request_id(app_client, caplog):
     assert echo_lines and echo_lines[0]["request_id"] == "req-log-1"
     assert echo_lines[0]["level"] == "info"
     assert echo_lines[0]["ts"].endswith("Z")
+
+
+async def test_every_answer_carries_security_headers(client):
+    for path in ("/health", "/events", "/no-such-page"):
+        response = await client.get(path)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert "strict-transport-security" not in (await client.get("/health")).headers
+
+
+async def test_the_docs_page_may_run_only_its_own_script(client):
+    import base64
+    import hashlib
+    import re
+
+    page = await client.get("/docs")
+    policy = page.headers["content-security-policy"]
+    assert "'unsafe-inline'" not in policy
+    script = re.search(rb"<script>(.*?)</script>", page.content, re.S)[1]
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in policy
+
+
+async def test_https_sites_send_hsts(settings):
+    from tests.test_auth import app_client
+
+    async with app_client(settings.replace(public_url="https://tickets.example.com")) as c:
+        assert "max-age=" in (await c.get("/health")).headers["strict-transport-security"]
+
+
+async def test_metrics_only_for_allowed_addresses_or_the_token(settings):
+    from tests.test_auth import app_client
+
+    guarded = settings.replace(metrics_token="scrape-token-0123456789")
+    async with app_client(guarded, "203.0.113.5") as (local, remote):
+        assert (await local.get("/metrics")).status_code == 200
+        refused = await remote.get("/metrics")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        wrong = await remote.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403
+        right = await remote.get(
+            "/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"}
+        )
+        assert right.status_code == 200 and b"bilten_" in right.content

@@ -320,6 +320,7 @@ async def test_the_folder_transport_writes_a_readable_eml(pool, settings, tmp_pa
     assert await mail_worker.run_once(pool, folder, transport) == 1
     [path] = (tmp_path / "outbox").iterdir()
     assert path.suffix == ".eml"
+    assert path.stat().st_mode & 0o777 == 0o600  # mails carry tokens: for the owner only
     message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
     assert message["Message-ID"] == mail.message_id("verify:1", settings.mail_from)
     text, html = parts(message)

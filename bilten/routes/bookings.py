@@ -21,9 +21,10 @@ from bilten.payments import webhooks
 from bilten.routes.holds import Quantity, SeatIds, what
 from bilten.sagas import booking as saga
 from bilten.state import State, state
-from bilten.wire import JSONResponse, Struct, read_json, read_query
+from bilten.wire import JSONResponse, Struct, read_body, read_json, read_query
 
 MAX_WAIT = 30.0
+WEBHOOK_MAX_BYTES = 256 * 1024  # Stripe's events are a few KB; anything larger is refused (413)
 OUTCOME_ERRORS = (
     "seat_unavailable",
     "sold_out",
@@ -457,7 +458,7 @@ async def webhook(request: Request) -> Response:
     app = state(request)
     if request.path_params["provider"] != "stripe" or not app.settings.stripe_webhook_secret:
         raise ApiError("not_found", "No webhooks for this provider.")
-    payload = await request.body()
+    payload = await read_body(request, WEBHOOK_MAX_BYTES)
     try:
         event = webhooks.verify_stripe_signature(
             payload, request.headers.get("stripe-signature"), app.settings.stripe_webhook_secret

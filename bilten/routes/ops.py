@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import re
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Literal
@@ -32,6 +37,22 @@ class Ready(msgspec.Struct, kw_only=True):
 
 _OK = Health(status="ok")
 _DOCS_PAGE = (Path(__file__).parent / "docs.html").read_bytes()
+
+
+def _inline_hashes(page: bytes, tag: bytes) -> str:
+    """CSP sources allowing exactly the page's inline ``tag`` blocks, by their hashes."""
+    blocks = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.S)
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'" for b in blocks
+    )
+
+
+# The page may run its own script and style and fetch from this origin, nothing else.
+_DOCS_CSP = (
+    f"default-src 'none'; script-src {_inline_hashes(_DOCS_PAGE, b'script')}; "
+    f"style-src {_inline_hashes(_DOCS_PAGE, b'style')}; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 @openapi.endpoint(summary="Liveness: the process answers.", tag="operations", response=Health)
@@ -73,9 +94,29 @@ async def ready(request: Request) -> Response:
     summary="Prometheus metrics in the text exposition format.",
     tag="operations",
     content_type="text/plain",
+    errors=("forbidden",),
+    description="Only from BILTEN_METRICS_ALLOW (default: this host) or with "
+    "Authorization: Bearer BILTEN_METRICS_TOKEN.",
 )
 async def prometheus(request: Request) -> Response:
+    settings = state(request).settings
+    if not allowed_operator(request, settings.metrics_allow, settings.metrics_token):
+        raise ApiError("forbidden", "Metrics are for the configured addresses or bearer token.")
     return Response(metrics.generate_latest(), media_type=metrics.CONTENT_TYPE)
+
+
+def allowed_operator(request: Request, networks: tuple[str, ...], token: str) -> bool:
+    """From one of ``networks``, or carrying ``Authorization: Bearer <token>`` (when set)."""
+    if token:
+        given = request.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n) for n in networks)
 
 
 @openapi.endpoint(summary="This OpenAPI 3.1 document.", tag="operations")
@@ -93,7 +134,7 @@ async def openapi_json(request: Request) -> Response:
     content_type="text/html",
 )
 async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS_PAGE)
+    return HTMLResponse(_DOCS_PAGE, headers={"Content-Security-Policy": _DOCS_CSP})
 
 
 routes = [
