@@ -175,6 +175,20 @@ async def get(conn: Connection, booking_id: str, viewer: str | None = None) -> B
     )
 
 
+async def request_owner(conn: Connection, request_id: str, booking_id: str) -> str | None:
+    """Who made a booking request, from the record: its booking, or its accepted request."""
+    found: str | None = await conn.fetchval(
+        """SELECT user_id::text FROM bookings WHERE id = $1 OR id = $2
+           UNION ALL
+           SELECT convert_from(request, 'UTF8')::jsonb ->> 'user_id' FROM accepted_requests
+           WHERE id = $1
+           LIMIT 1""",
+        request_id,
+        booking_id,
+    )
+    return found
+
+
 async def owner(conn: Connection, booking_id: str) -> tuple[str, str] | None:
     row = await conn.fetchrow(
         "SELECT user_id::text, saga_state FROM bookings WHERE id = $1", booking_id

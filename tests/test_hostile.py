@@ -257,3 +257,22 @@ async def test_seats_of_another_event_are_refused_at_the_door_taking_nothing(cli
     assert await redis.xlen(keys.queue(event_id)) == 0
     ours = await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
     assert ours.status_code == 202, ours.text
+
+
+async def test_a_request_status_without_its_owner_in_redis_stays_private(settings):
+    """Its Redis status rewritten without its owner (expiry, a recovery announcement): the
+    record decides who may read it, and nothing answers 500."""
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        ann, bob = await buyer(c), await buyer(c)
+        answer = await book(c, ann, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
+        request_id = answer.json()["request_id"]
+        await instance.state.redis.hdel(keys.booking_request(request_id), "user_id", "event_id")
+        assert (await c.get(f"/bookings/requests/{request_id}", headers=bob)).status_code == 404
+        mine = await c.get(f"/bookings/requests/{request_id}", headers=ann)
+        assert mine.status_code == 200, mine.text
+        assert mine.json()["status"] == "queued"
+        await instance.state.redis.delete(keys.booking_request(request_id))
+        assert (await c.get(f"/bookings/requests/{request_id}", headers=bob)).status_code == 404
+        gone = await c.get(f"/bookings/requests/{request_id}", headers=ann)
+        assert gone.status_code == 200 and gone.json()["status"] == "queued"  # on record

@@ -338,10 +338,14 @@ async def request_status(request: Request) -> Response:
     request_id = str(request.path_params["request_id"])
     app = state(request)
     raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
+    booking_id = raw.get(b"booking_id", request_id.encode()).decode()
     owner = raw.get(b"user_id", b"").decode()
-    status = raw.get(b"status", b"").decode()
-    if owner and owner != who.user_id and who.role != "admin":
+    if not owner:  # its status expired, or was rewritten without it: the record decides
+        async with app.db.acquire() as conn:
+            owner = await bookings.request_owner(conn, request_id, booking_id) or ""
+    if not owner or (owner != who.user_id and who.role != "admin"):
         raise ApiError("not_found", "No such booking request.")
+    status = raw.get(b"status", b"").decode()
     if b"result" in raw:
         done = _decode_done(raw[b"result"])
         return JSONResponse(
@@ -353,8 +357,7 @@ async def request_status(request: Request) -> Response:
             )
         )
     # A request that stands for an earlier booking (its key seen again) follows that booking.
-    booking_id = raw.get(b"booking_id", request_id.encode()).decode()
-    if status in ("queued", "processing") and booking_id == request_id:
+    if status in ("queued", "processing") and booking_id == request_id and b"event_id" in raw:
         event_id = raw[b"event_id"].decode()
         ticket = int(raw.get(b"ticket", 0))
         return JSONResponse(
@@ -366,6 +369,9 @@ async def request_status(request: Request) -> Response:
         )
     async with app.db.acquire() as conn:
         found = await bookings.get(conn, booking_id, None if who.role == "admin" else who.user_id)
+    if found is None and (status in ("queued", "processing") or not raw):
+        # Accepted (its owner was found on record) and not a booking yet: it waits its turn.
+        return JSONResponse(RequestStatus(request_id=request_id, status="queued"))
     if found is None:
         raise ApiError("not_found", "No such booking request.")
     return JSONResponse(
