@@ -1175,7 +1175,7 @@ def http_run(
     """Run the sale over HTTP and wait for it to settle; returns confirmed bookings per second."""
     began = time.perf_counter()
     signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
-    buyer_tokens = [signer.issue(user_id, "attendee") for user_id in buyer_ids]
+    buyer_tokens = [signer.issue(user_id, "attendee", str(uuid.uuid4())) for user_id in buyer_ids]
     env = server_env(args, data_dir)
     with contextlib.ExitStack() as stack:
         roles = {"BILTEN_ROLES": "api,realtime"} if args.split_roles else {}

@@ -33,6 +33,7 @@ from bilten.pubsub import Hub
 from bilten.realtime import Realtime
 from bilten.routes.realtime import Shortcut
 from bilten.sagas import batch, booking, recovery
+from bilten.sessions import Revocations
 from bilten.settings import Settings
 from bilten.state import State
 from bilten.supervisor import Supervisor
@@ -61,11 +62,14 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 async def start_workers(app: State, realtime: Realtime) -> None:
     await cache.listen(app.hub, app.caches)
+    await app.sessions.attach(app.hub)
     await app.hub.subscribe(keys.BOOKING_DONE, app.waiters.on_message)
     app.supervisor.start("pubsub", app.hub.worker())
     app.supervisor.start("heartbeat", heartbeat.worker(app, realtime))
     if "realtime" in app.settings.roles:
         app.hub.on_connect.append(lambda: realtime.on_redis_connect(app))
+        # A revoked session's sockets close at once (4401), not at the next tick.
+        app.sessions.listeners.append(lambda _: realtime.sign_out(app, time.time()))
         app.supervisor.start("realtime", realtime.worker(app))
     if "workers" in app.settings.roles:
         transport = mail.transport_from_settings(app.settings)
@@ -109,6 +113,7 @@ async def lifespan(
                 hub=hub,
                 payments=payments.provider_from_settings(settings, redis),
                 waiters=Waiters(),
+                sessions=Revocations(redis, settings.access_token_ttl),
                 started_at=time.time(),
             )
             # The hub reads the state; the state does not know the hub (one way only).

@@ -358,8 +358,24 @@ def _read_password() -> str:
     return sys.stdin.readline().rstrip("\r\n")
 
 
+async def _revoke_sessions(settings: Settings, ended: list[str]) -> None:
+    """Announce ended sessions to the instances, when Redis is configured here (without it the
+    sessions still end at their refresh; their access tokens run out within their lifetime)."""
+    if not ended or not settings.redis_url:
+        return
+    import redis.asyncio as aioredis
+
+    from bilten.sessions import Revocations
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await Revocations(client, settings.access_token_ttl).revoke(ended)
+    finally:
+        await client.aclose()
+
+
 def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> None:
-    from bilten import passwords, users
+    from bilten import credentials, passwords, users
     from bilten.errors import ApiError
 
     _require_urls_db(settings)
@@ -390,7 +406,10 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> None:
                     return f"created admin {user.email}"
                 await users.set_role(conn, found[0].id, "admin")
                 await users.set_password_hash(conn, found[0].id, password_hash)
-                return f"made {found[0].email} an admin and set its password"
+                # A new role: the tokens that carry the old one must go (signed out everywhere).
+                ended = await credentials.revoke_all(conn, found[0].id)
+            await _revoke_sessions(settings, ended)
+            return f"made {found[0].email} an admin and set its password"
         finally:
             await conn.close()
 

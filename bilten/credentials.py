@@ -16,42 +16,55 @@ RESET_PASSWORD = "reset_password"
 
 
 class RefreshRefused(Exception):
-    """The refresh token is unknown, expired, revoked, or was spent before (family revoked)."""
+    """The refresh token is unknown, expired, revoked, or was spent before (family revoked:
+    ``session`` names it, so that its access tokens can be revoked too)."""
 
-
-async def start_family(conn: Connection, user_id: str, ttl: int) -> str:
-    token, digest = tokens.opaque()
-    await conn.execute(
-        """INSERT INTO refresh_tokens (token_hash, family_id, user_id, expires_at)
-           VALUES ($1, $2, $3, now() + make_interval(secs => $4))""",
-        digest,
-        uuid.uuid4(),
-        user_id,
-        ttl,
-    )
-    return token
+    def __init__(self, session: str = "") -> None:
+        super().__init__(session)
+        self.session = session
 
 
 @dataclass(frozen=True)
 class Rotated:
     user_id: str
     token: str
+    session: str  # the family's id, carried by the access tokens issued for it
 
 
-async def rotate(conn: Connection, token: str, ttl: int) -> Rotated:
+async def start_family(conn: Connection, user_id: str, ttl: int) -> Rotated:
+    """A new session: its first refresh token."""
+    token, digest = tokens.opaque()
+    family = uuid.uuid4()
+    await conn.execute(
+        """INSERT INTO refresh_tokens (token_hash, family_id, user_id, expires_at)
+           VALUES ($1, $2, $3, now() + make_interval(secs => $4))""",
+        digest,
+        family,
+        user_id,
+        ttl,
+    )
+    return Rotated(user_id, token, str(family))
+
+
+async def rotate(conn: Connection, token: str, ttl: int, max_age: int) -> Rotated:
     """Spend ``token`` and issue its successor in the same family.
 
     A token presented a second time means two parties hold it: the whole family is revoked, and
-    that revocation is committed even though the caller gets an error.
+    that revocation is committed even though the caller gets an error. A family older than
+    ``max_age`` seconds ends however it was used: sessions do not slide forever.
     """
     async with conn.transaction():
         row = await conn.fetchrow(
             """SELECT family_id, user_id::text, spent_at IS NOT NULL AS spent,
-                      revoked_at IS NOT NULL AS revoked, expires_at < now() AS expired
-               FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE""",
+                      revoked_at IS NOT NULL AS revoked, expires_at < now() AS expired,
+                      (SELECT min(created_at) FROM refresh_tokens f
+                       WHERE f.family_id = r.family_id) < now() - make_interval(secs => $2)
+                          AS too_old
+               FROM refresh_tokens r WHERE token_hash = $1 FOR UPDATE""",
             tokens.digest(token),
+            max_age,
         )
-        if row is None or row["revoked"] or row["expired"]:
+        if row is None or row["revoked"] or row["expired"] or row["too_old"]:
             raise RefreshRefused
         if row["spent"]:
             await revoke_family(conn, row["family_id"])
@@ -72,8 +85,8 @@ async def rotate(conn: Connection, token: str, ttl: int) -> Rotated:
                 ttl,
             )
     if reused:
-        raise RefreshRefused
-    return Rotated(row["user_id"], successor)
+        raise RefreshRefused(str(row["family_id"]))
+    return Rotated(row["user_id"], successor, str(row["family_id"]))
 
 
 async def revoke_family(conn: Connection, family_id: uuid.UUID) -> None:
@@ -83,20 +96,29 @@ async def revoke_family(conn: Connection, family_id: uuid.UUID) -> None:
     )
 
 
-async def revoke_family_of(conn: Connection, token: str) -> None:
-    await conn.execute(
-        """UPDATE refresh_tokens SET revoked_at = now()
-           WHERE revoked_at IS NULL AND family_id =
-                 (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)""",
-        tokens.digest(token),
+async def revoke_family_of(conn: Connection, token: str) -> list[str]:
+    """End the session of ``token``; its id (none for an unknown token)."""
+    family = await conn.fetchval(
+        "SELECT family_id::text FROM refresh_tokens WHERE token_hash = $1", tokens.digest(token)
     )
-
-
-async def revoke_all(conn: Connection, user_id: str) -> None:
+    if family is None:
+        return []
     await conn.execute(
-        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
+        family,
+    )
+    return [family]
+
+
+async def revoke_all(conn: Connection, user_id: str) -> list[str]:
+    """End every session of the user; their ids."""
+    rows = await conn.fetch(
+        """UPDATE refresh_tokens SET revoked_at = now()
+           WHERE user_id = $1 AND revoked_at IS NULL
+           RETURNING family_id::text""",
         user_id,
     )
+    return sorted({r["family_id"] for r in rows})
 
 
 async def issue_one_time(conn: Connection, user_id: str, purpose: str, ttl: int) -> str:

@@ -45,6 +45,8 @@ def user_channel(user_id: str) -> str:
 BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: lines "<request id> <outcome JSON>"
 QUEUE_ACTIVE = f"{PREFIX}:q:active"  # set of events whose booking queue may hold requests
 QUEUE_GROUP = "bookers"
+REVOKED_SESSIONS = f"{PREFIX}:sessions:revoked"  # sorted set: sid -> until (unix seconds)
+REVOKED_CHANNEL = f"{PREFIX}:sessions:ended"  # pub/sub: revoked sids
 
 
 def queue(event_id: str) -> str:

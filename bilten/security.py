@@ -17,6 +17,8 @@ ROLES = ("attendee", "organizer", "admin")
 class Principal:
     user_id: str
     role: str
+    session: str = ""
+    expires_at: float = float("inf")
 
 
 def bearer(conn: HTTPConnection) -> str | None:
@@ -30,13 +32,14 @@ def bearer(conn: HTTPConnection) -> str | None:
 
 
 def principal_from_token(conn: HTTPConnection, token: str) -> Principal:
+    app = state(conn)
     try:
-        claims = state(conn).signer.verify(token)
+        claims = app.signer.verify(token)
     except InvalidToken:
         raise ApiError("unauthorized", "The access token is invalid or expired.") from None
-    if claims.role not in ROLES:
-        raise ApiError("unauthorized", "The access token is invalid or expired.")
-    return Principal(claims.user_id, claims.role)
+    if claims.role not in ROLES or claims.session in app.sessions:
+        raise ApiError("unauthorized", "The access token is invalid, expired or signed out.")
+    return Principal(claims.user_id, claims.role, claims.session, claims.expires_at)
 
 
 def authenticate(conn: HTTPConnection) -> Principal:

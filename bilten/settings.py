@@ -46,6 +46,7 @@ class Settings:
     secret_key: str = dataclasses.field(default="", repr=False)
     old_secret_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     access_token_ttl: int = 15 * 60
+    session_max_age: int = 90 * 24 * 3600  # a session ends this long after sign-in, however used
     refresh_token_ttl: int = 30 * 24 * 3600
     # argon2id cost; changing it rehashes each password at its next login.
     argon2_time_cost: int = 3
@@ -215,6 +216,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         access_token_ttl=_int(env, "BILTEN_ACCESS_TOKEN_TTL", 15 * 60, minimum=10),
         refresh_token_ttl=_int(env, "BILTEN_REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60),
+        session_max_age=_int(env, "BILTEN_SESSION_MAX_AGE", 90 * 24 * 3600, minimum=60),
         argon2_time_cost=_int(env, "BILTEN_ARGON2_TIME_COST", 3, minimum=1),
         argon2_memory_kib=_int(env, "BILTEN_ARGON2_MEMORY_KIB", 64 * 1024, minimum=1024),
         argon2_parallelism=_int(env, "BILTEN_ARGON2_PARALLELISM", 2, minimum=1),

@@ -16,6 +16,7 @@ from bilten.passwords import Passwords
 from bilten.payments.resilience import ResilientProvider
 from bilten.pipelining import AutoPipeline
 from bilten.pubsub import Hub
+from bilten.sessions import Revocations
 from bilten.settings import Settings
 from bilten.supervisor import Supervisor
 from bilten.tokens import Signer
@@ -37,6 +38,7 @@ class State:
     hub: Hub
     payments: ResilientProvider
     waiters: Waiters
+    sessions: Revocations  # revoked session ids, kept current on every instance
     started_at: float
 
 

@@ -21,7 +21,7 @@ from bilten.settings import Settings
 ALGORITHM = "HS256"
 ISSUER = "bilten"
 AUDIENCE = "bilten-api"
-REQUIRED_CLAIMS = ("sub", "role", "exp", "iat", "jti", "iss", "aud")
+REQUIRED_CLAIMS = ("sub", "role", "sid", "exp", "iat", "jti", "iss", "aud")
 
 
 class InvalidToken(Exception):
@@ -36,6 +36,7 @@ def key_id(key: str) -> str:
 class Claims:
     user_id: str
     role: str
+    session: str  # the refresh-token family it was issued for (bilten.sessions)
     jti: str
     expires_at: int
 
@@ -48,15 +49,16 @@ class Signer:
     current: str
     keys: dict[str, str]  # kid -> key, the current one included
     ttl: int
-    # Access tokens are checked by signature and expiry alone, so a token once verified is good
-    # until it expires: a client's later requests skip the HMAC and the JSON decoding.
+    # A token once verified is good until it expires, unless its session is revoked (checked
+    # apart, in memory): a client's later requests skip the HMAC and the JSON decoding.
     verified: dict[str, Claims] = field(default_factory=dict, compare=False, repr=False)
 
-    def issue(self, user_id: str, role: str, now: float | None = None) -> str:
+    def issue(self, user_id: str, role: str, session: str, now: float | None = None) -> str:
         issued = int(now if now is not None else time.time())
         claims: dict[str, Any] = {
             "sub": user_id,
             "role": role,
+            "sid": session,
             "iat": issued,
             "exp": issued + self.ttl,
             "jti": uuid.uuid4().hex,
@@ -95,7 +97,13 @@ class Signer:
             )
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from None
-        return Claims(str(claims["sub"]), str(claims["role"]), str(claims["jti"]), claims["exp"])
+        return Claims(
+            str(claims["sub"]),
+            str(claims["role"]),
+            str(claims["sid"]),
+            str(claims["jti"]),
+            claims["exp"],
+        )
 
 
 def signer(settings: Settings) -> Signer:

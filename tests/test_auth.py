@@ -403,7 +403,9 @@ def test_a_verified_token_is_remembered_only_until_it_expires():
 
     signer = tokens.signer(Settings(secret_key=TEST_SECRET, access_token_ttl=60))
     now = time.time()
-    short = signer.issue("8d7f3c2a-0000-4000-8000-000000000001", "attendee", now=now - 59)
+    short = signer.issue(
+        "8d7f3c2a-0000-4000-8000-000000000001", "attendee", "a-session", now=now - 59
+    )
     assert signer.verify(short).user_id.endswith("0001")
     assert short in signer.verified
     time.sleep(1.1)  # the cached claims are now past their expiry
@@ -466,3 +468,28 @@ async def test_forgot_is_limited_per_ip_across_emails(settings):
             for n in range(5)
         ]
     assert statuses == [202, 202, 202, 429, 429]
+
+
+async def test_a_session_ends_at_its_absolute_age_however_it_is_used(settings, client):
+    from bilten import db
+
+    first = (await register(client, email="long@example.com")).json()
+    conn = await db.connect(settings.database_url)
+    try:
+        await conn.execute(
+            "UPDATE refresh_tokens SET created_at = created_at - interval '91 days' "
+            "WHERE user_id = $1",
+            first["user"]["id"],
+        )
+    finally:
+        await conn.close()
+    refused = await client.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert refused.status_code == 401
+
+
+async def test_a_reused_refresh_token_ends_its_access_tokens_too(client):
+    first = (await register(client, email="stolen@example.com")).json()
+    token = first["refresh_token"]
+    fresh = (await client.post("/auth/refresh", json={"refresh_token": token})).json()
+    assert (await client.post("/auth/refresh", json={"refresh_token": token})).status_code == 401
+    assert (await client.get("/auth/me", headers=bearer(fresh["access_token"]))).status_code == 401

@@ -93,9 +93,11 @@ async def test_password_reset_by_mail_end_to_end(mailbox, settings):
         "/auth/login", json={"email": "ann@example.com", "password": NEW_PASSWORD}
     )
     assert new.status_code == 200
-    # Every session from before the reset is gone.
+    # Every session from before the reset is gone, its access tokens too, at once.
     stale = await client.post("/auth/refresh", json={"refresh_token": old_session["refresh_token"]})
     assert stale.status_code == 401
+    old_access = {"Authorization": f"Bearer {old_session['access_token']}"}
+    assert (await client.get("/auth/me", headers=old_access)).status_code == 401
     reused = await client.post(
         "/auth/reset-password", json={"token": token, "password": "yet another password"}
     )

@@ -293,7 +293,9 @@ async def test_a_booking_while_redis_is_out_of_reach_is_503(client, settings, sp
     with embedded.servers(None, postgres=False, redis=True) as own:
         server = spawn_server(BILTEN_REDIS_URL=own.redis_url)
     # Its Redis is gone now; PostgreSQL is still there.
-    token = tokens.signer(settings).issue("8d7f3c2a-0000-4000-8000-000000000001", "attendee")
+    token = tokens.signer(settings).issue(
+        "8d7f3c2a-0000-4000-8000-000000000001", "attendee", "a-session"
+    )
     async with httpx.AsyncClient(timeout=30) as http:
         response = await http.post(
             f"{server.url}/bookings",

@@ -281,7 +281,12 @@ async def test_a_token_in_a_first_auth_message(a, http):
     async with socket_to(a) as ws:
         await ws.send(json.dumps({"type": "auth", "token": token_of(auth)}))
         assert await receive(ws) == {"type": "authenticated", "user_id": user_id}
+        # A fresh token of the same user: authenticated again, in place.
         await ws.send(json.dumps({"type": "auth", "token": token_of(auth)}))
+        assert await receive(ws) == {"type": "authenticated", "user_id": user_id}
+        # Someone else's token does not take the connection over.
+        other, _ = await register(http, f"auth-{uuid.uuid4().hex[:8]}@example.com")
+        await ws.send(json.dumps({"type": "auth", "token": token_of(other)}))
         assert (await receive(ws))["code"] == "bad_request"
     async with socket_to(a) as ws:
         await ws.send(json.dumps({"type": "auth", "token": "garbage"}))
@@ -596,3 +601,40 @@ async def test_a_connection_through_plain_asgi_sends_in_order():
         assert connection.offer(frame(str(n)))
     await asyncio.wait_for(connection.writer, 1)
     assert sent == [str(n) for n in range(10)] and connection.writer is None
+
+
+async def test_signing_out_ends_the_session_at_once_on_every_instance(a, b, http):
+    """Logout on instance A: the socket on instance B closes with 4401, and the access token
+    is refused everywhere, before it would expire."""
+    email = f"out-{uuid.uuid4().hex[:8]}@example.com"
+    body = (
+        await http.post(
+            "/auth/register", json={"email": email, "password": "a long password", "name": "O"}
+        )
+    ).json()
+    bearer = {"Authorization": f"Bearer {body['access_token']}"}
+    async with httpx.AsyncClient(base_url=b.url, timeout=15) as on_b:
+        assert (await on_b.get("/auth/me", headers=bearer)).status_code == 200
+        async with socket_to(b, body["access_token"]) as ws:
+            out = await http.post("/auth/logout", json={"refresh_token": body["refresh_token"]})
+            assert out.status_code == 204
+            with pytest.raises(websockets.ConnectionClosed):
+                await receive(ws)
+            assert ws.close_code == 4401
+        refused = await on_b.get("/auth/me", headers=bearer)
+        assert refused.status_code == 401
+    assert (await http.get("/auth/me", headers=bearer)).status_code == 401
+
+
+async def test_a_socket_closes_when_its_token_expires(a, module_settings):
+    from bilten import tokens
+
+    signer = tokens.signer(module_settings)
+    soon = signer.issue(
+        str(uuid.uuid4()), "attendee", "s-expiring", now=time.time() - signer.ttl + 2
+    )
+    async with socket_to(a, soon) as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await receive(ws, timeout=6)
+        assert ws.close_code == 4401

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 TRY_AGAIN_LATER = 1013
 POLICY_VIOLATION = 1008
 IDLE = 4408  # no message from the client within the idle timeout
+SIGNED_OUT = 4401  # the session was revoked or the token expired (send `auth` before expiry)
 CLOSE_TIMEOUT = 5.0  # how long a close frame may wait behind unread data
 
 
@@ -48,6 +49,7 @@ class Connection:
         "close_reason",
         "counters",
         "detach",
+        "expires_at",
         "last_seen",
         "pending",
         "protocol",
@@ -56,6 +58,7 @@ class Connection:
         "rooms",
         "scope",
         "send",
+        "session",
         "user_id",
         "writer",
     )
@@ -76,6 +79,8 @@ class Connection:
         self.detach = detach  # leave every room and the user channel (synchronous)
         self.user_id: str | None = None
         self.role: str | None = None
+        self.session = ""  # of the access token it authenticated with
+        self.expires_at = float("inf")  # when that token runs out (unix seconds)
         self.rooms: list[str] = []  # event ids; a list is a third the size of a small set
         # A list, not a deque: an empty deque takes 600 bytes, times every idle connection.
         self.pending: list[Frame] = []

@@ -25,7 +25,7 @@ from bilten import keys, seatmap, security
 from bilten.errors import ApiError
 from bilten.pubsub import Hub
 from bilten.realtime import messages, stats
-from bilten.realtime.connection import IDLE, POLICY_VIOLATION, Connection, Counters
+from bilten.realtime.connection import IDLE, POLICY_VIOLATION, SIGNED_OUT, Connection, Counters
 from bilten.realtime.rooms import Mailbox, Room, Snapshot
 from bilten.settings import Settings
 from bilten.supervisor import Worker
@@ -103,6 +103,8 @@ class Realtime:
     async def _identify(self, connection: Connection, who: security.Principal) -> None:
         connection.user_id = who.user_id
         connection.role = who.role
+        connection.session = who.session
+        connection.expires_at = who.expires_at
         self.authenticated += 1
         mailbox = self.mailboxes.get(who.user_id)
         if mailbox is None:
@@ -163,17 +165,32 @@ class Realtime:
             )
 
     async def _on_auth(self, app: State, connection: Connection, request: messages.Auth) -> None:
-        if connection.user_id is not None:
-            connection.offer(messages.error("bad_request", "This connection is authenticated."))
-            return
         try:
             who = security.principal_from_token(HTTPConnection(connection.scope), request.token)
         except ApiError as exc:
             connection.offer(messages.error(exc.code, exc.message))
             connection.close(POLICY_VIOLATION, "invalid token", flush=True)
             return
-        await self._identify(connection, who)
+        if connection.user_id is None:
+            await self._identify(connection, who)
+        elif who.user_id == connection.user_id:
+            # A fresh token for the same user: the connection lives on with its session.
+            connection.role = who.role
+            connection.session = who.session
+            connection.expires_at = who.expires_at
+        else:
+            connection.offer(messages.error("bad_request", "This connection is someone else's."))
+            return
         connection.offer(messages.encode(messages.Authenticated(user_id=who.user_id)))
+
+    def sign_out(self, app: State, now: float) -> None:
+        """Close authenticated connections whose token expired or whose session was revoked
+        (4401): personal messages stop with the session."""
+        for connection in tuple(self.connections):
+            if connection.user_id is None or not connection.open:
+                continue
+            if connection.expires_at <= now or connection.session in app.sessions:
+                connection.close(SIGNED_OUT, "signed out: the session ended", flush=True)
 
     def _on_unsubscribe(self, connection: Connection, request: messages.Unsubscribe) -> None:
         event_id = messages.room_event(request.room)
@@ -373,6 +390,7 @@ class Realtime:
         async def run(stop: asyncio.Event) -> None:
             while not stop.is_set():
                 self.sweep_idle(time.monotonic())
+                self.sign_out(app, time.time())
                 await self.broadcast_served(app)
                 stats.export(self)
                 with contextlib.suppress(TimeoutError):

@@ -76,11 +76,11 @@ def client_ip(request: Request) -> str:
 
 
 async def _session(app: State, conn: object, user: User) -> Session:
-    refresh = await credentials.start_family(conn, user.id, app.settings.refresh_token_ttl)
+    started = await credentials.start_family(conn, user.id, app.settings.refresh_token_ttl)
     return Session(
         user=user,
-        access_token=app.signer.issue(user.id, user.role),
-        refresh_token=refresh,
+        access_token=app.signer.issue(user.id, user.role, started.session),
+        refresh_token=started.token,
         expires_in=app.settings.access_token_ttl,
     )
 
@@ -192,9 +192,13 @@ async def refresh(request: Request) -> Response:
     async with app.db.acquire() as conn:
         try:
             rotated = await credentials.rotate(
-                conn, body.refresh_token, app.settings.refresh_token_ttl
+                conn,
+                body.refresh_token,
+                app.settings.refresh_token_ttl,
+                app.settings.session_max_age,
             )
-        except credentials.RefreshRefused:
+        except credentials.RefreshRefused as refused:
+            await app.sessions.revoke([refused.session])  # a stolen token: its session ends
             raise ApiError("unauthorized", "The refresh token is invalid or revoked.") from None
         user = await users.get(conn, rotated.user_id)
     if user is None:
@@ -202,7 +206,7 @@ async def refresh(request: Request) -> Response:
     return JSONResponse(
         Session(
             user=user,
-            access_token=app.signer.issue(user.id, user.role),
+            access_token=app.signer.issue(user.id, user.role, rotated.session),
             refresh_token=rotated.token,
             expires_in=app.settings.access_token_ttl,
         )
@@ -216,7 +220,8 @@ async def logout(request: Request) -> Response:
     app = state(request)
     body = await read_json(request, RefreshBody)
     async with app.db.acquire() as conn:
-        await credentials.revoke_family_of(conn, body.refresh_token)
+        ended = await credentials.revoke_family_of(conn, body.refresh_token)
+    await app.sessions.revoke(ended)  # its access tokens stop working at once, everywhere
     return Response(status_code=204)
 
 
@@ -316,11 +321,12 @@ async def reset_password(request: Request) -> Response:
         if await credentials.use_one_time(conn, body.token, credentials.RESET_PASSWORD) is None:
             raise INVALID_RESET  # spent meanwhile
         await users.set_password_hash(conn, user_id, password_hash)
-        await credentials.revoke_all(conn, user_id)
+        ended = await credentials.revoke_all(conn, user_id)
         # Every other reset token of the account is spent with it.
         await credentials.spend_all(conn, user_id, credentials.RESET_PASSWORD)
         # Whoever reads the mail controls the address.
         await users.mark_verified(conn, user_id)
+    await app.sessions.revoke(ended)
     return Response(status_code=204)
 
 
