@@ -170,7 +170,9 @@ def make_server(
         # Compression would cost a zlib context per socket and one deflate per message per
         # socket, where the hub sends the same bytes to everyone.
         ws_per_message_deflate=False,
-        ws_max_size=max(1 << 20, settings.ws_max_message),  # beyond it: closed with 1009
+        # A frame past four times the message limit is cut off by the protocol (closed, 1009)
+        # before it is read whole; between the two, the hub answers with an error.
+        ws_max_size=settings.ws_max_message * 4,
         # Clients send pings (see BILTEN_WS_IDLE_TIMEOUT); protocol pings only when asked for.
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_interval or None,

@@ -93,6 +93,9 @@ class Settings:
     ws_idle_timeout: float = 120.0  # closed after this long without a client message
     ws_ping_interval: int = 0  # seconds between protocol pings (0: none, clients ping us)
     ws_history: int = 256  # seat-map deltas kept per event for resubscribing clients
+    ws_max_per_ip: int = 50  # open connections from one client address (more: closed, 4429)
+    ws_max_rate: int = 20  # messages a second from one connection, in bursts of twice that
+    ws_origins: tuple[str, ...] = ()  # Origin headers allowed to connect; none: any
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -252,6 +255,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ws_send_queue=_int(env, "BILTEN_WS_SEND_QUEUE", 256, minimum=1),
         ws_max_subscriptions=_int(env, "BILTEN_WS_MAX_SUBSCRIPTIONS", 20, minimum=1),
         ws_max_message=_int(env, "BILTEN_WS_MAX_MESSAGE", 4096, minimum=64),
+        ws_max_per_ip=_int(env, "BILTEN_WS_MAX_PER_IP", 50, minimum=1),
+        ws_max_rate=_int(env, "BILTEN_WS_MAX_RATE", 20, minimum=1),
+        ws_origins=tuple(
+            o.strip().rstrip("/") for o in env.get("BILTEN_WS_ORIGINS", "").split(",") if o.strip()
+        ),
         ws_idle_timeout=_float(env, "BILTEN_WS_IDLE_TIMEOUT", 120.0),
         ws_ping_interval=_int(env, "BILTEN_WS_PING_INTERVAL", 0, minimum=0),
         ws_history=_int(env, "BILTEN_WS_HISTORY", 256, minimum=1),

@@ -43,6 +43,7 @@ TIGHT = dict(
     BILTEN_WS_MAX_MESSAGE="512",
     BILTEN_WS_HISTORY="2",
     BILTEN_WS_IDLE_TIMEOUT="1",
+    BILTEN_WS_MAX_RATE="1000",  # the slow-reader test sends a burst of subscriptions
 )
 
 
@@ -638,3 +639,35 @@ async def test_a_socket_closes_when_its_token_expires(a, module_settings):
             while True:
                 await receive(ws, timeout=6)
         assert ws.close_code == 4401
+
+
+async def test_a_flood_of_messages_closes_the_connection_with_4429(a):
+    async with socket_to(a) as ws:
+        for _ in range(100):  # the default allows 20 a second, in bursts of 40
+            await ws.send(json.dumps({"type": "ping"}))
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await receive(ws)
+        assert ws.close_code == 4429
+
+
+async def test_connections_per_address_and_origins_are_bounded(spawn_server):
+    server = spawn_server(
+        BILTEN_WS_MAX_PER_IP="3", BILTEN_WS_ORIGINS="https://tickets.example.com", **FAST
+    )
+    allowed = {"Origin": "https://tickets.example.com"}
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(socket_to(server, additional_headers=allowed))
+        async with connect(ws_url(server), proxy=None, additional_headers=allowed) as fourth:
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await receive(fourth)
+            assert fourth.close_code == 4429
+    async with socket_to(server, additional_headers=allowed):  # the others closed: room again
+        pass
+    for origin in ({"Origin": "https://evil.example"}, {}):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with connect(ws_url(server), proxy=None, additional_headers=origin):
+                pass
+        assert refused.value.response.status_code == 403

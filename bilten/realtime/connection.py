@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -28,6 +29,7 @@ TRY_AGAIN_LATER = 1013
 POLICY_VIOLATION = 1008
 IDLE = 4408  # no message from the client within the idle timeout
 SIGNED_OUT = 4401  # the session was revoked or the token expired (send `auth` before expiry)
+TOO_MANY = 4429  # too many connections from one address, or messages from one connection
 CLOSE_TIMEOUT = 5.0  # how long a close frame may wait behind unread data
 
 
@@ -45,6 +47,8 @@ class Counters:
 
 class Connection:
     __slots__ = (
+        "allowance",
+        "checked_at",
         "close_code",
         "close_reason",
         "counters",
@@ -88,6 +92,18 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.last_seen = time.monotonic()
+        self.allowance = math.inf  # messages it may still send now (a token bucket, full)
+        self.checked_at = self.last_seen
+
+    def take(self, rate: int) -> bool:
+        """Count one message against ``rate`` a second, in bursts of twice that."""
+        now = time.monotonic()
+        self.allowance = min(2.0 * rate, self.allowance + (now - self.checked_at) * rate)
+        self.checked_at = now
+        if self.allowance < 1:
+            return False
+        self.allowance -= 1
+        return True
 
     @property
     def open(self) -> bool:

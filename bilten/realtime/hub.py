@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,14 @@ from bilten import keys, seatmap, security
 from bilten.errors import ApiError
 from bilten.pubsub import Hub
 from bilten.realtime import messages, stats
-from bilten.realtime.connection import IDLE, POLICY_VIOLATION, SIGNED_OUT, Connection, Counters
+from bilten.realtime.connection import (
+    IDLE,
+    POLICY_VIOLATION,
+    SIGNED_OUT,
+    TOO_MANY,
+    Connection,
+    Counters,
+)
 from bilten.realtime.rooms import Mailbox, Room, Snapshot
 from bilten.settings import Settings
 from bilten.supervisor import Worker
@@ -45,6 +53,7 @@ class Realtime:
         self.settings = settings
         self.hub = hub
         self.connections: set[Connection] = set()
+        self.per_address: Counter[str] = Counter()  # open connections by client address
         self.rooms: dict[str, Room] = {}
         self.mailboxes: dict[str, Mailbox] = {}
         self.counters = Counters()
@@ -67,9 +76,16 @@ class Realtime:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
+        client = scope.get("client")
+        address = client[0] if client else ""
+        if self.per_address[address] >= self.settings.ws_max_per_ip:
+            reason = "too many connections from one address"
+            await send({"type": "websocket.close", "code": TOO_MANY, "reason": reason})
+            return
         connection = Connection(
             scope, send, self.counters, self.settings.ws_send_queue, self.detach
         )
+        self.per_address[address] += 1
         self.connections.add(connection)
         try:
             if who is not None:
@@ -91,9 +107,14 @@ class Realtime:
                     break
                 self.counters.received += 1
                 connection.last_seen = time.monotonic()
+                if connection.open and not connection.take(self.settings.ws_max_rate):
+                    connection.close(TOO_MANY, "too many messages", flush=True)
                 if connection.open:
                     await self._handle(app, connection, message)
         finally:
+            self.per_address[address] -= 1
+            if not self.per_address[address]:
+                del self.per_address[address]
             self.connections.discard(connection)
             self.detach(connection)
             if connection.user_id is not None:

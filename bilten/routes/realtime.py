@@ -53,11 +53,14 @@ def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
     """The connection's whole life, or its refusal. Not a coroutine itself: one frame less
     held under every open connection, and nothing of the handshake kept once it is done."""
     websocket = WebSocket(scope, receive, send)
+    app = state(websocket)
+    origins = app.settings.ws_origins
+    if origins and websocket.headers.get("origin", "").rstrip("/") not in origins:
+        return _refuse(websocket, ApiError("forbidden", "This origin may not connect."))
     try:
         who = _caller(websocket)
     except ApiError as exc:
         return _refuse(websocket, exc)
-    app = state(websocket)
     return hub(websocket).serve(app, who, scope, receive, send)
 
 
