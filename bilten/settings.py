@@ -61,6 +61,10 @@ class Settings:
     limit_forgot_email: Rate = Rate(3, 3600)
     limit_forgot_ip: Rate = Rate(20, 3600)
     limit_reset_ip: Rate = Rate(20, 3600)
+    # Per organizer (admins are not limited): venues, and their seats, and events made a day.
+    quota_venues: Rate = Rate(20, 86400)
+    quota_seats: Rate = Rate(100_000, 86400)
+    quota_events: Rate = Rate(100, 86400)
     limit_api_ip: Rate = Rate(1200, 60)
     smtp_url: str = dataclasses.field(default="", repr=False)
     mail_from: str = "Bilten <no-reply@bilten.localhost>"
@@ -230,6 +234,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         limit_forgot_email=_rate(env, "BILTEN_LIMIT_FORGOT_EMAIL", Rate(3, 3600)),
         limit_forgot_ip=_rate(env, "BILTEN_LIMIT_FORGOT_IP", Rate(20, 3600)),
         limit_reset_ip=_rate(env, "BILTEN_LIMIT_RESET_IP", Rate(20, 3600)),
+        quota_venues=_rate(env, "BILTEN_QUOTA_VENUES", Rate(20, 86400)),
+        quota_seats=_rate(env, "BILTEN_QUOTA_SEATS", Rate(100_000, 86400)),
+        quota_events=_rate(env, "BILTEN_QUOTA_EVENTS", Rate(100, 86400)),
         limit_api_ip=_rate(env, "BILTEN_LIMIT_API_IP", Rate(1200, 60)),
         smtp_url=_url(env, ("BILTEN_SMTP_URL",), ("smtp", "smtps")),
         mail_from=env.get("BILTEN_MAIL_FROM", "") or "Bilten <no-reply@bilten.localhost>",

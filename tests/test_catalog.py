@@ -809,3 +809,39 @@ async def test_folding_seat_map_commits_keeps_the_tag(settings, database_url):
                 == 1
             )
         assert (await client.get(url, headers={"If-None-Match": before})).status_code == 304
+
+
+async def test_organizers_have_daily_quotas(settings, database_url):
+    """Venues, their seats and events a day per organizer (admins are not limited):
+    self-service accounts cannot fill the database."""
+    tight = settings.replace(
+        quota_venues=Rate(2, 86400),
+        quota_seats=Rate(30, 86400),
+        quota_events=Rate(1, 86400),
+    )
+    async with running(tight) as (_, c):
+        org = await signed_in(c, f"q-{uuid.uuid4().hex[:6]}@example.com", "organizer")
+        small = {
+            "sections": [
+                {"name": "Stalls", "rows": [{"label": "A", "seats": 5}]},
+                {"name": "Balcony", "rows": [{"label": "A", "seats": 5}]},
+            ]
+        }
+        first = await c.post("/venues", headers=org, json=venue_body(**small))
+        assert first.status_code == 201
+        assert (await c.post("/venues", headers=org, json=venue_body(**small))).status_code == 201
+        third = await c.post("/venues", headers=org, json=venue_body(**small))
+        assert third.status_code == 429 and third.headers["retry-after"]
+        other = await signed_in(c, f"q-{uuid.uuid4().hex[:6]}@example.com", "organizer")
+        seats = {"sections": [{"name": "A", "rows": [{"label": "A", "seats": 20}]}]}
+        assert (await c.post("/venues", headers=other, json=venue_body(**seats))).status_code == 201
+        over = await c.post("/venues", headers=other, json=venue_body(**seats))
+        assert over.status_code == 429  # 40 seats would pass the 30 a day
+        venue = first.json()["id"]
+        made = await c.post("/events", headers=org, json=event_body(venue))
+        assert made.status_code == 201, made.text
+        assert (await c.post("/events", headers=org, json=event_body(venue))).status_code == 429
+        admin = await admin_signed_in(c, database_url, tight, f"adm-{uuid.uuid4().hex[:6]}@x.com")
+        for _ in range(3):
+            made = await c.post("/venues", headers=admin, json=venue_body(**small))
+            assert made.status_code == 201

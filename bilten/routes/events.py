@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import cache, events, media, openapi, seatmap, security, venues
+from bilten import cache, events, media, openapi, ratelimit, seatmap, security, venues
 from bilten.errors import ApiError
 from bilten.events import Event, EventSummary
 from bilten.seatmap import SeatMap
@@ -159,6 +159,8 @@ async def create_event(request: Request) -> Response:
             raise events.invalid("venue_id", "no such venue")
         if not _may_manage(who, owner):
             raise ApiError("forbidden", "Events can be created only at your own venues.")
+        if who.role != "admin":
+            await ratelimit.enforce(app.redis, "events", who.user_id, app.settings.quota_events)
         fields = msgspec.structs.asdict(body)
         fields["price_tiers"] = [msgspec.structs.asdict(t) for t in body.price_tiers]
         fields["ticket_types"] = [msgspec.structs.asdict(t) for t in body.ticket_types]

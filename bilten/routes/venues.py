@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import openapi, security, venues
+from bilten import openapi, ratelimit, security, venues
 from bilten.errors import ApiError
 from bilten.state import state
 from bilten.venues import Venue
@@ -64,7 +64,19 @@ async def create_venue(request: Request) -> Response:
             "timezone: not an IANA time zone",
             {"fields": [{"field": "timezone", "message": "not an IANA time zone"}]},
         ) from None
-    async with state(request).db.acquire() as conn:
+    app = state(request)
+    seats = sum(row.seats for section in body.sections for row in section.rows)
+    if who.role != "admin" and seats <= venues.MAX_SEATS:  # larger: refused below, uncounted
+        await ratelimit.enforce(app.redis, "venues", who.user_id, app.settings.quota_venues)
+        outcome = await ratelimit.hit(
+            app.redis, "venue_seats", who.user_id, app.settings.quota_seats, amount=seats
+        )
+        if not outcome.allowed:
+            await ratelimit.hit(
+                app.redis, "venue_seats", who.user_id, app.settings.quota_seats, amount=-seats
+            )
+            raise ratelimit.limited(outcome)
+    async with app.db.acquire() as conn:
         venue_id = await venues.create(conn, who.user_id, msgspec.to_builtins(body))
         venue = await venues.get(conn, venue_id)
     return JSONResponse(venue, status_code=201)
