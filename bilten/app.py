@@ -23,6 +23,7 @@ from bilten import (
     passwords,
     payments,
     routes,
+    sealing,
     tokens,
 )
 from bilten.intake import Recorder
@@ -107,6 +108,7 @@ async def lifespan(
                 intake=Recorder(pool),
                 supervisor=Supervisor(),
                 signer=tokens.signer(settings),
+                keyring=sealing.keyring(settings),
                 passwords=passwords.from_settings(settings),
                 caches=cache.Caches(),
                 media=LocalStorage(settings.media_dir or settings.data_dir / "media"),

@@ -45,6 +45,9 @@ class Settings:
     # Signs access tokens; older keys still verify tokens they signed (rotation).
     secret_key: str = dataclasses.field(default="", repr=False)
     old_secret_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    # Seals secrets kept in the database (ticket-signing keys); empty: the secret key does.
+    data_key: str = dataclasses.field(default="", repr=False)
+    old_data_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     access_token_ttl: int = 15 * 60
     session_max_age: int = 90 * 24 * 3600  # a session ends this long after sign-in, however used
     refresh_token_ttl: int = 30 * 24 * 3600
@@ -222,6 +225,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             k.strip() for k in env.get("BILTEN_OLD_SECRET_KEYS", "").split(",") if k.strip()
         ),
         access_token_ttl=_int(env, "BILTEN_ACCESS_TOKEN_TTL", 15 * 60, minimum=10),
+        data_key=env.get("BILTEN_DATA_KEY", ""),
+        old_data_keys=tuple(
+            k.strip() for k in env.get("BILTEN_OLD_DATA_KEYS", "").split(",") if k.strip()
+        ),
         refresh_token_ttl=_int(env, "BILTEN_REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60),
         session_max_age=_int(env, "BILTEN_SESSION_MAX_AGE", 90 * 24 * 3600, minimum=60),
         argon2_time_cost=_int(env, "BILTEN_ARGON2_TIME_COST", 3, minimum=1),
@@ -293,4 +300,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     for key in (settings.secret_key, *settings.old_secret_keys):
         if key and len(key) < 32:
             raise SettingsError("BILTEN_SECRET_KEY and BILTEN_OLD_SECRET_KEYS need 32+ characters")
+    for key in (settings.data_key, *settings.old_data_keys):
+        if key and len(key) < 32:
+            raise SettingsError("BILTEN_DATA_KEY and BILTEN_OLD_DATA_KEYS need 32+ characters")
     return settings

@@ -16,6 +16,7 @@ from bilten.passwords import Passwords
 from bilten.payments.resilience import ResilientProvider
 from bilten.pipelining import AutoPipeline
 from bilten.pubsub import Hub
+from bilten.sealing import Keyring
 from bilten.sessions import Revocations
 from bilten.settings import Settings
 from bilten.supervisor import Supervisor
@@ -32,6 +33,7 @@ class State:
     intake: Recorder  # accepted booking requests, recorded in one statement per loop turn
     supervisor: Supervisor
     signer: Signer
+    keyring: Keyring  # seals secrets kept in the database (bilten.sealing)
     passwords: Passwords
     caches: Caches
     media: Storage

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bilten.db import Connection
+from bilten.sealing import Keyring
 
 ID_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -64,22 +65,32 @@ def verify(public_key: bytes, parsed: Parsed) -> bool:
     return True
 
 
-async def private_key(conn: Connection, event_id: str) -> Ed25519PrivateKey:
-    """The event's signing key, made on first use (concurrent first uses agree on one)."""
-    raw = await conn.fetchval("SELECT private_key FROM event_keys WHERE event_id = $1", event_id)
-    if raw is None:
+async def private_key(conn: Connection, keys: Keyring, event_id: str) -> Ed25519PrivateKey:
+    """The event's signing key, made on first use (concurrent first uses agree on one). It is
+    kept sealed (:mod:`bilten.sealing`); one kept in plaintext or under an old key is sealed
+    again under the current key here."""
+    sealed = await conn.fetchval("SELECT private_key FROM event_keys WHERE event_id = $1", event_id)
+    if sealed is None:
         key = Ed25519PrivateKey.generate()
         await conn.execute(
             """INSERT INTO event_keys (event_id, private_key, public_key) VALUES ($1, $2, $3)
                ON CONFLICT (event_id) DO NOTHING""",
             event_id,
-            key.private_bytes_raw(),
+            keys.seal(key.private_bytes_raw()),
             key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
         )
-        raw = await conn.fetchval(
+        sealed = await conn.fetchval(
             "SELECT private_key FROM event_keys WHERE event_id = $1", event_id
         )
-    return Ed25519PrivateKey.from_private_bytes(bytes(raw))
+    raw, stale = keys.open(bytes(sealed))
+    if stale:
+        await conn.execute(
+            "UPDATE event_keys SET private_key = $2 WHERE event_id = $1 AND private_key = $3",
+            event_id,
+            keys.seal(raw),
+            bytes(sealed),
+        )
+    return Ed25519PrivateKey.from_private_bytes(raw)
 
 
 async def public_key(conn: Connection, event_id: str) -> bytes | None:

@@ -277,3 +277,68 @@ async def test_ticket_and_booking_lists_page_by_cursor(client):
         bad = await client.get(url, headers=auth, params={"cursor": "bm90IGEgY3Vyc29y"})
         assert bad.status_code == 422
         assert bad.json()["error"]["details"]["fields"][0]["field"] == "cursor"
+
+
+async def test_signing_keys_are_sealed_at_rest_and_survive_a_key_rotation(
+    client, settings, database_url
+):
+    """A database backup holds no usable signing key; a key kept in plaintext by an older
+    version, or sealed under a retired data key, still signs the same, and is sealed again
+    under the current key when it is read."""
+    from bilten import db, sealing, ticketcodes
+
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    booked = (await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()
+    code = booked["booking"]["tickets"][0]["code"]
+    conn = await db.connect(database_url)
+    try:
+        stored = bytes(
+            await conn.fetchval("SELECT private_key FROM event_keys WHERE event_id = $1", event_id)
+        )
+        public = bytes(
+            await conn.fetchval("SELECT public_key FROM event_keys WHERE event_id = $1", event_id)
+        )
+        assert stored.startswith(sealing.MARKER) and len(stored) > 32
+        current = sealing.keyring(settings)
+        raw, stale = current.open(stored)
+        assert not stale and raw not in stored  # the key itself is nowhere in the row
+        assert ticketcodes.verify(public, ticketcodes.parse(code))
+        # As an older version kept it: plaintext. Read with a rotated keyring (a new data key,
+        # the secret key kept to open what it sealed).
+        await conn.execute(
+            "UPDATE event_keys SET private_key = $2 WHERE event_id = $1", event_id, raw
+        )
+        rotated = sealing.keyring(
+            settings.replace(
+                data_key="new data key " + "n" * 32, old_data_keys=(settings.secret_key,)
+            )
+        )
+        key = await ticketcodes.private_key(conn, rotated, event_id)
+        assert key.private_bytes_raw() == raw
+        resealed = bytes(
+            await conn.fetchval("SELECT private_key FROM event_keys WHERE event_id = $1", event_id)
+        )
+        assert resealed.startswith(sealing.MARKER + rotated.current)
+        assert rotated.open(resealed) == (raw, False)
+    finally:
+        await conn.close()
+
+
+async def test_sealing_round_trip_and_rotation():
+    from bilten import sealing
+    from bilten.settings import Settings
+
+    old = Settings(secret_key="s" * 40, data_key="old data key " + "o" * 32)
+    new = old.replace(data_key="new data key " + "n" * 32, old_data_keys=(old.data_key,))
+    secret = b"\x01" * 32
+    sealed_old = sealing.keyring(old).seal(secret)
+    assert secret not in sealed_old and sealed_old.startswith(sealing.MARKER)
+    assert sealing.keyring(old).open(sealed_old) == (secret, False)
+    assert sealing.keyring(new).open(sealed_old) == (secret, True)  # to be sealed again
+    assert sealing.keyring(new).open(secret) == (secret, True)  # plaintext from before
+    with pytest.raises(sealing.Unsealable):
+        sealing.keyring(new.replace(old_data_keys=())).open(sealed_old)
+    tampered = sealed_old[:-1] + bytes([sealed_old[-1] ^ 1])
+    with pytest.raises(Exception):  # noqa: B017 (cryptography's InvalidTag)
+        sealing.keyring(old).open(tampered)

@@ -172,7 +172,7 @@ async def ticket_key(request: Request) -> Response:
             raise ApiError("not_found", "No such event.")
         key = await ticketcodes.public_key(conn, event_id)
         if key is None:
-            private = await ticketcodes.private_key(conn, event_id)
+            private = await ticketcodes.private_key(conn, state(request).keyring, event_id)
             key = private.public_key().public_bytes_raw()
     return JSONResponse(TicketKey(event_id=event_id, public_key=ticketcodes.b64(key)))
 

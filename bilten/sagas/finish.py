@@ -236,7 +236,8 @@ async def _confirm_many(
         ids,
     )
     by_booking = {r["id"]: r for r in ok}
-    signing = {e: await ticketcodes.private_key(conn, e) for e in {r["event_id"] for r in ok}}
+    events = {r["event_id"] for r in ok}
+    signing = {e: await ticketcodes.private_key(conn, app.keyring, e) for e in events}
     tickets = []
     for item in items:
         booking = by_booking[item["booking_id"]]
