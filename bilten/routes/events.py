@@ -72,14 +72,18 @@ class EventPatch(Struct, kw_only=True):
     max_tickets_per_order: PerOrder | Unset = UNSET
 
 
+Cents = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # what the database's integer holds
+Word = Annotated[str, msgspec.Meta(max_length=200)]
+
+
 class SearchQuery(msgspec.Struct, kw_only=True):
-    q: Annotated[str, msgspec.Meta(max_length=200)] | None = None
-    category: str | None = None
-    city: str | None = None
+    q: Word | None = None
+    category: Word | None = None
+    city: Word | None = None
     starts_from: When | None = msgspec.field(default=None, name="from")
     starts_to: When | None = msgspec.field(default=None, name="to")
-    min_price: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    max_price: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_price: Cents | None = None
+    max_price: Cents | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
     cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
 
