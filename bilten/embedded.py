@@ -138,7 +138,7 @@ def _pg_install() -> Path:
         libs = package.with_name(package.name + ".libs")
         if libs.is_dir():
             shutil.copytree(libs, tree / libs.name, symlinks=True)
-        for folder in (tree, tree / package.name):
+        for folder in (tree, tree / package.name, tree / package.name / "pginstall"):
             folder.chmod(0o755)
         (tree / "complete").touch()
         if target.exists():  # a copy that is incomplete or not ours: never run it

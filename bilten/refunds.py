@@ -28,7 +28,7 @@ from bilten.state import State
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 12  # with the pause doubling from 5 s to an hour: about a day and a half
+MAX_ATTEMPTS = 30  # the pause doubles from 5 s to an hour: a provider may be out for a day
 PAUSE = (5.0, 3600.0)
 ROUND = 50
 
@@ -50,6 +50,10 @@ made AS (
     INSERT INTO refunds (booking_id, payment_id, amount_cents, currency, reason)
     SELECT * FROM r ON CONFLICT DO NOTHING
     RETURNING booking_id),
+known AS (  -- a refund recorded before: nothing is unknown about this payment any more
+    UPDATE bookings b SET payment_unsettled = false
+    FROM r WHERE b.id = r.booking_id AND b.payment_unsettled
+      AND NOT EXISTS (SELECT 1 FROM made WHERE made.booking_id = r.booking_id)),
 moved AS (
     UPDATE bookings b SET payment_status = 'refunding', payment_unsettled = false,
            updated_at = now()
@@ -112,10 +116,20 @@ async def run(app: State, booking_ids: list[str] | None = None, limit: int = ROU
     settings = app.settings
     lease = settings.payment_timeout * (settings.payment_retries + 1) * 2 + 5
     due = await app.db.fetch(_CLAIM, limit, lease, booking_ids)
-    done = await asyncio.gather(*(_carry_out(app, row) for row in due))
+    done = await asyncio.gather(*(_carry_out_alone(app, row) for row in due))
     if booking_ids is None:
         await _count_waiting(app)
     return sum(done)
+
+
+async def _carry_out_alone(app: State, due: Any) -> bool:
+    """One refund; whatever goes wrong with it (the database, say) stays with it: its lease
+    runs out and it is tried again."""
+    try:
+        return await _carry_out(app, due)
+    except Exception:
+        log.exception("refund of booking %s failed; it is tried again", due["booking_id"])
+        return False
 
 
 async def _carry_out(app: State, due: Any) -> bool:

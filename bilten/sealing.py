@@ -2,11 +2,12 @@
 
 The events' ticket-signing keys are the secrets here: whoever reads a database backup must not
 be able to forge tickets with them. The key comes from ``BILTEN_DATA_KEY`` (any 32+ characters,
-stretched with HKDF), else from ``BILTEN_SECRET_KEY``. To rotate it: set the new key, keep the
-old one in ``BILTEN_OLD_DATA_KEYS`` (or ``BILTEN_OLD_SECRET_KEYS``) until every sealed value was
-read once, since a value sealed under an old key is sealed again under the current one when it
-is read. A sealed value names its key (the first 8 bytes of a hash of it); a value without the
-marker is an old plaintext one, read as it is and sealed at its next read.
+stretched with HKDF), else from ``BILTEN_SECRET_KEY``; every data and secret key configured,
+old ones included, may open. To rotate: set the new key, keep the old one in
+``BILTEN_OLD_DATA_KEYS`` (or ``BILTEN_OLD_SECRET_KEYS``) until every sealed value was read once,
+since a value sealed under an old key is sealed again under the current one when it is read.
+A sealed value names its key (the first 8 bytes of a hash of it); a value without the marker
+is an old plaintext one, read as it is and sealed at its next read.
 """
 
 from __future__ import annotations
@@ -66,12 +67,18 @@ class Keyring:
 
 
 def keyring(settings: Settings) -> Keyring:
-    secrets = (
-        [settings.data_key, *settings.old_data_keys]
-        if settings.data_key
-        else [settings.secret_key, *settings.old_secret_keys]
-    )
-    secrets = [s for s in secrets if s]
+    """Seals with the data key (else the secret key); opens with every data and secret key
+    configured, so that setting a data key for the first time loses nothing sealed before."""
+    secrets = [
+        s
+        for s in (
+            settings.data_key,
+            *settings.old_data_keys,
+            settings.secret_key,
+            *settings.old_secret_keys,
+        )
+        if s
+    ]
     if not secrets:
         raise ValueError("no data key or secret key configured")
     return Keyring(_key_id(secrets[0]), {_key_id(s): _cipher(s) for s in secrets})

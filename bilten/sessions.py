@@ -55,6 +55,9 @@ class Revocations:
         self._add(data.decode().split(), time.time() + self.keep)
 
     def _add(self, sids: list[str], until: float) -> None:
+        now = time.time()
+        if len(self.ended) > 1000:  # those that no longer matter go (their tokens expired)
+            self.ended = {s: u for s, u in self.ended.items() if u > now}
         for sid in sids:
             self.ended[sid] = until
         for listener in self.listeners:

@@ -284,7 +284,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_allow=_networks(env, "BILTEN_METRICS_ALLOW") or ("127.0.0.0/8", "::1/128"),
         metrics_token=env.get("BILTEN_METRICS_TOKEN", ""),
         host=env.get("BILTEN_HOST", "").strip() or "127.0.0.1",
-        port=_int(env, "BILTEN_PORT", 8000, minimum=1),
+        port=_int(env, "BILTEN_PORT", 8000, minimum=0),  # 0: a free one
         roles=parse_roles(env.get("BILTEN_ROLES", "api,realtime,workers")),
         ready_timeout=_float(env, "BILTEN_READY_TIMEOUT", 1.0),
         shutdown_timeout=_float(env, "BILTEN_SHUTDOWN_TIMEOUT", 10.0),

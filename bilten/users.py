@@ -56,6 +56,15 @@ def normalise_email(email: str) -> str:
     return email.strip().lower()
 
 
+def sign_in_email(raw: str) -> str:
+    """The form to look an address up by at sign-in: the one it was stored in when it is a
+    valid address (email-validator's normalisation), else as typed (it will match nothing)."""
+    try:
+        return valid_email(raw)
+    except ApiError:
+        return normalise_email(raw)
+
+
 def valid_email(raw: str, field: str = "email") -> str:
     """An address checked by email-validator (syntax, no list characters, no reserved domain
     but ``.test``) and normalised; 422 naming ``field`` otherwise. Deliverability is not

@@ -342,3 +342,13 @@ async def test_sealing_round_trip_and_rotation():
     tampered = sealed_old[:-1] + bytes([sealed_old[-1] ^ 1])
     with pytest.raises(Exception):  # noqa: B017 (cryptography's InvalidTag)
         sealing.keyring(old).open(tampered)
+
+
+async def test_a_data_key_set_for_the_first_time_still_opens_what_the_secret_key_sealed():
+    from bilten import sealing
+    from bilten.settings import Settings
+
+    before = Settings(secret_key="s" * 40)
+    sealed = sealing.keyring(before).seal(b"k" * 32)
+    after = before.replace(data_key="a new data key " + "d" * 32)
+    assert sealing.keyring(after).open(sealed) == (b"k" * 32, True)

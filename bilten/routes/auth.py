@@ -145,7 +145,7 @@ async def register(request: Request) -> Response:
 async def login(request: Request) -> Response:
     app = state(request)
     body = await read_json(request, LoginBody)
-    email = users.normalise_email(body.email)
+    email = users.sign_in_email(body.email)
     ip = client_ip(request)
     # Each attempt is counted before the password is checked, so parallel guesses cannot slip
     # past the limit; a successful attempt is refunded, leaving only failures counted. Failures
@@ -314,12 +314,12 @@ async def reset_password(request: Request) -> Response:
     async with app.db.acquire() as conn:
         user_id = await credentials.one_time_user(conn, body.token, credentials.RESET_PASSWORD)
     if user_id is None:
-        raise INVALID_RESET
+        raise _invalid_reset()
     await ratelimit.enforce(app.redis, "reset_user", user_id, app.settings.limit_forgot_email)
     password_hash = await app.passwords.hash(body.password)
     async with app.db.acquire() as conn, conn.transaction():
         if await credentials.use_one_time(conn, body.token, credentials.RESET_PASSWORD) is None:
-            raise INVALID_RESET  # spent meanwhile
+            raise _invalid_reset()  # spent meanwhile
         await users.set_password_hash(conn, user_id, password_hash)
         ended = await credentials.revoke_all(conn, user_id)
         # Every other reset token of the account is spent with it.
@@ -330,7 +330,8 @@ async def reset_password(request: Request) -> Response:
     return Response(status_code=204)
 
 
-INVALID_RESET = ApiError("invalid_token", "The reset token is invalid or expired.")
+def _invalid_reset() -> ApiError:
+    return ApiError("invalid_token", "The reset token is invalid or expired.")
 
 
 routes = [

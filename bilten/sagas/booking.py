@@ -79,12 +79,12 @@ async def pay_and_finish(
     return await finish(app, await charge_all(app, payable, patience=patience))
 
 
-async def run(app: State, booking_ids: list[str]) -> dict[str, Outcome | None]:
+async def run(app: State, booking_ids: list[str], *, patience: float) -> dict[str, Outcome | None]:
     """Drive bookings as far as they go, from PENDING (or from PAYMENT_PENDING, where a stopped
-    worker left them); None for those another worker holds."""
+    worker left them); None for those another worker holds. ``patience``: see charge_all."""
     async with app.db.acquire() as conn, conn.transaction():
         outcomes, payable = await reserve(conn, booking_ids)
-    outcomes.update(await pay_and_finish(app, payable, patience=app.settings.payment_outage_wait))
+    outcomes.update(await pay_and_finish(app, payable, patience=patience))
     return outcomes
 
 
@@ -95,7 +95,8 @@ async def recover(app: State, booking_ids: list[str]) -> dict[str, Outcome | Non
     rows = await app.db.fetch(MANY, booking_ids)
     pending = [r["id"] for r in rows if r["saga_state"] == "PENDING"]
     if pending:
-        outcomes.update(await run(app, pending))
+        # Recovery does not wait out an outage: its next round comes soon enough.
+        outcomes.update(await run(app, pending, patience=0))
     results: dict[str, PaymentResult] = {}
     unknown: dict[str, Payable] = {}
     for row in rows:
@@ -281,9 +282,6 @@ async def _release_sold(conn: Connection, row: Any) -> None:
     )
 
 
-STRAY = "unconfirmed_charge"
-
-
 async def refund_stray(app: State, booking_id: str, charge: payments.Charge) -> None:
     """A charge the provider took for a booking that failed or was cancelled (found by a
     lookup, or told by a webhook): refunded, as durable intent, unless it is already (a
@@ -336,7 +334,6 @@ async def apply_webhook(app: State, kind: str, obj: dict[str, Any]) -> None:
             booking_id,
         )
     if result is not None:
+        # A charge for a booking that failed or was cancelled meanwhile is refunded by finish.
         outcomes = await finish(app, {booking_id: result})
         await announce_many(app, list(outcomes.values()))
-        if isinstance(result, payments.Charge) and booking_id not in outcomes:
-            await refund_stray(app, booking_id, result)  # the booking ended without it

@@ -23,6 +23,7 @@ from bilten.sagas.steps import (
     PaymentResult,
     fail_many,
     lock_types,
+    outcome_of,
     result_message,
 )
 from bilten.state import State
@@ -60,11 +61,15 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
     booking's amount in its currency; paid after its seats were gone (the payment outlived its
     window). What was taken without a booking to show for it is refunded as durable intent
     (:mod:`bilten.refunds`), carried out once this transaction has committed. Bookings no longer
-    PAYMENT_PENDING are left alone."""
+    PAYMENT_PENDING keep their state and are reported as they are; a charge that comes for one
+    that failed or was cancelled meanwhile is refunded."""
     outcomes: dict[str, Outcome] = {}
     async with app.db.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(MANY_LOCKED, list(results))
-        rows = [r for r in rows if r["saga_state"] == "PAYMENT_PENDING"]
+        locked = await conn.fetch(MANY_LOCKED, list(results))
+        rows = [r for r in locked if r["saga_state"] == "PAYMENT_PENDING"]
+        ended = [r for r in locked if r["saga_state"] != "PAYMENT_PENDING"]
+        for row in ended:
+            outcomes[row["id"]] = outcome_of(row)
         # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats.
         hold_ids = [r["hold_id"] for r in rows]
         kinds = await conn.fetch(
@@ -105,6 +110,13 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
             outcomes[outcome.booking_id] = outcome
         taken = [(r, "seats_lost") for r in lost] + [
             (r, "charge_mismatch") for r in wrong if charges[r["id"]].status == "succeeded"
+        ]
+        taken += [
+            (r, "unconfirmed_charge")
+            for r in ended
+            if r["saga_state"] in ("FAILED", "CANCELLED")
+            and r["id"] in charges
+            and charges[r["id"]].status == "succeeded"
         ]
         await refunds.request(
             conn,

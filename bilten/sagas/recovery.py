@@ -15,7 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
-from bilten import cache, holds, keys, payments, queue, refunds
+from bilten import cache, errors, holds, keys, payments, queue, refunds
 from bilten.sagas import booking
 from bilten.state import State
 from bilten.supervisor import Worker
@@ -24,14 +24,14 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 1.0
 STALE_PENDING = 300  # seconds: a request may wait this long in a long queue
-STALE_PAYMENT = 60  # seconds: longer than a payment call with all its retries
+STALE_PAYMENT = 60  # seconds at the least; see stale_payment
 SETTLE_EVERY = 5  # seconds between lookups of one unsettled payment
 SETTLE_WINDOW = 900  # seconds after a booking was made that a lookup finding nothing is not final
 LOST_AFTER = 3.0  # seconds: an accepted request this old whose Redis status is gone was lost
 REDISPATCH_ROUND = 500  # accepted requests looked at per round
 
 
-async def _claim(app: State, where: str, stale: int, limit: int = 50) -> list[str]:
+async def _claim(app: State, where: str, stale: float, limit: int = 50) -> list[str]:
     rows = await app.db.fetch(
         f"""UPDATE bookings SET updated_at = now()
             WHERE id IN (SELECT id FROM bookings WHERE {where}
@@ -52,16 +52,33 @@ async def sweep_holds(app: State) -> int:
     return len(changed)
 
 
+def stale_payment(app: State) -> float:
+    """How long a booking may stay PAYMENT_PENDING before recovery takes it over: longer than
+    a queue batch waits out a provider outage with all its calls, so that recovery never takes
+    a booking from a worker still charging it."""
+    settings = app.settings
+    calls = settings.payment_timeout * (settings.payment_retries + 1)
+    return max(STALE_PAYMENT, settings.payment_outage_wait + 3 * calls + 30)
+
+
 async def resume_sagas(app: State) -> int:
     ids = await _claim(app, "saga_state = 'PENDING'", STALE_PENDING)
-    ids += await _claim(app, "saga_state IN ('SEATS_RESERVED', 'PAYMENT_PENDING')", STALE_PAYMENT)
-    if not ids:
-        return 0
-    outcomes = [o for o in (await booking.recover(app, ids)).values() if o is not None]
-    await booking.announce_many(app, outcomes)
-    for outcome in outcomes:
+    # SEATS_RESERVED: written by versions before the reserve step went straight on.
+    stale = stale_payment(app)
+    ids += await _claim(app, "saga_state IN ('SEATS_RESERVED', 'PAYMENT_PENDING')", stale)
+    for booking_id in ids:  # each alone: one that keeps failing holds up no other
+        try:
+            outcome = (await booking.recover(app, [booking_id]))[booking_id]
+        except errors.UNAVAILABLE:
+            raise
+        except Exception:
+            log.exception("recovering booking %s failed; it is tried again later", booking_id)
+            continue
+        if outcome is None:
+            continue
+        await booking.announce(app, outcome)
         if outcome.state == "FAILED":
-            await _unclaim(app, outcome.booking_id)
+            await _unclaim(app, booking_id)
     return len(ids)
 
 
@@ -182,16 +199,26 @@ async def redispatch(
     return len(lost)
 
 
+STEPS = (
+    fold_seat_map_commits,
+    sweep_holds,
+    resume_sagas,
+    settle_payments,
+    cancel_for_cancelled_events,
+    refunds.run,
+    redispatch,
+)
+
+
 async def run_once(app: State) -> int:
-    return (
-        await fold_seat_map_commits(app)
-        + await sweep_holds(app)
-        + await resume_sagas(app)
-        + await settle_payments(app)
-        + await cancel_for_cancelled_events(app)
-        + await refunds.run(app)
-        + await redispatch(app)
-    )
+    """One round of every step; a step that fails is logged and the others still run."""
+    done = 0
+    for step in STEPS:
+        try:
+            done += await step(app)
+        except Exception:
+            log.exception("recovery step %s failed", step.__name__)
+    return done
 
 
 def worker(app: State, interval: float = INTERVAL) -> Worker:
