@@ -72,10 +72,6 @@ async def catalog_changed(conn: Connection, event_id: str) -> None:
     await add(conn, "catalog", {"event_id": event_id})
 
 
-async def to_user(conn: Connection, user_id: str, message: dict[str, Any]) -> None:
-    await add(conn, "user", {"user_id": user_id, "message": message})
-
-
 def channel_for(topic: str, payload: dict[str, Any]) -> tuple[str, Any]:
     if topic == "seats":
         return keys.seats_channel(payload["event_id"]), payload

@@ -1,9 +1,9 @@
 """The saga's last step: PAYMENT_PENDING → CONFIRMED, or FAILED with the seats released.
 
 Paid bookings are confirmed together (seats sold, units counted, tickets issued, notices
-queued); refused ones are released together. A payment that outlived its seats is refunded
-after the transaction commits (no provider call runs inside one), and by the settling sweeper
-should that fail.
+queued); refused ones are released together. A payment that outlived its seats is refunded as
+durable intent: recorded in the transaction, made after it commits (no provider call runs
+inside one), and retried by the refund worker should that fail.
 """
 
 from __future__ import annotations
@@ -224,11 +224,13 @@ async def _confirm_many(
                 event_id, [(s["seat_id"], "sold", s["version"]) for s in sold]
             )
     units: dict[str, int] = defaultdict(int)
+    unit_events: set[str] = set()
     for row in ok:
         hold = live[row["hold_id"]]
         if hold["ticket_type_id"]:
             units[hold["ticket_type_id"]] += hold["quantity"]
-            outbox_rows.append(("catalog", {"event_id": row["event_id"]}))
+            unit_events.add(row["event_id"])
+    outbox_rows += [("catalog", {"event_id": e}) for e in sorted(unit_events)]  # one an event
     if units:
         await conn.execute(
             """UPDATE ticket_types t SET held = t.held - u.n, sold = t.sold + u.n,

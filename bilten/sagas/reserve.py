@@ -1,4 +1,4 @@
-"""The saga's first step: PENDING → SEATS_RESERVED → PAYMENT_PENDING, or FAILED.
+"""The saga's first step: PENDING → PAYMENT_PENDING (seats reserved), or FAILED.
 
 The bookings are locked together; every seat they ask for is locked in one statement (in seat
 order, like every claim), then given out all-or-nothing per booking in arrival order (first
@@ -303,7 +303,7 @@ def _json_list(values: list[str]) -> str:
 async def reserve(
     conn: Connection, booking_ids: list[str]
 ) -> tuple[dict[str, Outcome | None], dict[str, Payable]]:
-    """PENDING → SEATS_RESERVED → PAYMENT_PENDING, or FAILED, in the caller's transaction; None
+    """PENDING → PAYMENT_PENDING (seats reserved), or FAILED, in the caller's transaction; None
     for bookings another worker has. Also returns what each booking to charge pays: those just
     reserved, and those a stopped worker left PAYMENT_PENDING (charging again with the same key
     finds the first charge, if there was one)."""
@@ -328,7 +328,7 @@ async def reserve(
             pending_by_event[row["event_id"]].append(row)
     reserved: list[Reserved] = []
     failed: list[tuple[Any, ApiError]] = []
-    for event_id, event_rows in pending_by_event.items():
+    for event_id, event_rows in sorted(pending_by_event.items()):  # events in one order too
         ok, bad = await _reserve_event(conn, event_id, event_rows)
         reserved += ok
         failed += bad

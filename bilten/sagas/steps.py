@@ -1,6 +1,6 @@
 """The booking saga's states, and the pieces every step shares.
 
-PENDING → SEATS_RESERVED → PAYMENT_PENDING → CONFIRMED, else FAILED (CANCELLED after a
+PENDING → PAYMENT_PENDING (seats reserved) → CONFIRMED, else FAILED (CANCELLED after a
 confirmation). Every step takes a list of bookings and moves them in a few set-based statements
 (``unnest``) inside the caller's transaction, while each booking succeeds or fails on its own:
 a queue batch is a list of up to 200, recovery, a webhook or a cancel a list of one. Each step

@@ -2,7 +2,8 @@
 
 All instances form one consumer group. A worker takes an event by a lease (a key with an
 expiry that it renews), so one event's requests are processed in arrival order, while other
-events proceed on other workers. Entries are acknowledged only when their saga has ended. A new
+events proceed on other workers. Entries are acknowledged only when their saga has ended, or
+when it is someone else's to end (another worker's, or recovery's). A new
 lease holder first claims whatever the previous holder left pending (``XAUTOCLAIM``): a dead
 instance loses nothing, and the sagas' own state checks make a second run harmless.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from redis.asyncio.client import Pipeline
 
-from bilten import keys, queue
+from bilten import errors, keys, queue
 from bilten.queue import Entry
 from bilten.state import State
 from bilten.supervisor import Worker
@@ -146,9 +147,12 @@ async def _keep_lease(app: State, lease: str, consumer: str, lost: asyncio.Event
 
 
 async def _finished(batch: asyncio.Task[int]) -> int:
-    """A batch's completion; one that failed leaves its entries pending for the next drain."""
+    """A batch's completion; one that failed leaves its entries pending for the next drain. An
+    outage stops the drain (the worker backs off; the next drain takes those entries first)."""
     try:
         return await batch
+    except errors.UNAVAILABLE:
+        raise
     except Exception:
         log.exception("completing a booking batch failed; its requests stay queued")
         return 0
