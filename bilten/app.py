@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from bilten import (
     cache,
@@ -146,11 +147,28 @@ async def lifespan(
 
 def create_app(settings: Settings) -> Starlette:
     shortcut = [Middleware(Shortcut)] if "realtime" in settings.roles else []
+    # Other sites' pages may call the API only when named (BILTEN_CORS_ORIGINS); bearer tokens,
+    # not cookies, so no credentials are allowed.
+    cors = (
+        [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer"],
+                expose_headers=["X-Request-Id", "Retry-After"],
+                max_age=600,
+            )
+        ]
+        if settings.cors_origins
+        else []
+    )
     return Starlette(
         routes=routes.build(settings.roles),
         middleware=[
             *shortcut,
             Middleware(RequestContext, hsts=settings.public_url.startswith("https://")),
+            *cors,
             Middleware(ApiBudget),
         ],
         exception_handlers=errors.HANDLERS,

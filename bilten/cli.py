@@ -163,6 +163,9 @@ def make_server(
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # A connection idle between requests is closed after this long (a slow client holds
+        # no socket for free; a request itself is bounded by the body limits and timeouts).
+        timeout_keep_alive=5,
         # X-Forwarded-For is believed only from the proxies named in BILTEN_TRUSTED_PROXIES
         # (walking it back from the nearest hop): otherwise any client could pick its own IP.
         proxy_headers=bool(settings.trusted_proxies),

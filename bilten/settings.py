@@ -103,6 +103,7 @@ class Settings:
     ws_max_per_ip: int = 50  # open connections from one client address (more: closed, 4429)
     ws_max_rate: int = 20  # messages a second from one connection, in bursts of twice that
     ws_origins: tuple[str, ...] = ()  # Origin headers allowed to connect; none: any
+    cors_origins: tuple[str, ...] = ()  # sites whose pages may call the API; none: CORS off
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     data_dir: Path = Path(".bilten")
@@ -271,6 +272,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ws_max_message=_int(env, "BILTEN_WS_MAX_MESSAGE", 4096, minimum=64),
         ws_max_per_ip=_int(env, "BILTEN_WS_MAX_PER_IP", 50, minimum=1),
         ws_max_rate=_int(env, "BILTEN_WS_MAX_RATE", 20, minimum=1),
+        cors_origins=tuple(
+            o.strip().rstrip("/")
+            for o in env.get("BILTEN_CORS_ORIGINS", "").split(",")
+            if o.strip()
+        ),
         ws_origins=tuple(
             o.strip().rstrip("/") for o in env.get("BILTEN_WS_ORIGINS", "").split(",") if o.strip()
         ),

@@ -230,3 +230,26 @@ async def test_metrics_only_for_allowed_addresses_or_the_token(settings):
             "/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"}
         )
         assert right.status_code == 200 and b"bilten_" in right.content
+
+
+async def test_cors_is_off_unless_origins_are_named(settings):
+    from tests.test_auth import app_client
+
+    preflight = {
+        "Origin": "https://tickets.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    async with app_client(settings) as c:
+        closed = await c.options("/bookings", headers=preflight)
+        assert "access-control-allow-origin" not in closed.headers
+    named = settings.replace(cors_origins=("https://tickets.example.com",))
+    async with app_client(named) as c:
+        opened = await c.options("/bookings", headers=preflight)
+        assert opened.status_code == 200
+        assert opened.headers["access-control-allow-origin"] == "https://tickets.example.com"
+        other = await c.options(
+            "/bookings", headers={**preflight, "Origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in other.headers
+        assert "access-control-allow-credentials" not in opened.headers

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 LINGER = 15.0  # seconds an empty room keeps its subscription and history
 REPLAY_MAX = 32  # deltas since the shared snapshot a joiner may be sent instead of a fresh one
 TICK = 1.0  # idle sweep and queue-counter broadcast period (at most one broadcast a second)
+RECHECK = 2.0  # seconds "no such event" is answered without asking the database again
 
 
 class Realtime:
@@ -301,6 +302,10 @@ class Realtime:
         """A snapshot every later delta of the room's history follows; None: no such event."""
         if room.opening is not None:
             await asyncio.shield(room.opening)
+        if room.missing and time.monotonic() - room.loaded_at < RECHECK:
+            # Asked again within moments: a stream of subscriptions to an unknown event is
+            # answered from what was just read, not with a query each.
+            return None
         for _ in range(3):
             current = room.snapshot
             if (
@@ -320,6 +325,7 @@ class Realtime:
 
     async def _load(self, app: State, room: Room) -> Snapshot | None:
         mark = room.history.clock
+        room.loaded_at = time.monotonic()
         try:
             encoded = await seatmap.seat_map(app, room.event_id)
         finally:
@@ -344,7 +350,7 @@ class Realtime:
 
     def _vacate(self, room: Room) -> None:
         if room.linger is None:
-            delay = 0.0 if room.missing else self.linger
+            delay = RECHECK if room.missing else self.linger
             room.linger = asyncio.get_running_loop().call_later(delay, self._close_room, room)
 
     def _close_room(self, room: Room) -> None:

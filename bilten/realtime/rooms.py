@@ -48,6 +48,7 @@ class Room:
         "history",
         "joining",
         "linger",
+        "loaded_at",
         "members",
         "missing",
         "opening",
@@ -63,7 +64,8 @@ class Room:
         self.members: set[Connection] = set()
         self.history = History(history)
         self.snapshot: Snapshot | None = None
-        self.missing = False  # no such event (the room goes as soon as it is empty)
+        self.missing = False  # no such event (the room goes soon after it is empty)
+        self.loaded_at = 0.0  # when its event was last read (monotonic)
         self.opening: asyncio.Task[None] | None = None
         self.refreshing: asyncio.Task[Snapshot | None] | None = None
         self.joining = 0  # connections between "subscribe" and membership
