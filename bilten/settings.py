@@ -185,6 +185,11 @@ def parse_roles(raw: str) -> frozenset[str]:
     return roles
 
 
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated origins (scheme://host[:port]), without a trailing slash."""
+    return tuple(o.strip().rstrip("/") for o in env.get(name, "").split(",") if o.strip())
+
+
 def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """Comma-separated addresses or networks (CIDR), each checked."""
     found = []
@@ -272,14 +277,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ws_max_message=_int(env, "BILTEN_WS_MAX_MESSAGE", 4096, minimum=64),
         ws_max_per_ip=_int(env, "BILTEN_WS_MAX_PER_IP", 50, minimum=1),
         ws_max_rate=_int(env, "BILTEN_WS_MAX_RATE", 20, minimum=1),
-        cors_origins=tuple(
-            o.strip().rstrip("/")
-            for o in env.get("BILTEN_CORS_ORIGINS", "").split(",")
-            if o.strip()
-        ),
-        ws_origins=tuple(
-            o.strip().rstrip("/") for o in env.get("BILTEN_WS_ORIGINS", "").split(",") if o.strip()
-        ),
+        cors_origins=_origins(env, "BILTEN_CORS_ORIGINS"),
+        ws_origins=_origins(env, "BILTEN_WS_ORIGINS"),
         ws_idle_timeout=_float(env, "BILTEN_WS_IDLE_TIMEOUT", 120.0),
         ws_ping_interval=_int(env, "BILTEN_WS_PING_INTERVAL", 0, minimum=0),
         ws_history=_int(env, "BILTEN_WS_HISTORY", 256, minimum=1),
