@@ -65,7 +65,7 @@ import websockets
 from redis.asyncio import Redis
 
 from bench.common import ROOT, bilten_process, services
-from bilten import bookings, db, events, keys, payments, queue, tokens, users, venues
+from bilten import bookings, db, events, keys, payments, queue, sealing, tokens, users, venues
 from bilten.sagas.finish import finish
 from bilten.sagas.reserve import reserve
 from bilten.settings import Settings
@@ -870,7 +870,9 @@ async def sql_baseline(
         secret_key=secret_key,
     )
     pool = await db.create_pool(settings)
-    app: Any = types.SimpleNamespace(db=pool, settings=settings, payments=None)
+    app: Any = types.SimpleNamespace(
+        db=pool, settings=settings, payments=None, keyring=sealing.keyring(settings)
+    )
     reserve_time = confirm_time = 0.0
     try:
         orders = await make_orders(pool, database_url, seats, buyer_ids, per_person)
@@ -929,7 +931,9 @@ async def sql_batch_baseline(
         database_url=database_url, db_pool_min=1, db_pool_max=1, secret_key=secret_key
     )
     pool = await db.create_pool(settings)
-    app: Any = types.SimpleNamespace(db=pool, settings=settings, payments=None)
+    app: Any = types.SimpleNamespace(
+        db=pool, settings=settings, payments=None, keyring=sealing.keyring(settings)
+    )
     reserve_time = confirm_time = 0.0
     try:
         orders = await make_orders(pool, database_url, seats, buyer_ids, per_person, create=False)
