@@ -126,6 +126,31 @@ async def claim_seats(
     return items, [(r["seat_id"], "held", r["version"]) for r in claimed]
 
 
+async def tickets_per_person(
+    conn: Connection, event_id: str, user_ids: list[str]
+) -> dict[str, int]:
+    """What each user already holds or bought for the event, for the per-person limit. Their
+    checks are locked until the transaction ends (an advisory lock per user and event, taken in
+    key order): one user's parallel requests cannot pass the limit together."""
+    users = sorted(set(user_ids))
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest($1::text[]) AS k ORDER BY k",
+        [f"{user}:{event_id}" for user in users],
+    )
+    counts = await conn.fetch(
+        """SELECT u.id::text AS user_id,
+                  coalesce((SELECT sum(quantity) FROM holds h WHERE h.user_id = u.id
+                            AND h.event_id = $2 AND h.status = 'active'
+                            AND h.expires_at > now()), 0)
+                + (SELECT count(*) FROM tickets t WHERE t.user_id = u.id AND t.event_id = $2
+                   AND t.status <> 'void') AS n
+           FROM unnest($1::uuid[]) AS u(id)""",
+        users,
+        event_id,
+    )
+    return {r["user_id"]: int(r["n"]) for r in counts}
+
+
 async def claim_units(
     conn: Connection, event_id: str, ticket_type_id: str, quantity: int
 ) -> list[Item]:
@@ -211,17 +236,7 @@ async def create(
     limit = event["max_tickets_per_order"]
     if quantity > limit:
         raise over_order_limit(limit, bool(seat_ids))
-    # The per-user limit counts what the user already holds or bought for this event; a lock
-    # per (user, event) keeps one user's parallel requests from passing it together.
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{user_id}:{event_id}")
-    already = await conn.fetchval(
-        """SELECT coalesce((SELECT sum(quantity) FROM holds WHERE user_id = $1 AND event_id = $2
-                             AND status = 'active' AND expires_at > now()), 0)
-                + (SELECT count(*) FROM tickets WHERE user_id = $1 AND event_id = $2
-                   AND status <> 'void')""",
-        user_id,
-        event_id,
-    )
+    already = (await tickets_per_person(conn, event_id, [user_id]))[user_id]
     if already + quantity > limit:
         raise over_person_limit(limit, already)
     hold_id = str(uuid.uuid4())

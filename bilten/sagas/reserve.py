@@ -128,27 +128,6 @@ async def _adopt_hold(conn: Connection, row: Any, hold_id: str) -> tuple[str, li
     return hold_id, items
 
 
-async def _per_user_room(conn: Connection, event_id: str, rows: list[Any]) -> dict[str, int]:
-    """What each user already holds or bought for the event, their limit checks locked."""
-    users = sorted({row["user_id"] for row in rows})
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest($1::text[]) AS k ORDER BY k",
-        [f"{user}:{event_id}" for user in users],
-    )
-    counts = await conn.fetch(
-        """SELECT u.id::text AS user_id,
-                  coalesce((SELECT sum(quantity) FROM holds h WHERE h.user_id = u.id
-                            AND h.event_id = $2 AND h.status = 'active'
-                            AND h.expires_at > now()), 0)
-                + (SELECT count(*) FROM tickets t WHERE t.user_id = u.id AND t.event_id = $2
-                   AND t.status <> 'void') AS n
-           FROM unnest($1::uuid[]) AS u(id)""",
-        users,
-        event_id,
-    )
-    return {r["user_id"]: int(r["n"]) for r in counts}
-
-
 async def _reserve_event(
     conn: Connection, event_id: str, rows: list[Any]
 ) -> tuple[list[Reserved], list[tuple[Any, ApiError]]]:
@@ -162,7 +141,7 @@ async def _reserve_event(
     # The one lock order (docs/bookings.md): bookings (the caller's), per-person locks, holds,
     # ticket types, seats; each kind all at once, by id. Holds: those taken over, and the
     # expired ones of the unit types asked for (their units are reclaimed by the claims).
-    room = await _per_user_room(conn, event_id, rows)
+    room = await holds.tickets_per_person(conn, event_id, [row["user_id"] for row in rows])
     adopting = sorted({row["request"]["hold_id"] for row in rows if row["request"].get("hold_id")})
     unit_types = sorted(
         {
