@@ -141,6 +141,21 @@ async def test_hostile_bodies_never_5xx_and_never_stall_the_sale(settings):
         assert after < baseline + 1.0
 
 
+async def poisoned(c, auth, event_id, seat):
+    """A request for ``seat`` the database will refuse (NUL in its token), as an older door
+    might have queued it."""
+    return queue.Request(
+        id=str(uuid.uuid4()),
+        user_id=(await c.get("/auth/me", headers=auth)).json()["id"],
+        event_id=event_id,
+        key="poison",
+        digest="x",
+        request={"seat_ids": [seat], "ticket_type_id": None, "quantity": 1},
+        provider="test",
+        token="tok_\x00visa",
+    )
+
+
 async def test_a_request_that_breaks_its_batch_fails_alone(settings):
     """A request the database refuses (written to the queue by an older door that let NUL
     through, say): its batch is split until it is alone; it fails `internal`, its neighbours
@@ -151,16 +166,7 @@ async def test_a_request_that_breaks_its_batch_fails_alone(settings):
         event_id, seats, _, _ = await published_event(c)
         ann, bob, cay = [await buyer(c) for _ in range(3)]
         first = await book(c, ann, {"event_id": event_id, "seat_ids": seats[:1]}, headers={})
-        poison = queue.Request(
-            id=str(uuid.uuid4()),
-            user_id=(await c.get("/auth/me", headers=bob)).json()["id"],
-            event_id=event_id,
-            key="poison",
-            digest="x",
-            request={"seat_ids": seats[1:2], "ticket_type_id": None, "quantity": 1},
-            provider="test",
-            token="tok_\x00visa",
-        )
+        poison = await poisoned(c, bob, event_id, seats[1])
         assert not isinstance(await queue.submit(instance.state.pipeline, poison, 100), queue.Known)
         third = await book(c, cay, {"event_id": event_id, "seat_ids": seats[2:3]}, headers={})
         entries = await queued(instance.state, event_id)
@@ -180,16 +186,7 @@ async def test_a_poisoned_queue_keeps_selling(settings):
     async with running(settings) as (instance, c):
         event_id, seats, _, _ = await published_event(c)
         bob = await buyer(c)
-        poison = queue.Request(
-            id=str(uuid.uuid4()),
-            user_id=(await c.get("/auth/me", headers=bob)).json()["id"],
-            event_id=event_id,
-            key="poison",
-            digest="x",
-            request={"seat_ids": seats[:1], "ticket_type_id": None, "quantity": 1},
-            provider="test",
-            token="tok_\x00visa",
-        )
+        poison = await poisoned(c, bob, event_id, seats[0])
         await queue.submit(instance.state.pipeline, poison, 100)
         after = await timed_booking(c, event_id, seats[1])
         assert after < 3.0
