@@ -176,6 +176,15 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3.6e6}[unit]
 
 
+def _found(pattern: str, out: str) -> str:
+    """A figure from wrk's report; a report without it (no request answered, say) ends the
+    bench with wrk's own words instead of a traceback."""
+    match = re.search(pattern, out)
+    if match is None:
+        raise SystemExit(f"wrk's report has no {pattern!r}; it said:\n{out.strip()}")
+    return match.group(1)
+
+
 def wrk(url: str, *, duration: int, connections: int, threads: int = 1) -> Result:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -186,9 +195,9 @@ def wrk(url: str, *, duration: int, connections: int, threads: int = 1) -> Resul
         check=True,
         timeout=duration + 30,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    rps = float(_found(r"Requests/sec:\s+([\d.]+)", out))
+    p50 = _ms(_found(r"50%\s+(\S+)", out))
+    p99 = _ms(_found(r"99%\s+(\S+)", out))
     errors = 0
     for match in re.finditer(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out):
         if match.group(1):
