@@ -88,7 +88,11 @@ class Settings:
     # How long a queue batch waits out a provider outage (charging again, same key) before its
     # unanswered charges fail `unavailable`; below the 120 s its seats are held for.
     payment_outage_wait: float = 60.0
+    # The test provider's delay: its median, and when a p99 is given a log-normal spread with
+    # that 99th percentile, plus a share of calls that hang until the call's timeout.
     test_payment_latency_ms: int = 0
+    test_payment_latency_p99_ms: int = 0
+    test_payment_hang_share: float = 0.0
     hold_ttl: int = 600
     booking_workers: int = 4  # queue-draining coroutines per instance
     queue_max: int = 10_000  # waiting requests per event before 503
@@ -185,6 +189,28 @@ def parse_roles(raw: str) -> frozenset[str]:
     return roles
 
 
+def _latency(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    """``150`` (every call takes 150 ms) or ``150,2000,0.001`` (median 150 ms, 99th
+    percentile 2 s, one call in a thousand hangs until its timeout)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    parts = [p.strip() for p in raw.split(",")]
+    try:
+        median = int(parts[0])
+        p99 = int(parts[1]) if len(parts) > 1 else 0
+        hangs = float(parts[2]) if len(parts) > 2 else 0.0
+    except ValueError:
+        raise SettingsError(f"{name} must look like 150 or 150,2000,0.001, got {raw!r}") from None
+    if len(parts) > 3 or median < 0 or (p99 and p99 < median) or not 0 <= hangs < 1:
+        raise SettingsError(f"{name} must look like 150 or 150,2000,0.001, got {raw!r}")
+    return {
+        "test_payment_latency_ms": median,
+        "test_payment_latency_p99_ms": p99,
+        "test_payment_hang_share": hangs,
+    }
+
+
 def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """Comma-separated origins (scheme://host[:port]), without a trailing slash."""
     return tuple(o.strip().rstrip("/") for o in env.get(name, "").split(",") if o.strip())
@@ -267,7 +293,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         payment_timeout=_float(env, "BILTEN_PAYMENT_TIMEOUT", 10.0),
         payment_retries=_int(env, "BILTEN_PAYMENT_RETRIES", 3, minimum=0),
         payment_outage_wait=_float(env, "BILTEN_PAYMENT_OUTAGE_WAIT", 60.0),
-        test_payment_latency_ms=_int(env, "BILTEN_TEST_PAYMENT_LATENCY_MS", 0, minimum=0),
+        **_latency(env, "BILTEN_TEST_PAYMENT_LATENCY_MS"),
         hold_ttl=_int(env, "BILTEN_HOLD_TTL", 600, minimum=5),
         booking_workers=_int(env, "BILTEN_BOOKING_WORKERS", 4, minimum=1),
         queue_max=_int(env, "BILTEN_QUEUE_MAX", 10_000, minimum=1),

@@ -836,3 +836,25 @@ def test_empty_secret_never_verifies():
     header = sign_stripe_payload(EVENT, "", NOW)
     with pytest.raises(InvalidSignature):
         verify_stripe_signature(EVENT, header, "", now=NOW)
+
+
+def test_the_test_providers_latency_can_have_a_realistic_tail(redis):
+    from bilten.settings import SettingsError, from_env
+
+    settings = from_env({"BILTEN_TEST_PAYMENT_LATENCY_MS": "150,2000,0.001"})
+    assert (
+        settings.test_payment_latency_ms,
+        settings.test_payment_latency_p99_ms,
+        settings.test_payment_hang_share,
+    ) == (150, 2000, 0.001)
+    for bad in ("fast", "150,100", "150,2000,2", "1,2,0.1,4"):
+        with pytest.raises(SettingsError):
+            from_env({"BILTEN_TEST_PAYMENT_LATENCY_MS": bad})
+    provider = TestProvider(redis, latency_ms=150, p99_ms=2000, hang_share=0.001)
+    delays = sorted(provider.delay() for _ in range(50_000))
+    hangs = sum(d >= 3600 for d in delays)
+    assert 20 <= hangs <= 90  # about 50 in 50,000
+    served = [d for d in delays if d < 3600]
+    assert 0.14 <= served[len(served) // 2] <= 0.16  # the median
+    assert 1.7 <= served[int(len(served) * 0.99)] <= 2.3  # the 99th percentile
+    assert TestProvider(redis, latency_ms=60).delay() == pytest.approx(0.06)

@@ -41,7 +41,12 @@ def provider_from_settings(settings: Settings, redis: Redis) -> ResilientProvide
             timeout=settings.payment_timeout,
         )
     elif settings.payment_provider == "test":
-        inner = TestProvider(redis, latency_ms=settings.test_payment_latency_ms)
+        inner = TestProvider(
+            redis,
+            latency_ms=settings.test_payment_latency_ms,
+            p99_ms=settings.test_payment_latency_p99_ms,
+            hang_share=settings.test_payment_hang_share,
+        )
     else:
         raise ValueError(f"unknown payment provider {settings.payment_provider!r}")
     return ResilientProvider(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import random
 import secrets
 import time
 from typing import Any
@@ -66,10 +68,16 @@ class TestProvider:
     __test__ = False  # not a pytest test class, whatever its name says
     name = "test"
 
-    def __init__(self, redis: Redis, *, latency_ms: int = 0) -> None:
+    def __init__(
+        self, redis: Redis, *, latency_ms: int = 0, p99_ms: int = 0, hang_share: float = 0.0
+    ) -> None:
         self._redis = redis
         self._scripts = AutoPipeline(redis)  # a batch's charges go to Redis together
         self._latency = latency_ms / 1000
+        # A log-normal spread: the median as given, the 99th percentile (2.326 deviations up)
+        # at p99_ms: the long tail real providers have.
+        self._spread = math.log(p99_ms / latency_ms) / 2.326 if p99_ms > latency_ms > 0 else 0.0
+        self._hangs = hang_share
 
     async def charge(self, *, key: str, amount_cents: int, currency: str, token: str) -> Charge:
         await self._pause()
@@ -114,9 +122,15 @@ class TestProvider:
     async def aclose(self) -> None:
         pass  # the Redis client belongs to the caller
 
+    def delay(self) -> float:
+        """Seconds the next call takes; a hang is an hour (the caller's timeout ends it)."""
+        if self._hangs and random.random() < self._hangs:
+            return 3600.0
+        return self._latency * math.exp(self._spread * random.gauss())
+
     async def _pause(self) -> None:
-        if self._latency:
-            await asyncio.sleep(self._latency)
+        if self._latency or self._hangs:
+            await asyncio.sleep(self.delay())
 
     async def _eval(self, script: str, key: str, *args: str | int) -> Any:
         try:
