@@ -66,6 +66,10 @@ class _NoWebSocketLines(logging.Filter):
         message = record.msg
         if not isinstance(message, str):
             return True
+        if message.rstrip().endswith("asyncio.exceptions.CancelledError"):
+            # A second Ctrl-C cancels the app's lifespan on purpose (a forced exit): not an
+            # error, and the traceback Starlette reports for it would only alarm.
+            return False
         return message not in self.QUIET and not message.startswith('%s - "WebSocket')
 
 

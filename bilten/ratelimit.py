@@ -59,6 +59,28 @@ async def enforce(redis: Redis, name: str, subject: str, rate: Rate) -> None:
         raise limited(outcome)
 
 
+Charge = tuple[str, Rate, int]  # limit name, its rate, how much to count
+
+
+async def take_all(redis: Redis, subject: str, charges: list[Charge]) -> None:
+    """Count every charge for ``subject``, all or none: over any limit, what was counted is
+    given back and 429 is raised. A quota, not a throttle: see :func:`give_back`."""
+    taken: list[Charge] = []
+    for charge in charges:
+        name, rate, amount = charge
+        outcome = await hit(redis, name, subject, rate, amount)
+        taken.append(charge)
+        if not outcome.allowed:
+            await give_back(redis, subject, taken)
+            raise limited(outcome)
+
+
+async def give_back(redis: Redis, subject: str, charges: list[Charge]) -> None:
+    """Uncount what :func:`take_all` counted (the work it paid for did not happen)."""
+    for name, rate, amount in charges:
+        await hit(redis, name, subject, rate, -amount)
+
+
 def limited(outcome: Outcome) -> ApiError:
     return ApiError(
         "rate_limited",

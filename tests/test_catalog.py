@@ -838,6 +838,10 @@ async def test_organizers_have_daily_quotas(settings, database_url):
         over = await c.post("/venues", headers=other, json=venue_body(**seats))
         assert over.status_code == 429  # 40 seats would pass the 30 a day
         venue = first.json()["id"]
+        # A refused creation spends nothing: an invalid event leaves the day's one to come.
+        nowhere = [{"name": "Nowhere", "price_cents": 100, "sections": ["No such section"]}]
+        broken = await c.post("/events", headers=org, json=event_body(venue, price_tiers=nowhere))
+        assert broken.status_code == 422 and "section" in broken.text
         made = await c.post("/events", headers=org, json=event_body(venue))
         assert made.status_code == 201, made.text
         assert (await c.post("/events", headers=org, json=event_body(venue))).status_code == 429

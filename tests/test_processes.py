@@ -347,3 +347,18 @@ async def test_a_stop_does_not_wait_for_parked_requests(spawn_server):
         assert response.json()["status"] == "queued"
         assert await asyncio.to_thread(server.process.wait, 10) == 0
         assert time.monotonic() - began < 5
+
+
+def test_ctrl_c_twice_stops_dev_at_once_without_a_traceback(shared_tmp):
+    """An impatient second Ctrl-C forces the exit: everything still stops, and the forced
+    cancellation of the app is no error to report."""
+    data = shared_tmp / "data"
+    log = shared_tmp / "dev.log"
+    proc, _, _ = start_dev(data, log)
+    servers = children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    assert not still_alive(servers)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

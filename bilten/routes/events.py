@@ -163,13 +163,19 @@ async def create_event(request: Request) -> Response:
             raise events.invalid("venue_id", "no such venue")
         if not _may_manage(who, owner):
             raise ApiError("forbidden", "Events can be created only at your own venues.")
-        if who.role != "admin":
-            await ratelimit.enforce(app.redis, "events", who.user_id, app.settings.quota_events)
+        quota: list[ratelimit.Charge] = []
+        if who.role != "admin":  # admins are not limited
+            quota = [("events", app.settings.quota_events, 1)]
+            await ratelimit.take_all(app.redis, who.user_id, quota)
         fields = msgspec.structs.asdict(body)
         fields["price_tiers"] = [msgspec.structs.asdict(t) for t in body.price_tiers]
         fields["ticket_types"] = [msgspec.structs.asdict(t) for t in body.ticket_types]
-        async with conn.transaction():
-            event_id = await events.create(conn, who.user_id, str(body.venue_id), fields)
+        try:
+            async with conn.transaction():
+                event_id = await events.create(conn, who.user_id, str(body.venue_id), fields)
+        except BaseException:
+            await ratelimit.give_back(app.redis, who.user_id, quota)  # nothing was made
+            raise
         event = await events.get(conn, event_id)
     return JSONResponse(event, status_code=201)
 

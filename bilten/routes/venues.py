@@ -66,19 +66,20 @@ async def create_venue(request: Request) -> Response:
         ) from None
     app = state(request)
     seats = sum(row.seats for section in body.sections for row in section.rows)
-    if who.role != "admin" and seats <= venues.MAX_SEATS:  # larger: refused below, uncounted
-        await ratelimit.enforce(app.redis, "venues", who.user_id, app.settings.quota_venues)
-        outcome = await ratelimit.hit(
-            app.redis, "venue_seats", who.user_id, app.settings.quota_seats, amount=seats
-        )
-        if not outcome.allowed:
-            await ratelimit.hit(
-                app.redis, "venue_seats", who.user_id, app.settings.quota_seats, amount=-seats
-            )
-            raise ratelimit.limited(outcome)
-    async with app.db.acquire() as conn:
-        venue_id = await venues.create(conn, who.user_id, msgspec.to_builtins(body))
-        venue = await venues.get(conn, venue_id)
+    quota: list[ratelimit.Charge] = []
+    if who.role != "admin":  # admins are not limited
+        quota = [
+            ("venues", app.settings.quota_venues, 1),
+            ("venue_seats", app.settings.quota_seats, seats),
+        ]
+        await ratelimit.take_all(app.redis, who.user_id, quota)
+    try:
+        async with app.db.acquire() as conn:
+            venue_id = await venues.create(conn, who.user_id, msgspec.to_builtins(body))
+            venue = await venues.get(conn, venue_id)
+    except BaseException:
+        await ratelimit.give_back(app.redis, who.user_id, quota)  # nothing was made
+        raise
     return JSONResponse(venue, status_code=201)
 
 
