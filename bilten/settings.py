@@ -96,6 +96,7 @@ class Settings:
     hold_ttl: int = 600
     booking_workers: int = 4  # queue-draining coroutines per instance
     queue_max: int = 10_000  # waiting requests per event before 503
+    queue_in_flight: int = 8  # batches of one event paying while its next one is reserved
     queue_lease_ms: int = 10_000  # a dead worker's events are taken over after this
     # The WebSocket hub: a connection whose unsent messages reach ws_send_queue is closed (1013).
     ws_send_queue: int = 256
@@ -297,6 +298,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         hold_ttl=_int(env, "BILTEN_HOLD_TTL", 600, minimum=5),
         booking_workers=_int(env, "BILTEN_BOOKING_WORKERS", 4, minimum=1),
         queue_max=_int(env, "BILTEN_QUEUE_MAX", 10_000, minimum=1),
+        queue_in_flight=_int(env, "BILTEN_QUEUE_IN_FLIGHT", 8, minimum=1),
         queue_lease_ms=_int(env, "BILTEN_QUEUE_LEASE_MS", 10_000, minimum=500),
         ws_send_queue=_int(env, "BILTEN_WS_SEND_QUEUE", 256, minimum=1),
         ws_max_subscriptions=_int(env, "BILTEN_WS_MAX_SUBSCRIPTIONS", 20, minimum=1),

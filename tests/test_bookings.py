@@ -978,3 +978,30 @@ async def test_a_batch_longer_than_the_lease_keeps_it_and_a_lost_lease_stops_the
         assert seen == [b"me"]  # renewed all along the first batch
         assert done == 1  # the batch in hand finished; no other began once the lease was gone
         assert len(await queued(app, event_id)) == 1
+
+
+async def test_a_slow_charge_holds_up_only_its_own_batch(settings):
+    """Payments off the ordering path: while the first booking's charge takes three seconds,
+    a later booking of the same event is reserved, paid and confirmed."""
+    import time
+
+    from tests.test_catalog import running
+    from tests.test_payments import FakeStripe
+
+    async with FakeStripe() as fake:
+        own = on_fake_stripe(settings, fake, 30).replace(payment_timeout=10.0)
+        async with running(own) as (_, c):
+            event_id, seats, _, _ = await published_event(c)
+            ann, bob = await buyer(c), await buyer(c)
+            fake.late_by = 3.0
+            fake.script = ["late"]  # the first charge answers after three seconds
+            slow = asyncio.ensure_future(
+                book(c, ann, {"event_id": event_id, "seat_ids": seats[:1]})
+            )
+            await asyncio.sleep(0.3)
+            began = time.monotonic()
+            quick = await book(c, bob, {"event_id": event_id, "seat_ids": seats[1:2]})
+            assert quick.status_code == 201, quick.text
+            assert time.monotonic() - began < 2.0
+            assert not slow.done()  # still paying
+            assert (await slow).status_code == 201

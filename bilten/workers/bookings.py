@@ -34,6 +34,7 @@ Announce = Callable[[Pipeline, list[Any]], None]
 
 
 BATCH = 200
+LOOK_AGAIN = 0.02  # seconds between looks at an empty queue while batches still pay
 IDLE_SLEEP = (0.005, 0.1)
 
 # Delete the lease only if it is still ours.
@@ -68,10 +69,11 @@ async def drain(
     """Process the event's queue while we hold its lease (and until ``stop``, after the batches
     in hand); returns requests finished.
 
-    Two batches overlap: while one pays and finishes, the next one's seats are reserved. It is
-    reserved only after the one before committed its reservations, so what is free goes to
-    requests in arrival order (what the earlier batch's failed payments give back comes free
-    only after that).
+    Payments are off the ordering path: while earlier batches pay and finish, later ones'
+    seats are reserved, each only after the one before committed its reservations, so what is
+    free goes to requests in arrival order (what an earlier batch's failed payments give back
+    comes free only after that). Up to ``queue_in_flight`` batches pay at once; a slow or hung
+    charge holds up its own batch, and the queue only once that many are held up.
     """
     redis = app.redis
     stream = keys.queue(event_id)
@@ -90,7 +92,8 @@ async def drain(
         backlog += queue.parse_entries(answer[1])
         if cursor in (b"0-0", "0-0"):
             break
-    in_flight: asyncio.Task[int] | None = None
+    in_flight: set[asyncio.Task[int]] = set()
+    most = app.settings.queue_in_flight
     lost = asyncio.Event()
     keeper = asyncio.create_task(_keep_lease(app, lease, consumer, lost))
     try:
@@ -103,31 +106,35 @@ async def drain(
                 )
                 batch = queue.parse_entries(read[0][1]) if read else []
             if not batch:
-                if in_flight is None:
+                if not in_flight:
                     break
-                done += await _finished(in_flight)  # new requests may come while it finishes
-                in_flight = None
+                # Earlier batches still pay: look for new requests again in a moment.
+                ready, _ = await asyncio.wait(
+                    in_flight, timeout=LOOK_AGAIN, return_when=asyncio.FIRST_COMPLETED
+                )
+                for finished in ready:
+                    in_flight.discard(finished)
+                    done += await _finished(finished)
                 continue
             rest = await begin(app, batch)
-            if in_flight is not None:
-                done += await _finished(in_flight)
-            in_flight = asyncio.create_task(_complete(app, event_id, batch, rest, announce))
+            in_flight.add(asyncio.create_task(_complete(app, event_id, batch, rest, announce)))
+            while len(in_flight) > most or any(t.done() for t in in_flight):
+                done += await _first_finished(in_flight)
             if stop is not None and stop.is_set():
                 break  # shutting down: what is left stays queued for another worker
         # The lease lost (someone else drains now), the queue empty, or a stop.
-        if in_flight is not None:
-            done += await _finished(in_flight)
-            in_flight = None
+        while in_flight:
+            done += await _first_finished(in_flight)
         return done
     finally:
         keeper.cancel()
-        if in_flight is not None and not in_flight.done():
+        if in_flight:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                in_flight.cancel()  # stopping for good; its entries stay pending
-            # Otherwise an error: the batch in hand still finishes.
-            with contextlib.suppress(BaseException):
-                await in_flight
+                for batch_task in in_flight:
+                    batch_task.cancel()  # stopping for good; their entries stay pending
+            # Otherwise an error: the batches in hand still finish.
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
 
 async def _keep_lease(app: State, lease: str, consumer: str, lost: asyncio.Event) -> None:
@@ -144,6 +151,15 @@ async def _keep_lease(app: State, lease: str, consumer: str, lost: asyncio.Event
         if not renewed:
             lost.set()
             return
+
+
+async def _first_finished(batches: set[asyncio.Task[int]]) -> int:
+    """Wait for one of the batches in hand to complete (whichever does first); how many
+    requests it finished."""
+    ready, _ = await asyncio.wait(batches, return_when=asyncio.FIRST_COMPLETED)
+    finished = ready.pop()
+    batches.discard(finished)
+    return await _finished(finished)
 
 
 async def _finished(batch: asyncio.Task[int]) -> int:
