@@ -67,7 +67,8 @@ async def create_venue(request: Request) -> Response:
     app = state(request)
     seats = sum(row.seats for section in body.sections for row in section.rows)
     quota: list[ratelimit.Charge] = []
-    if who.role != "admin":  # admins are not limited
+    # Admins are not limited; a venue past the size limit is refused below, not counted.
+    if who.role != "admin" and seats <= venues.MAX_SEATS:
         quota = [
             ("venues", app.settings.quota_venues, 1),
             ("venue_seats", app.settings.quota_seats, seats),
