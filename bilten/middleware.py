@@ -58,16 +58,18 @@ def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
 class ApiBudget:
     """The general per-IP request budget of the API, shared by all instances (in Redis).
 
-    Operations endpoints are exempt: load balancers and scrapers poll them.
+    Operations endpoints are exempt (load balancers and scrapers poll them), and so are the web
+    app's page and static files (served from memory; the API calls the page makes count).
     """
 
-    EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs")
+    EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs", "/assets/")
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(self.EXEMPT):
+        path = scope["path"]
+        if scope["type"] == "http" and path != "/" and not path.startswith(self.EXEMPT):
             app = scope["state"]["bilten"]
             rate = app.settings.limit_api_ip
             if rate.limit:

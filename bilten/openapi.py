@@ -71,6 +71,8 @@ def document(routes: Sequence[BaseRoute], *, title: str, version: str) -> dict[s
     types: set[type] = {ErrorBody}
     for path, route in _walk(routes):
         if isinstance(route, Route):
+            if not route.include_in_schema:  # the web app's page and files
+                continue
             methods = sorted(m.lower() for m in (route.methods or ()) if m != "HEAD")
         elif isinstance(route, WebSocketRoute):
             methods = ["get"]

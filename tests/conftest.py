@@ -33,6 +33,8 @@ from bilten import db, embedded, migrations
 from bilten.app import create_app
 from bilten.settings import Rate, Settings
 
+pytest_plugins = ["tests.browser"]
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-key-0123456789abcdef-0123456789abcdef-0123456789abcdef"
 

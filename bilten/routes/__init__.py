@@ -16,11 +16,13 @@ from bilten.routes import (
     tickets,
     users,
     venues,
+    web,
 )
 
 
 def build(roles: Set[str]) -> list[BaseRoute]:
-    """Operations endpoints are always served; the API areas only with the ``api`` role."""
+    """Operations endpoints are always served; the API areas and the web app that calls them
+    only with the ``api`` role."""
     table: list[BaseRoute] = []
     if "api" in roles:
         # Routes are matched in order: the busiest come first (in a sale, booking requests).
@@ -34,6 +36,7 @@ def build(roles: Set[str]) -> list[BaseRoute]:
             *auth.routes,
             *users.routes,
             *realtime.routes,
+            *web.routes,
         ]
     if "realtime" in roles:
         table += realtime.socket_routes
