@@ -326,3 +326,37 @@ async def search(
         cursors.encode(items[-1].starts_at, items[-1].id) if len(rows) > limit and items else None
     )
     return items, next_cursor
+
+
+# --- an organizer's own events --------------------------------------------------------------
+
+
+class OwnEvent(EventSummary, kw_only=True):
+    created_at: datetime
+
+
+_OWN = f"""SELECT {SUMMARY}, e.created_at FROM events e
+    WHERE e.organizer_id = $1 AND ($2::text IS NULL OR e.status = $2)
+      AND ($3::timestamptz IS NULL OR (e.created_at, e.id) < ($3, $4::uuid))
+    ORDER BY e.created_at DESC, e.id DESC LIMIT $5"""
+
+
+async def list_own(
+    conn: Connection, organizer_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[OwnEvent], str | None]:
+    """The organizer's events in every status (drafts too), newest first, a keyset page at a
+    time: the cursor is the last ``(created_at, id)`` seen."""
+    after = cursors.decode(cursor) if cursor else None
+    rows = await conn.fetch(
+        _OWN,
+        organizer_id,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    items = [OwnEvent(**dict(r)) for r in rows[:limit]]
+    next_cursor = (
+        cursors.encode(items[-1].created_at, items[-1].id) if len(rows) > limit and items else None
+    )
+    return items, next_cursor

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from bilten import cursors
 from bilten.db import Connection
 from bilten.errors import ApiError
 
@@ -174,3 +175,40 @@ async def owner_of(conn: Connection, venue_id: str) -> str | None:
     except asyncpg.DataError:
         return None
     return owner
+
+
+class VenueSummary(msgspec.Struct, kw_only=True):
+    """A venue without its layout, for lists."""
+
+    id: str
+    owner_id: str
+    name: str
+    address: str
+    city: str
+    country: str
+    timezone: str
+    seat_count: int
+    created_at: datetime
+
+
+_OWN = """SELECT id::text, owner_id::text, name, address, city, country, timezone, seat_count,
+           created_at FROM venues
+    WHERE owner_id = $1
+      AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3::uuid))
+    ORDER BY created_at DESC, id DESC LIMIT $4"""
+
+
+async def list_own(
+    conn: Connection, owner_id: str, limit: int, cursor: str | None
+) -> tuple[list[VenueSummary], str | None]:
+    """The owner's venues, newest first, a keyset page at a time (the last ``(created_at, id)``
+    seen is the cursor)."""
+    after = cursors.decode(cursor) if cursor else None
+    rows = await conn.fetch(
+        _OWN, owner_id, after[0] if after else None, after[1] if after else None, limit + 1
+    )
+    items = [VenueSummary(**dict(r)) for r in rows[:limit]]
+    next_cursor = (
+        cursors.encode(items[-1].created_at, items[-1].id) if len(rows) > limit and items else None
+    )
+    return items, next_cursor

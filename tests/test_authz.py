@@ -87,6 +87,8 @@ def rows(r: dict[str, str]) -> list[tuple[str, str, str, dict | None, str]]:
         ("GET", "/users/me/profile", "/users/me/profile", None, "uooooo"),
         ("PATCH", "/users/me/profile", "/users/me/profile", {"name": "New Name"}, "uooooo"),
         ("GET", "/users/me/addresses", "/users/me/addresses", None, "uooooo"),
+        ("GET", "/users/me/events", "/users/me/events", None, "uffooo"),
+        ("GET", "/users/me/venues", "/users/me/venues", None, "uffooo"),
         ("POST", "/users/me/addresses", "/users/me/addresses", ADDRESS, "uooooo"),
         (
             "PATCH",

@@ -1,20 +1,23 @@
-"""The signed-in user's profile and addresses. Another user's address is always a 404."""
+"""The signed-in user's profile and addresses (another user's address is always a 404),
+and an organizer's own events and venues."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import openapi, security, users
+from bilten import events, openapi, security, users, venues
 from bilten.errors import ApiError
+from bilten.events import OwnEvent
 from bilten.state import state
 from bilten.users import Address, Profile
-from bilten.wire import JSONResponse, Struct, read_json
+from bilten.venues import VenueSummary
+from bilten.wire import JSONResponse, Struct, read_json, read_query
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Phone = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$")]
@@ -56,6 +59,37 @@ class AddressPatch(Struct, kw_only=True):
 class AddressList(msgspec.Struct, kw_only=True):
     items: list[Address]
     next_cursor: str | None = None
+
+
+class OwnEventPage(msgspec.Struct, kw_only=True):
+    items: list[OwnEvent]
+    next_cursor: str | None
+
+
+class OwnVenuePage(msgspec.Struct, kw_only=True):
+    items: list[VenueSummary]
+    next_cursor: str | None
+
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=100)]
+Cursor = Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class OwnEventQuery(msgspec.Struct, kw_only=True):
+    status: Literal["draft", "published", "cancelled", "completed"] | None = None
+    limit: Limit = 20
+    cursor: Cursor | None = None
+
+
+class PageQuery(msgspec.Struct, kw_only=True):
+    limit: Limit = 20
+    cursor: Cursor | None = None
+
+
+PAGE_PARAMS = (
+    ("limit", "integer", "page size, 1 to 100 (default 20)"),
+    ("cursor", "string", "next_cursor of the previous page"),
+)
 
 
 def _given(patch: msgspec.Struct) -> dict[str, object]:
@@ -149,6 +183,40 @@ async def delete_address(request: Request) -> Response:
     return Response(status_code=204)
 
 
+@openapi.endpoint(
+    summary="My events in every status, drafts included, newest first (organizers).",
+    tag="users",
+    response=OwnEventPage,
+    auth=True,
+    query=(("status", "string", "draft, published, cancelled or completed"), *PAGE_PARAMS),
+    errors=("forbidden", "validation_error"),
+)
+async def list_own_events(request: Request) -> Response:
+    who = security.require(request, "organizer")
+    query = read_query(request, OwnEventQuery)
+    async with state(request).db.acquire() as conn:
+        items, next_cursor = await events.list_own(
+            conn, who.user_id, query.status, query.limit, query.cursor
+        )
+    return JSONResponse(OwnEventPage(items=items, next_cursor=next_cursor))
+
+
+@openapi.endpoint(
+    summary="My venues, newest first, without their layouts (organizers).",
+    tag="users",
+    response=OwnVenuePage,
+    auth=True,
+    query=PAGE_PARAMS,
+    errors=("forbidden", "validation_error"),
+)
+async def list_own_venues(request: Request) -> Response:
+    who = security.require(request, "organizer")
+    query = read_query(request, PageQuery)
+    async with state(request).db.acquire() as conn:
+        items, next_cursor = await venues.list_own(conn, who.user_id, query.limit, query.cursor)
+    return JSONResponse(OwnVenuePage(items=items, next_cursor=next_cursor))
+
+
 routes = [
     Route("/users/me/profile", get_profile, methods=["GET"]),
     Route("/users/me/profile", patch_profile, methods=["PATCH"]),
@@ -156,4 +224,6 @@ routes = [
     Route("/users/me/addresses", add_address, methods=["POST"]),
     Route("/users/me/addresses/{address_id:uuid}", patch_address, methods=["PATCH"]),
     Route("/users/me/addresses/{address_id:uuid}", delete_address, methods=["DELETE"]),
+    Route("/users/me/events", list_own_events, methods=["GET"]),
+    Route("/users/me/venues", list_own_venues, methods=["GET"]),
 ]
