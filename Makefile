@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/bilten dev
+	$(BIN)/bilten dev --seed-demo
 
 test: install
 	$(BIN)/python -m pytest

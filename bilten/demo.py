@@ -1,4 +1,9 @@
-"""``bilten seed-demo``: an organizer, a venue and a published event to click around in."""
+"""``bilten seed-demo``: an organizer, a venue and a published event to click around in.
+
+The venue has 464 seats in four sections (three side by side, a balcony behind) at three price
+tiers, and the event sells 300 standing tickets too. ``make run`` seeds it (``bilten dev
+--seed-demo``), so the web app opens onto something to look at.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,10 @@ from bilten.settings import Settings
 EMAIL = "demo@bilten.test"
 PASSWORD = "demo password"
 TITLE = "Bilten Demo Night"
+
+
+def _rows(labels: str, seats: int) -> list[dict[str, object]]:
+    return [{"label": label, "seats": seats} for label in labels]
 
 
 async def seed(conn: Connection, settings: Settings) -> tuple[str, bool]:
@@ -44,8 +53,10 @@ async def seed(conn: Connection, settings: Settings) -> tuple[str, bool]:
                 "country": "NO",
                 "timezone": "Europe/Oslo",
                 "sections": [
-                    {"name": "Stalls", "rows": [{"label": r, "seats": 15} for r in "ABCDEFGHIJ"]},
-                    {"name": "Balcony", "rows": [{"label": r, "seats": 10} for r in "KLMNO"]},
+                    {"name": "Left", "x": 0, "y": 0, "rows": _rows("ABCDEFGHIJ", 8)},
+                    {"name": "Centre", "x": 10, "y": 0, "rows": _rows("ABCDEFGHIJ", 16)},
+                    {"name": "Right", "x": 28, "y": 0, "rows": _rows("ABCDEFGHIJ", 8)},
+                    {"name": "Balcony", "x": 6, "y": 13, "rows": _rows("KLMNOP", 24)},
                 ],
             },
         )
@@ -63,7 +74,8 @@ async def seed(conn: Connection, settings: Settings) -> tuple[str, bool]:
                 "currency": "EUR",
                 "max_tickets_per_order": 8,
                 "price_tiers": [
-                    {"name": "Stalls", "price_cents": 4500, "sections": ["Stalls"]},
+                    {"name": "Premium", "price_cents": 6500, "sections": ["Centre"]},
+                    {"name": "Stalls", "price_cents": 4500, "sections": ["Left", "Right"]},
                     {"name": "Balcony", "price_cents": 2500, "sections": ["Balcony"]},
                 ],
                 "ticket_types": [{"name": "Standing", "price_cents": 1500, "capacity": 300}],

@@ -68,8 +68,11 @@ class ApiBudget:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        if scope["type"] == "http" and path != "/" and not path.startswith(self.EXEMPT):
+        if (
+            scope["type"] == "http"
+            and scope["path"] != "/"
+            and not scope["path"].startswith(self.EXEMPT)
+        ):
             app = scope["state"]["bilten"]
             rate = app.settings.limit_api_ip
             if rate.limit:

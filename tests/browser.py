@@ -32,24 +32,6 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    path = chromium_path()
-    if path is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (make install)")
-    with sync_playwright() as driver:
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        browser = driver.chromium.launch(executable_path=path, headless=True, args=args)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 @dataclass
 class Site:
     """A running instance and helpers to make users on it through the API."""
@@ -87,6 +69,27 @@ def site(spawn_server: Any) -> Site:
         BILTEN_ARGON2_TIME_COST="1",
     )
     return Site(server.url)
+
+
+@pytest.fixture
+def chromium(site: Site) -> Iterator[Any]:
+    """A headless Chromium, started after the test's server: while playwright's synchronous
+    API is active its event loop counts as running, so the asyncio fixtures the server needs
+    (databases, Redis) must be set up before it starts and torn down after it stops."""
+    path = chromium_path()
+    if path is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (make install)")
+    with sync_playwright() as driver:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        browser = driver.chromium.launch(executable_path=path, headless=True, args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def sign_in(page: Any, site: Site, who: dict[str, Any]) -> None:

@@ -86,11 +86,15 @@ function connect() {
   });
 }
 
-/** Follow a room (``event:<id>``): its seat changes arrive as ``seats`` messages. */
-export function join(room) {
+/**
+ * Follow a room (``event:<id>``): its seat changes arrive as ``seats`` messages. ``version``:
+ * the seat-map version the page already holds (from GET /events/{id}/seats), so that only
+ * later changes are sent.
+ */
+export function join(room, version = 0) {
   wanted = true;
   if (!rooms.has(room)) {
-    rooms.set(room, { version: 0 });
+    rooms.set(room, { version });
     sendJson(subscribeMessage(room));
   }
   connect();

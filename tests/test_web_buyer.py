@@ -1,0 +1,235 @@
+"""The buyer's pages in a real browser: live seat map, hold, payment, tickets, bookings.
+
+Two browser contexts watch one event: what one buyer does shows in the other's seat map
+without a reload. A 10,000-seat map is drawn and kept live within the page's budgets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.browser import Site, shoot, sign_in, watch_console
+from tests.catalog_helpers import event_body, venue_body
+
+pytestmark = pytest.mark.slow
+
+# Records when each WebSocket message arrives, before the page's own listeners run.
+SOCKET_CLOCK = """
+window.__lastMessage = 0;
+const Native = window.WebSocket;
+window.WebSocket = class extends Native {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("message", () => { window.__lastMessage = performance.now(); });
+  }
+};
+"""
+
+
+def published_event(site: Site, **venue: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An organizer and a published event at a new venue (``venue`` overrides its body)."""
+    organizer = site.register("organizer")
+    place = site.api("POST", "/venues", organizer, json=venue_body(**venue))
+    sections = [s["name"] for s in venue.get("sections", [])] or ["Stalls", "Balcony"]
+    body = event_body(
+        place["id"],
+        price_tiers=[{"name": "Main", "price_cents": 4000, "sections": sections}],
+        ticket_types=[{"name": "Standing", "price_cents": 2000, "capacity": 20}],
+        max_tickets_per_order=6,
+    )
+    event = site.api("POST", "/events", organizer, json=body)
+    site.api("POST", f"/events/{event['id']}/publish", organizer)
+    return organizer, event
+
+
+def seat(page: Any, seat_id: str) -> Any:
+    return page.locator(f'circle.seat[data-id="{seat_id}"]')
+
+
+def test_a_hold_and_a_sale_show_live_in_another_window(chromium, site):
+    _, event = published_event(site)
+    seats = site.api("GET", f"/events/{event['id']}/seats")["seats"]
+    target = seats[3]
+    buyer = site.register(name="Ann")
+    watcher = site.register(name="Bob")
+
+    one = chromium.new_context(viewport={"width": 1280, "height": 860})
+    other = chromium.new_context(viewport={"width": 1280, "height": 860})
+    try:
+        page = one.new_page()
+        seen = other.new_page()
+        problems = watch_console(page) + watch_console(seen)
+        sign_in(page, site, buyer)
+        sign_in(seen, site, watcher)
+        for p in (page, seen):
+            p.goto(f"{site.url}/#/events/{event['id']}")
+            p.locator("circle.seat").first.wait_for()
+            p.locator("#live-status[data-state=live]").wait_for()
+        assert seat(seen, target["id"]).get_attribute("data-status") == "available"
+
+        seat(page, target["id"]).click()
+        assert "selected" in (seat(page, target["id"]).get_attribute("class") or "")
+        page.get_by_role("button", name="Hold seats").click()
+        page.locator(".countdown").wait_for()
+        # The other window sees the seat held, without a reload.
+        seat(seen, target["id"]).and_(seen.locator("[data-status=held]")).wait_for(timeout=3000)
+        countdown = page.locator(".countdown").inner_text()
+        assert countdown.startswith(("9:", "10:", "4:", "5:")), countdown
+        shoot(page, "event-held")
+
+        page.get_by_role("button", name="Pay").click()
+        page.get_by_text("You have tickets").wait_for(timeout=15000)
+        confirmed = time.monotonic()
+        seat(seen, target["id"]).and_(seen.locator("[data-status=sold]")).wait_for(timeout=3000)
+        assert time.monotonic() - confirmed < 1.0
+        # The QR code of the new ticket is shown at once.
+        qr = page.locator("figure.ticket img")
+        qr.first.wait_for()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('figure.ticket img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+        shoot(page, "event-confirmed")
+        shoot(seen, "event-watching")
+
+        # My tickets: the ticket with its QR code; my bookings: the confirmed booking.
+        page.goto(f"{site.url}/#/tickets")
+        page.locator("figure.ticket img[src^='blob:']").wait_for()
+        assert target["label"] in page.locator("figure.ticket").first.inner_text()
+        shoot(page, "my-tickets")
+        page.goto(f"{site.url}/#/bookings")
+        page.locator("article.booking .badge.confirmed").wait_for()
+        shoot(page, "my-bookings")
+        assert problems == []
+    finally:
+        one.close()
+        other.close()
+
+
+def test_a_declined_card_shows_the_api_error_and_frees_the_seat(chromium, site):
+    _, event = published_event(site)
+    target = site.api("GET", f"/events/{event['id']}/seats")["seats"][0]
+    buyer = site.register()
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        problems = watch_console(page)
+        sign_in(page, site, buyer)
+        page.goto(f"{site.url}/#/events/{event['id']}")
+        seat(page, target["id"]).click()
+        page.get_by_role("button", name="Hold seats").click()
+        page.get_by_label("Test card").select_option("tok_chargeDeclined")
+        page.get_by_role("button", name="Pay").click()
+        error = page.locator(".error[data-code=payment_declined]")
+        error.wait_for(timeout=15000)
+        assert "declined" in error.inner_text().lower()
+        seat(page, target["id"]).and_(page.locator("[data-status=available]")).wait_for()
+        page.get_by_role("button", name="Hold seats").wait_for()
+        assert problems == []
+    finally:
+        context.close()
+
+
+def test_seats_are_chosen_from_the_keyboard(chromium, site):
+    _, event = published_event(site)
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        sign_in(page, site, site.register())
+        page.goto(f"{site.url}/#/events/{event['id']}")
+        page.locator("circle.seat").first.wait_for()
+        page.locator("svg.seatmap").focus()
+        readout = page.locator("#seat-readout")
+        first = readout.inner_text()
+        assert "available" in first
+        page.keyboard.press("ArrowRight")
+        second = readout.inner_text()
+        assert second != first
+        page.keyboard.press("Enter")
+        assert "your choice" in readout.inner_text()
+        assert page.locator("circle.seat.selected").count() == 1
+        assert second.split(",")[0] in page.locator(".basket").inner_text()
+        page.keyboard.press("Space")
+        assert page.locator("circle.seat.selected").count() == 0
+    finally:
+        context.close()
+
+
+def test_general_admission_is_held_and_bought_by_quantity(chromium, site):
+    _, event = published_event(site)
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        sign_in(page, site, site.register())
+        page.goto(f"{site.url}/#/events/{event['id']}")
+        page.get_by_label("Quantity").fill("3")
+        assert "60.00" in page.locator(".basket").inner_text()
+        page.get_by_role("button", name="Hold seats").click()
+        page.get_by_role("button", name="Pay").click()
+        page.get_by_text("You have tickets").wait_for(timeout=15000)
+        assert page.locator("figure.ticket").count() == 3
+        detail = site.api("GET", f"/events/{event['id']}")
+        assert detail["ticket_types"][0]["remaining"] == 17
+    finally:
+        context.close()
+
+
+def test_a_ten_thousand_seat_map_paints_fast_and_stays_live(chromium, site):
+    sections = [
+        {"name": f"Block {n}", "rows": [{"label": f"R{r}", "seats": 50} for r in range(50)]}
+        for n in range(4)
+    ]
+    organizer, event = published_event(site, sections=sections)
+    seats = site.api("GET", f"/events/{event['id']}/seats")["seats"]
+    assert len(seats) == 10_000
+    buyer = site.register()
+    context = chromium.new_context(viewport={"width": 1280, "height": 860})
+    try:
+        page = context.new_page()
+        page.add_init_script(SOCKET_CLOCK)
+        problems = watch_console(page)
+        page.goto(f"{site.url}/#/")
+        page.locator("html[data-ready]").wait_for()
+        began = page.evaluate("performance.now()")
+        page.evaluate(f"location.hash = '/events/{event['id']}'")
+        page.wait_for_function(
+            "() => document.querySelectorAll('circle.seat').length === 10000"
+        )
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        painted = page.evaluate("performance.now()") - began
+        assert painted < 2000, f"first paint of 10,000 seats took {painted:.0f} ms"
+        page.locator("#live-status[data-state=live]").wait_for()
+
+        # A seat held elsewhere: the time from the socket message to the changed circle.
+        target = seats[5_000]["id"]
+        page.evaluate(
+            """(id) => {
+                window.__applied = null;
+                const node = document.querySelector(`circle.seat[data-id="${id}"]`);
+                new MutationObserver(() => { window.__applied = performance.now(); })
+                    .observe(node, { attributes: true, attributeFilter: ["data-status"] });
+            }""",
+            target,
+        )
+        sent = time.monotonic()
+        site.api("POST", "/holds", buyer, json={"event_id": event["id"], "seat_ids": [target]})
+        page.wait_for_function("() => window.__applied !== null", timeout=3000)
+        end_to_end = time.monotonic() - sent
+        applied = page.evaluate("window.__applied - window.__lastMessage")
+        print(f"10,000 seats: first paint {painted:.0f} ms, delta applied in {applied:.1f} ms")
+        assert 0 <= applied < 100, f"a delta took {applied:.1f} ms to apply"
+        assert end_to_end < 1.5
+
+        # Still interactive: zoom and a click on a seat answer at once.
+        page.get_by_role("button", name="Zoom in").click()
+        free = seats[9_999]["id"]
+        page.get_by_role("button", name="Show the whole map").click()
+        seat(page, free).click()
+        assert "selected" in (seat(page, free).get_attribute("class") or "")
+        shoot(page, "event-10k")
+        assert problems == []
+    finally:
+        context.close()
