@@ -307,6 +307,7 @@ def ready_banner(settings: Settings, sock: socket.socket, found: embedded.Embedd
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     lines = [
         f"Bilten is ready at {url}",
+        f"  web app   {url}/",
         f"  API docs  {url}/docs",
         f"  data      {settings.data_dir}",
     ]

@@ -125,6 +125,11 @@ def make_run(clone: Path, env: dict[str, str], user: str | None = None) -> None:
         assert str(clone / ".bilten") in output
         assert "Ctrl-C" in output
         assert httpx.get(base + "/docs", timeout=5).status_code == 200
+        # The web app opens onto the demo event.
+        page = httpx.get(base + "/", timeout=5)
+        assert page.status_code == 200 and "/assets/" in page.text, page.text[:500]
+        listed = httpx.get(base + "/events", timeout=5).json()["items"]
+        assert [e["title"] for e in listed] == ["Bilten Demo Night"], listed
         running = descendants(make.pid)
         lines = [command_line(pid) for pid in running]
         assert any("bin/postgres" in line for line in lines), lines

@@ -16,13 +16,16 @@ from tests.catalog_helpers import event_body, venue_body
 
 pytestmark = pytest.mark.slow
 
-# Records when each WebSocket message arrives, before the page's own listeners run.
+# Keeps the page's sockets where a test can close them, and records when each message arrives
+# (before the page's own listeners run).
 SOCKET_CLOCK = """
 window.__lastMessage = 0;
+window.__sockets = [];
 const Native = window.WebSocket;
 window.WebSocket = class extends Native {
   constructor(...args) {
     super(...args);
+    window.__sockets.push(this);
     this.addEventListener("message", () => { window.__lastMessage = performance.now(); });
   }
 };
@@ -230,6 +233,56 @@ def test_a_ten_thousand_seat_map_paints_fast_and_stays_live(chromium, site):
         seat(page, free).click()
         assert "selected" in (seat(page, free).get_attribute("class") or "")
         shoot(page, "event-10k")
+        assert problems == []
+    finally:
+        context.close()
+
+
+def test_changes_missed_while_disconnected_arrive_after_the_reconnect(chromium, site):
+    _, event = published_event(site)
+    seats = site.api("GET", f"/events/{event['id']}/seats")["seats"]
+    buyer = site.register()
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        page.add_init_script(SOCKET_CLOCK)
+        problems = watch_console(page)
+        page.goto(f"{site.url}/#/events/{event['id']}")
+        page.locator("#live-status[data-state=live]").wait_for()
+        # The socket drops; a seat is held meanwhile; the page reconnects and catches up.
+        page.evaluate("() => window.__sockets.at(-1).close()")
+        page.locator("#live-status[data-state=reconnecting]").wait_for()
+        site.api("POST", "/holds", buyer, json={"event_id": event["id"], "seat_ids": [seats[1]["id"]]})
+        page.locator("#live-status[data-state=live]").wait_for(timeout=10000)
+        seat(page, seats[1]["id"]).and_(page.locator("[data-status=held]")).wait_for(timeout=3000)
+        # And live changes keep coming on the new socket.
+        site.api("POST", "/holds", buyer, json={"event_id": event["id"], "seat_ids": [seats[2]["id"]]})
+        seat(page, seats[2]["id"]).and_(page.locator("[data-status=held]")).wait_for(timeout=3000)
+        assert page.evaluate("() => window.__sockets.length") == 2
+        assert problems == []
+    finally:
+        context.close()
+
+
+def test_the_queue_position_shows_while_the_booking_waits(chromium, site, spawn_server):
+    slow = Site(spawn_server(BILTEN_TEST_PAYMENT_LATENCY_MS="2500", BILTEN_LIMIT_API_IP="0/60").url)
+    _, event = published_event(slow)
+    seats = slow.api("GET", f"/events/{event['id']}/seats")["seats"]
+    buyer = slow.register()
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        problems = watch_console(page)
+        sign_in(page, slow, buyer)
+        page.goto(f"{slow.url}/#/events/{event['id']}")
+        seat(page, seats[0]["id"]).click()
+        page.get_by_role("button", name="Hold seats").click()
+        page.get_by_role("button", name="Pay").click()
+        position = page.locator(".position")
+        position.wait_for()
+        assert position.inner_text().strip().isdigit()
+        shoot(page, "event-queued")
+        page.get_by_text("You have tickets").wait_for(timeout=15000)
         assert problems == []
     finally:
         context.close()

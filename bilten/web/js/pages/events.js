@@ -30,12 +30,7 @@ export async function render(root, { query: params }) {
     { class: "row", role: "search", "aria-label": "Search events" },
     field("Search", h("input", { name: "q", type: "search", value: filters.q || "", placeholder: "Title or description" })),
     field("City", h("input", { name: "city", value: filters.city || "" })),
-    field(
-      "Category",
-      h("select", { name: "category" }, ["", "concert", "theatre", "sport", "comedy", "conference", "festival", "other"].map((c) =>
-        h("option", { value: c, selected: c === (filters.category || "") }, c || "Any")),
-      ),
-    ),
+    field("Category", h("input", { name: "category", value: filters.category || "" })),
     h("div", { class: "field" }, h("button", { type: "submit" }, "Search")),
   );
   const list = h("div", { class: "grid", "aria-live": "polite" });
