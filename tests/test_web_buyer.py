@@ -65,6 +65,9 @@ def test_a_hold_and_a_sale_show_live_in_another_window(chromium, site):
         page = one.new_page()
         seen = other.new_page()
         problems = watch_console(page) + watch_console(seen)
+        page.goto(f"{site.url}/")
+        page.locator(".event-card").first.wait_for()
+        shoot(page, "events")
         sign_in(page, site, buyer)
         sign_in(seen, site, watcher)
         for p in (page, seen):
@@ -132,6 +135,37 @@ def test_a_declined_card_shows_the_api_error_and_frees_the_seat(chromium, site):
         seat(page, target["id"]).and_(page.locator("[data-status=available]")).wait_for()
         page.get_by_role("button", name="Hold seats").wait_for()
         assert problems == []
+    finally:
+        context.close()
+
+
+def test_sign_up_shows_the_api_errors_and_then_signs_in(chromium, site):
+    taken = site.register()
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        problems = watch_console(page)
+        page.goto(f"{site.url}/#/signup")
+        page.get_by_label("Name").fill("Cleo")
+        page.get_by_label("Email").fill(taken["email"])
+        page.get_by_label("Password").fill("short")
+        page.get_by_role("button", name="Create account").click()
+        error = page.locator(".error[data-code=validation_error]")
+        error.wait_for()
+        assert "password" in error.inner_text()
+        shoot(page, "sign-up-error")
+        page.get_by_label("Password").fill("a long enough password")
+        page.get_by_role("button", name="Create account").click()
+        page.locator(".error[data-code=email_taken]").wait_for()
+        page.get_by_label("Email").fill(f"new-{taken['email']}")
+        page.get_by_role("button", name="Create account").click()
+        page.get_by_role("button", name="Sign out").wait_for()
+        assert "Cleo" in page.locator("#nav").inner_text()
+        # A reload keeps the tab's session (the refresh token is in sessionStorage).
+        page.reload()
+        page.get_by_role("button", name="Sign out").wait_for()
+        # The browser logs each 4xx answer; nothing else may appear.
+        assert [p for p in problems if "Failed to load resource" not in p] == []
     finally:
         context.close()
 
