@@ -8,7 +8,7 @@ an error, so the spec cannot silently fall behind the code.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -66,7 +66,14 @@ def _json_schema_type(t: type | None) -> dict[str, Any]:
     return {} if t is None else {"$ref": f"#/components/schemas/{t.__name__}"}
 
 
-def document(routes: Sequence[BaseRoute], *, title: str, version: str) -> dict[str, Any]:
+def document(
+    routes: Sequence[BaseRoute],
+    *,
+    title: str,
+    version: str,
+    examples: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``examples``: a request body to show for each body type, by the type's name."""
     paths: dict[str, dict[str, Any]] = {}
     types: set[type] = {ErrorBody}
     for path, route in _walk(routes):
@@ -83,7 +90,9 @@ def document(routes: Sequence[BaseRoute], *, title: str, version: str) -> dict[s
             raise UndocumentedRoute(f"route {path} has no @endpoint declaration")
         template = _PARAM.sub(r"{\1}", path)
         for method in methods:
-            paths.setdefault(template, {})[method] = _operation(operation, template, method, types)
+            paths.setdefault(template, {})[method] = _operation(
+                operation, template, method, types, examples or {}
+            )
     schemas = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )[1]
@@ -100,7 +109,9 @@ def document(routes: Sequence[BaseRoute], *, title: str, version: str) -> dict[s
     }
 
 
-def _operation(op: Operation, template: str, method: str, types: set[type]) -> dict[str, Any]:
+def _operation(
+    op: Operation, template: str, method: str, types: set[type], examples: Mapping[str, Any]
+) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in _PARAM.findall(template)
@@ -145,10 +156,10 @@ def _operation(op: Operation, template: str, method: str, types: set[type]) -> d
         result["parameters"] = params
     if op.body is not None:
         types.add(op.body)
-        result["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": _json_schema_type(op.body)}},
-        }
+        media: dict[str, Any] = {"schema": _json_schema_type(op.body)}
+        if op.body.__name__ in examples:
+            media["example"] = examples[op.body.__name__]
+        result["requestBody"] = {"required": True, "content": {"application/json": media}}
     if op.auth:
         result["security"] = [{"bearer": []}]
     return result

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 
-from bilten import routes
+from bilten import docs_ui, routes
 from bilten.routes import web
 from tests.catalog_helpers import admin_signed_in, event_body, png, register, venue_body
 from tests.test_bookings import book
@@ -110,6 +110,7 @@ def rows(r: dict[str, str]) -> list[tuple[str, str, str, dict | None, str]]:
         ("GET", "/metrics", "/metrics", None, "oooooo"),
         ("GET", "/openapi.json", "/openapi.json", None, "oooooo"),
         ("GET", "/docs", "/docs", None, "oooooo"),
+        ("GET", "/docs/assets/{digest}/{path}", f"{docs_ui.PREFIX}/docs.js", None, "oooooo"),
         ("GET", "/", "/", None, "oooooo"),
         ("GET", "/assets/{digest}/{path:path}", f"{web.PREFIX}/js/main.js", None, "oooooo"),
         # Last: it voids the ticket the rows above use.

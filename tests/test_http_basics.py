@@ -197,16 +197,11 @@ async def test_every_answer_carries_security_headers(client):
 
 
 async def test_the_docs_page_may_run_only_its_own_script(client):
-    import base64
-    import hashlib
-    import re
-
     page = await client.get("/docs")
     policy = page.headers["content-security-policy"]
     assert "'unsafe-inline'" not in policy
-    script = re.search(rb"<script>(.*?)</script>", page.content, re.S)[1]
-    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
-    assert f"script-src 'sha256-{digest}'" in policy
+    assert "script-src 'self';" in policy
+    assert b"<script>" not in page.content
 
 
 async def test_https_sites_send_hsts(settings):

@@ -1,15 +1,18 @@
 """Health, readiness, metrics and the OpenAPI document."""
 
 import re
+from datetime import UTC, datetime
 
+import msgspec
 import pytest
 from asgi_lifespan import LifespanManager
 from httpx import ASGITransport, AsyncClient
 from starlette.routing import Route
 
-from bilten import openapi
+from bilten import docs_ui, openapi
 from bilten.app import create_app
 from bilten.openapi import UndocumentedRoute
+from bilten.settings import Settings
 
 
 async def test_health(client):
@@ -90,12 +93,10 @@ async def test_openapi_describes_every_route(client):
 
 
 def create_app_routes():
-    from bilten.settings import Settings
-
     app = create_app(Settings())
     found = {}
     for route in app.routes:
-        if isinstance(route, Route):
+        if isinstance(route, Route) and route.include_in_schema:  # not the pages' files
             methods = {m.lower() for m in route.methods or ()} - {"head"}
             found[re.sub(r"{([^}:]+)(:[^}]+)?}", r"{\1}", route.path)] = methods
     return found
@@ -135,9 +136,49 @@ def test_path_parameters_and_bodies_are_described():
     assert spec["components"]["schemas"]["Thing"]["required"] == ["name"]
 
 
-async def test_docs_page_needs_no_outside_resources(client):
-    response = await client.get("/docs")
-    assert response.status_code == 200
-    assert "text/html" in response.headers["content-type"]
-    assert "/openapi.json" in response.text
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", response.text)
+async def test_docs_page_and_its_files_come_from_here_under_a_strict_policy(client):
+    page = await client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["cache-control"] == "no-cache"
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "style-src 'self';" in policy
+    assert "unsafe" not in policy and "http" not in policy and "*" not in policy
+    assert "/openapi.json" in page.text
+    assert not re.search(r"<script>|<style|\sstyle=", page.text), "inline script or style"
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)
+    assets = re.findall(r"""(?:src|href)="(/docs/assets/[^"]+)\"""", page.text)
+    names = {path.rsplit("/", 1)[1] for path in assets}
+    assert names >= {"swagger-ui-bundle.js", "swagger-ui.css", "docs.js", "docs.css"}
+    for path in assets:
+        assert path.startswith(docs_ui.PREFIX + "/")
+        asset = await client.get(path)
+        assert asset.status_code == 200, path
+        assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert asset.headers["content-security-policy"] == policy
+        assert asset.content == docs_ui.FILES[path.rsplit("/", 1)[1]][0]
+    # Another release's page (a rolling restart) gets this one's files, not kept.
+    other = await client.get("/docs/assets/0123456789abcdef/docs.js")
+    assert other.status_code == 200 and other.headers["cache-control"] == "no-cache"
+    assert (await client.get(f"{docs_ui.PREFIX}/nothing.js")).status_code == 404
+
+
+async def test_every_request_body_has_an_example_of_its_type(client):
+    bodies = {}
+    for route in create_app(Settings()).routes:
+        operation = getattr(getattr(route, "endpoint", None), "__openapi__", None)
+        if operation is not None and operation.body is not None:
+            bodies[operation.body.__name__] = operation.body
+    spec = (await client.get("/openapi.json")).json()
+    shown = set()
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if "requestBody" in operation:
+                media = operation["requestBody"]["content"]["application/json"]
+                assert "example" in media, f"{method.upper()} {path} has no example"
+                name = media["schema"]["$ref"].rsplit("/", 1)[1]
+                msgspec.convert(media["example"], bodies[name])  # raises when it does not fit
+                shown.add(name)
+    assert shown == set(bodies)
+    event = spec["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]
+    assert event["example"]["starts_at"] > datetime.now(UTC).isoformat()

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
+import datetime
 import hmac
 import ipaddress
-import re
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Literal
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import __version__, metrics, openapi
+from bilten import __version__, docs_ui, metrics, openapi
+from bilten.docs_ui.examples import request_examples
 from bilten.errors import ApiError
 from bilten.state import state
 from bilten.wire import JSONResponse
@@ -36,23 +34,8 @@ class Ready(msgspec.Struct, kw_only=True):
 
 
 _OK = Health(status="ok")
-_DOCS_PAGE = (Path(__file__).parent / "docs.html").read_bytes()
-
-
-def _inline_hashes(page: bytes, tag: bytes) -> str:
-    """CSP sources allowing exactly the page's inline ``tag`` blocks, by their hashes."""
-    blocks = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.S)
-    return " ".join(
-        f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'" for b in blocks
-    )
-
-
-# The page may run its own script and style and fetch from this origin, nothing else.
-_DOCS_CSP = (
-    f"default-src 'none'; script-src {_inline_hashes(_DOCS_PAGE, b'script')}; "
-    f"style-src {_inline_hashes(_DOCS_PAGE, b'style')}; connect-src 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-)
+_DOCS_PAGE_HEADERS = {"Content-Security-Policy": docs_ui.CSP, "Cache-Control": "no-cache"}
+_FOREVER = "public, max-age=31536000, immutable"
 
 
 @openapi.endpoint(summary="Liveness: the process answers.", tag="operations", response=Health)
@@ -123,18 +106,41 @@ def allowed_operator(request: Request, networks: tuple[str, ...], token: str) ->
 async def openapi_json(request: Request) -> Response:
     cached = getattr(request.app.state, "openapi", None)
     if cached is None:
-        spec = openapi.document(request.app.routes, title="Bilten", version=__version__)
+        spec = openapi.document(
+            request.app.routes,
+            title="Bilten",
+            version=__version__,
+            examples=request_examples(datetime.date.today()),
+        )
         cached = request.app.state.openapi = JSONResponse(spec).body
     return Response(cached, media_type="application/json")
 
 
 @openapi.endpoint(
-    summary="A page that renders the OpenAPI document (no outside resources).",
+    summary="Swagger UI over the OpenAPI document, with try-it-out (no outside resources).",
     tag="operations",
     content_type="text/html",
+    description="Registering or signing in there authorizes every later call it makes.",
 )
 async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS_PAGE, headers={"Content-Security-Policy": _DOCS_CSP})
+    return Response(docs_ui.PAGE, media_type="text/html; charset=utf-8", headers=_DOCS_PAGE_HEADERS)
+
+
+async def docs_asset(request: Request) -> Response:
+    """A file of the docs page; kept for a year when its URL names this release's files."""
+    found = docs_ui.FILES.get(request.path_params["path"])
+    if found is None:
+        raise ApiError("not_found", "No such file.")
+    body, media_type = found
+    current = request.path_params["digest"] == docs_ui.DIGEST
+    return Response(
+        body,
+        media_type=media_type,
+        headers={
+            "Content-Security-Policy": docs_ui.CSP,
+            "Cache-Control": _FOREVER if current else "no-cache",
+        },
+    )
 
 
 routes = [
@@ -143,4 +149,5 @@ routes = [
     Route("/metrics", prometheus, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs, methods=["GET"]),
+    Route("/docs/assets/{digest}/{path}", docs_asset, methods=["GET"], include_in_schema=False),
 ]
