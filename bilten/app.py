@@ -27,6 +27,7 @@ from bilten import (
     sealing,
     tokens,
 )
+from bilten.budget import Budget
 from bilten.intake import Recorder
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
@@ -117,6 +118,7 @@ async def lifespan(
                 payments=payments.provider_from_settings(settings, redis),
                 waiters=Waiters(),
                 sessions=Revocations(redis, settings.access_token_ttl),
+                budget=Budget(redis, "api_ip", settings.limit_api_ip),
                 started_at=time.time(),
             )
             # The hub reads the state; the state does not know the hub (one way only).
@@ -137,6 +139,7 @@ async def lifespan(
                 yield {"bilten": app, "realtime": realtime}
             finally:
                 await app.supervisor.stop(settings.shutdown_timeout)
+                await app.budget.aclose()
                 await app.payments.aclose()
                 log.info("instance %s stopped", settings.instance_id)
         finally:

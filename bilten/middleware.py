@@ -10,7 +10,6 @@ import secrets
 import time
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,7 +55,8 @@ def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
 
 
 class ApiBudget:
-    """The general per-IP request budget of the API, shared by all instances (in Redis).
+    """The general per-IP request budget of the API, shared by all instances (``bilten.budget``:
+    counted locally, reconciled with Redis every few milliseconds).
 
     Operations endpoints are exempt (load balancers and scrapers poll them), and so are the web
     app's page and static files (served from memory; the API calls the page makes count).
@@ -73,21 +73,12 @@ class ApiBudget:
             and scope["path"] != "/"
             and not scope["path"].startswith(self.EXEMPT)
         ):
-            app = scope["state"]["bilten"]
-            rate = app.settings.limit_api_ip
-            if rate.limit:
-                client = scope.get("client")
-                try:
-                    outcome = await ratelimit.hit(
-                        app.redis, "api_ip", client[0] if client else "-", rate
-                    )
-                except RedisError:
-                    # The general budget fails open: Redis trouble must not stop the API.
-                    log.warning("API budget unavailable (Redis error); request let through")
-                    outcome = ratelimit.Outcome(True, 0, 0)
-                if not outcome.allowed:
-                    await errors.response(ratelimit.limited(outcome))(scope, receive, send)
-                    return
+            client = scope.get("client")
+            budget = scope["state"]["bilten"].budget
+            outcome = await budget.hit(client[0] if client else "-")
+            if not outcome.allowed:
+                await errors.response(ratelimit.limited(outcome))(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

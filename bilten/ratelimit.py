@@ -18,7 +18,7 @@ from bilten.errors import ApiError
 from bilten.settings import Rate
 
 # KEYS[1] counter; ARGV[1] window in ms; ARGV[2] amount to add (0 reads, negative refunds).
-_HIT = """
+HIT_SCRIPT = """
 local n = redis.call('INCRBY', KEYS[1], ARGV[2])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
@@ -29,7 +29,7 @@ return {n, ttl}
 """
 
 
-_HIT_SHA = hashlib.sha1(_HIT.encode()).hexdigest()
+_HIT_SHA = hashlib.sha1(HIT_SCRIPT.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ async def hit(redis: Redis, name: str, subject: str, rate: Rate, amount: int = 1
     try:
         count, ttl_ms = await redis.evalsha(_HIT_SHA, 1, key, *args)
     except NoScriptError:
-        count, ttl_ms = await redis.eval(_HIT, 1, key, *args)
+        count, ttl_ms = await redis.eval(HIT_SCRIPT, 1, key, *args)
     return Outcome(int(count) <= rate.limit, int(count), max(1, math.ceil(int(ttl_ms) / 1000)))
 
 

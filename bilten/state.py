@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from bilten.budget import Budget
 from bilten.cache import Caches
 from bilten.db import Pool
 from bilten.intake import Recorder
@@ -41,6 +42,7 @@ class State:
     payments: ResilientProvider
     waiters: Waiters
     sessions: Revocations  # revoked session ids, kept current on every instance
+    budget: Budget  # the general per-IP request budget (bilten.budget)
     started_at: float
 
 

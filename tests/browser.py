@@ -55,7 +55,9 @@ class Site:
         headers = dict(who["headers"]) if who else {}
         headers.update(kw.pop("headers", {}))
         response = httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
-        assert response.status_code < 400, f"{method} {path}: {response.status_code} {response.text}"
+        assert response.status_code < 400, (
+            f"{method} {path}: {response.status_code} {response.text}"
+        )
         return response.json() if response.content else None
 
 

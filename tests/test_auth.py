@@ -389,10 +389,37 @@ async def test_the_general_api_budget_is_per_ip_and_spares_operations(settings):
 
 
 async def test_limits_are_shared_by_instances(settings):
+    """Each instance counts locally and tells Redis every few milliseconds (bilten.budget):
+    requests paced wider than that interval see the others' hits exactly."""
     limited = settings.replace(limit_api_ip=Rate(4, 60))
     async with app_client(limited) as a, app_client(limited) as b:
-        statuses = [(await (a if i % 2 else b).get("/auth/me")).status_code for i in range(6)]
+        statuses = []
+        for i in range(6):
+            statuses.append((await (a if i % 2 else b).get("/auth/me")).status_code)
+            await asyncio.sleep(0.02)
     assert statuses == [401] * 4 + [429] * 2
+
+
+async def test_one_instance_keeps_the_budget_exactly_under_a_burst(settings, redis):
+    async with app_client(settings.replace(limit_api_ip=Rate(40, 60))) as c:
+        statuses = await asyncio.gather(*(c.get("/auth/me") for _ in range(100)))
+        assert sorted(r.status_code for r in statuses) == [401] * 40 + [429] * 60
+        await asyncio.sleep(0.05)  # the last batch reaches Redis
+    [counter] = await redis.keys("*api_ip*")
+    assert int(await redis.get(counter)) >= 100  # every hit counted, refused ones too
+
+
+async def test_a_burst_on_two_instances_overshoots_at_most_half_the_limit_once(settings):
+    """Before its first batch returns, each instance knows only its own hits: together they
+    may admit up to half the limit more, once; after that the shared count rules."""
+    limited = settings.replace(limit_api_ip=Rate(40, 60))
+    async with app_client(limited) as a, app_client(limited) as b:
+        burst = await asyncio.gather(*(c.get("/auth/me") for _ in range(50) for c in (a, b)))
+        admitted = sum(r.status_code == 401 for r in burst)
+        assert 40 <= admitted <= 60
+        await asyncio.sleep(0.05)
+        later = [(await c.get("/auth/me")).status_code for c in (a, b, a, b)]
+    assert later == [429] * 4
 
 
 def test_a_verified_token_is_remembered_only_until_it_expires():

@@ -1,0 +1,54 @@
+"""The per-IP budget's local counting (bilten.budget), against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+
+from bilten.budget import Budget
+from bilten.settings import Rate
+from tests.conftest import free_port
+
+
+async def evalsha_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_far_from_the_limit_hits_are_sent_in_one_batch(redis):
+    budget = Budget(redis, "t", Rate(1000, 60))
+    before = await evalsha_calls(redis)
+    outcomes = [await budget.hit(f"10.0.0.{n % 4}") for n in range(200)]
+    assert all(o.allowed for o in outcomes)
+    await budget.aclose()
+    # Four subjects, one batch: four script calls for two hundred hits.
+    assert await evalsha_calls(redis) - before == 4
+    counts = sorted([int(await redis.get(k)) for k in await redis.keys("*:t:*")])
+    assert counts == [50, 50, 50, 50]
+
+
+async def test_once_over_the_limit_refusals_cost_no_round_trip(redis):
+    budget = Budget(redis, "t", Rate(4, 60))
+    first = [(await budget.hit("10.0.0.1")).allowed for _ in range(5)]
+    assert first == [True] * 4 + [False]
+    before = await evalsha_calls(redis)
+    refused = [await budget.hit("10.0.0.1") for _ in range(50)]
+    assert not any(o.allowed for o in refused)
+    assert all(0 < o.retry_after <= 60 for o in refused)
+    assert await evalsha_calls(redis) == before
+    assert (await budget.hit("10.0.0.2")).allowed  # another address: its own budget
+    await budget.aclose()
+
+
+async def test_a_redis_outage_lets_requests_through(caplog):
+    gone = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    budget = Budget(gone, "t", Rate(4, 60))
+    with caplog.at_level(logging.WARNING, "bilten.budget"):
+        outcomes = [await budget.hit("10.0.0.1") for _ in range(10)]
+        await asyncio.sleep(0.05)
+    assert all(o.allowed for o in outcomes)
+    assert "API budget unavailable" in caplog.text
+    await budget.aclose()
+    await gone.aclose()
