@@ -2,7 +2,7 @@
 
 Keyed by the body type's name (``openapi.document`` puts each on the request bodies of that
 type). Ids of things made earlier (a venue, an event, seats) are placeholders to replace.
-``tests/test_web_docs.py`` checks that every body type has one and that each one decodes.
+``tests/test_ops.py`` checks that every body type has one and that each one decodes.
 """
 
 from __future__ import annotations
