@@ -78,10 +78,16 @@ def money(cents: int, currency: str) -> str:
 
 
 async def prepare(
-    pool: Pool, template: str, context: dict[str, Any], executor: Executor | None = None
+    pool: Pool,
+    template: str,
+    context: dict[str, Any],
+    executor: Executor | None = None,
+    *,
+    images: bool = True,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The full context of a booking notice, and the QR images of its tickets (drawn in
-    ``executor`` when given: a process pool keeps this CPU work off the serving process)."""
+    ``executor`` when given: a process pool keeps this CPU work off the serving process).
+    ``images=False`` (an SMS, which links to the tickets instead) draws none."""
     if template not in TEMPLATES:
         return context, {}
     async with pool.acquire() as conn:
@@ -116,12 +122,12 @@ async def prepare(
             for n, t in enumerate(tickets)
         ],
     }
-    images: dict[str, bytes] = {}
-    if template == "booking_confirmed":
+    drawn: dict[str, bytes] = {}
+    if images and template == "booking_confirmed":
         codes = {f"ticket-{n}": t["code"] for n, t in enumerate(tickets)}
         loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(executor, qr_pngs, codes)
-    return full, images
+        drawn = await loop.run_in_executor(executor, qr_pngs, codes)
+    return full, drawn
 
 
 def render_sms(template: str, context: dict[str, Any]) -> str:

@@ -185,6 +185,25 @@ async def test_a_phone_number_adds_an_sms(client, caplog):
             break
         await asyncio.sleep(0.02)
     assert len(sms) == 1 and "+4791234567" in sms[0] and "confirmed" in sms[0]
+    assert "/#/tickets" in sms[0]  # a link to the tickets, not a picture
+
+
+async def test_an_sms_notice_draws_no_qr_codes(client, settings):
+    from bilten import db, notifications
+
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    response = await book(client, auth, {"event_id": event_id, "seat_ids": seats[:2]})
+    booking_id = response.json()["booking"]["id"]
+    pool = await db.create_pool(settings)
+    try:
+        context = {"booking_id": booking_id}
+        _, none = await notifications.prepare(pool, "booking_confirmed", context, images=False)
+        _, drawn = await notifications.prepare(pool, "booking_confirmed", context)
+    finally:
+        await pool.close()
+    assert none == {}
+    assert len(drawn) == 2 and all(png.startswith(b"\x89PNG") for png in drawn.values())
 
 
 async def test_stats_add_up(client):

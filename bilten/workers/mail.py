@@ -94,10 +94,12 @@ async def _deliver(
 ) -> None:
     job_id, attempts, template = job["id"], job["attempts"], job["template"]
     try:
+        by_sms = job["channel"] == "sms"
         context, images = await notifications.prepare(
-            pool, template, dict(job["context"]), executor
+            pool, template, dict(job["context"]), executor, images=not by_sms
         )
-        if job["channel"] == "sms":
+        if by_sms:
+            context["tickets_url"] = f"{settings.public_url}/#/tickets"
             await sms.send(job["recipient"], notifications.render_sms(template, context))
         else:
             message = mail.render(
