@@ -31,6 +31,7 @@ from bilten.budget import Budget
 from bilten.intake import Recorder
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
+from bilten.pacing import Pacer
 from bilten.pipelining import AutoPipeline
 from bilten.pubsub import Hub
 from bilten.realtime import Realtime
@@ -119,6 +120,7 @@ async def lifespan(
                 waiters=Waiters(),
                 sessions=Revocations(redis, settings.access_token_ttl),
                 budget=Budget(redis, "api_ip", settings.limit_api_ip),
+                pacer=Pacer(settings.mail_share),
                 started_at=time.time(),
             )
             # The hub reads the state; the state does not know the hub (one way only).

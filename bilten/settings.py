@@ -74,6 +74,7 @@ class Settings:
     mail_dir: Path | None = None  # where mail goes without SMTP; None: <data_dir>/mail
     mail_max_attempts: int = 8
     mail_poll_interval: float = 1.0
+    mail_share: float = 0.25  # of the time mail may take while a sale is on (bilten.pacing)
     public_url: str = "http://127.0.0.1:8000"
     media_dir: Path | None = None  # uploaded images; None: <data_dir>/media
     payment_provider: str = "test"  # test | stripe
@@ -152,6 +153,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {raw}")
+    return value
+
+
+def _share(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value > 1:
+        raise SettingsError(f"{name} must be a share between 0 and 1, got {value}")
     return value
 
 
@@ -283,6 +291,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         mail_dir=Path(env["BILTEN_MAIL_DIR"]) if env.get("BILTEN_MAIL_DIR") else None,
         mail_max_attempts=_int(env, "BILTEN_MAIL_MAX_ATTEMPTS", 8, minimum=1),
         mail_poll_interval=_float(env, "BILTEN_MAIL_POLL_INTERVAL", 1.0),
+        mail_share=_share(env, "BILTEN_MAIL_SHARE", 0.25),
         public_url=env.get("BILTEN_PUBLIC_URL", "").rstrip("/") or "http://127.0.0.1:8000",
         media_dir=Path(env["BILTEN_MEDIA_DIR"]) if env.get("BILTEN_MEDIA_DIR") else None,
         payment_provider=env.get("BILTEN_PAYMENT_PROVIDER", "").strip() or "test",

@@ -13,6 +13,7 @@ from bilten.cache import Caches
 from bilten.db import Pool
 from bilten.intake import Recorder
 from bilten.media import Storage
+from bilten.pacing import Pacer
 from bilten.passwords import Passwords
 from bilten.payments.resilience import ResilientProvider
 from bilten.pipelining import AutoPipeline
@@ -43,6 +44,7 @@ class State:
     waiters: Waiters
     sessions: Revocations  # revoked session ids, kept current on every instance
     budget: Budget  # the general per-IP request budget (bilten.budget)
+    pacer: Pacer  # background work yields to a sale (bilten.pacing)
     started_at: float
 
 

@@ -14,6 +14,7 @@ import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from bilten import db, mail
+from bilten.pacing import Pacer
 from bilten.settings import Settings, SettingsError
 from bilten.workers import mail as mail_worker
 from tests.conftest import free_port, truncate
@@ -385,7 +386,9 @@ def test_smtp_urls():
 
 async def test_the_worker_sends_until_stopped_and_stops_promptly(pool, settings, tmp_path):
     app = SimpleNamespace(
-        db=pool, settings=settings.replace(mail_dir=tmp_path, mail_poll_interval=30)
+        db=pool,
+        settings=settings.replace(mail_dir=tmp_path, mail_poll_interval=30),
+        pacer=Pacer(1.0),
     )
     await enqueue(pool, key="verify:a")
     await enqueue(pool, key="verify:b")
@@ -399,3 +402,13 @@ async def test_the_worker_sends_until_stopped_and_stops_promptly(pool, settings,
     stop.set()
     await asyncio.wait_for(task, 2)
     assert time.monotonic() - began < 1  # the poll wait ends on stop, not after 30 s
+
+
+def test_mail_rests_while_a_sale_is_on():
+    pacer = Pacer(0.25)
+    assert pacer.rest_for(0.04) == 0  # no sale: flat out
+    pacer.busy()
+    assert pacer.rest_for(0.04) == pytest.approx(0.12)  # a quarter of the time
+    assert Pacer(1.0).rest_for(0.04) == 0  # unpaced
+    pacer.hot_until = 0
+    assert pacer.rest_for(0.04) == 0  # the sale is over: catch up

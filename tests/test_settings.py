@@ -51,6 +51,8 @@ def test_secret_never_in_repr():
         ({"BILTEN_LIMIT_LOGIN_EMAIL": "five"}, "BILTEN_LIMIT_LOGIN_EMAIL must look like 5/60"),
         ({"BILTEN_SMTP_URL": "http://mail"}, "BILTEN_SMTP_URL must start with"),
         ({"BILTEN_READY_TIMEOUT": "-1"}, "positive"),
+        ({"BILTEN_MAIL_SHARE": "1.5"}, "BILTEN_MAIL_SHARE must be a share between 0 and 1"),
+        ({"BILTEN_MAIL_SHARE": "0"}, "positive"),
     ],
 )
 def test_invalid_configuration_is_one_clear_line(env, fragment):

@@ -116,6 +116,7 @@ async def drain(
                     in_flight.discard(finished)
                     done += await _finished(finished)
                 continue
+            app.pacer.busy()
             rest = await begin(app, batch)
             in_flight.add(asyncio.create_task(_complete(app, event_id, batch, rest, announce)))
             while len(in_flight) > most or any(t.done() for t in in_flight):

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import random
 import signal
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
@@ -204,6 +205,7 @@ def worker(
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             await warm_up
             while not stop.is_set():
+                began = time.monotonic()
                 claimed = await run_once(
                     app.db,
                     app.settings,
@@ -213,6 +215,7 @@ def worker(
                     backoff=backoff,
                     executor=executor,
                 )
+                await app.pacer.rest(time.monotonic() - began)  # a sale goes first
                 if claimed < limit:  # the queue is drained
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), app.settings.mail_poll_interval)
