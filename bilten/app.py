@@ -28,6 +28,7 @@ from bilten import (
     tokens,
 )
 from bilten.budget import Budget
+from bilten.holddesk import HoldDesk
 from bilten.intake import Recorder
 from bilten.media import LocalStorage
 from bilten.middleware import ApiBudget, RequestContext
@@ -103,17 +104,19 @@ async def lifespan(
         redis = redis_client(settings)
         try:
             hub = Hub(redis)
+            caches = cache.Caches()
             app = State(
                 settings=settings,
                 db=pool,
                 redis=redis,
                 pipeline=AutoPipeline(redis),
                 intake=Recorder(pool),
+                holding=HoldDesk(pool, redis, caches, settings.hold_ttl),
                 supervisor=Supervisor(),
                 signer=tokens.signer(settings),
                 keyring=sealing.keyring(settings),
                 passwords=passwords.from_settings(settings),
-                caches=cache.Caches(),
+                caches=caches,
                 media=LocalStorage(settings.media_dir or settings.data_dir / "media"),
                 hub=hub,
                 payments=payments.provider_from_settings(settings, redis),

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -42,42 +43,6 @@ class Item(msgspec.Struct, kw_only=True):
 HOLD = """id::text, event_id::text, seat_ids::text[] AS seat_ids, ticket_type_id::text,
           quantity, amount_cents, currency, expires_at"""
 
-# Lock the requested seats in seat-id order, then take them only if every one is free.
-_CLAIM_SEATS = """
-WITH wanted AS (
-    SELECT seat_id, status, hold_expires_at FROM event_seats
-    WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])
-    ORDER BY seat_id
-    FOR UPDATE
-), free AS (
-    SELECT count(*) FILTER (WHERE status = 'available'
-                            OR (status = 'held' AND hold_expires_at <= now())) AS free,
-           count(*) AS found
-    FROM wanted
-), claimed AS (
-    UPDATE event_seats es
-    SET status = 'held', hold_id = $3, hold_expires_at = $4, booking_id = NULL,
-        version = nextval('catalog_version')
-    FROM free
-    WHERE es.event_id = $1 AND es.seat_id = ANY ($2::uuid[])
-      AND free.free = cardinality($2::uuid[])
-    RETURNING es.seat_id, es.version, es.tier_id
-)
-SELECT c.seat_id::text, c.version, s.label, t.price_cents
-FROM claimed c JOIN seats s ON s.id = c.seat_id JOIN price_tiers t ON t.id = c.tier_id
-ORDER BY s.label
-"""
-
-_UNAVAILABLE = """
-SELECT seat_id::text FROM event_seats
-WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])
-  AND NOT (status = 'available' OR (status = 'held' AND hold_expires_at <= now()))
-"""
-
-_KNOWN_SEATS = """
-SELECT seat_id::text FROM event_seats WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])
-"""
-
 # Expired unit holds give their units back first, so they count as available at once.
 _RECLAIM_UNITS = """
 WITH expired AS (
@@ -105,25 +70,6 @@ def seat_unavailable(seat_ids: list[str]) -> ApiError:
     return ApiError(
         "seat_unavailable", "A requested seat is held or sold.", {"seat_ids": sorted(seat_ids)}
     )
-
-
-async def claim_seats(
-    conn: Connection, event_id: str, seat_ids: list[str], hold_id: str, expires_at: datetime
-) -> tuple[list[Item], list[tuple[str, str, int]]]:
-    """Hold every seat or none: the items with their prices, and the seat changes for the
-    outbox. Raises ``seat_unavailable`` naming the seats that are taken."""
-    claimed = await conn.fetch(_CLAIM_SEATS, event_id, seat_ids, hold_id, expires_at)
-    if len(claimed) != len(seat_ids):
-        taken = [r["seat_id"] for r in await conn.fetch(_UNAVAILABLE, event_id, seat_ids)]
-        known = {r["seat_id"] for r in await conn.fetch(_KNOWN_SEATS, event_id, seat_ids)}
-        unknown = [s for s in seat_ids if s not in known]
-        if unknown:
-            raise not_seats_of_event(unknown)
-        raise seat_unavailable(taken or seat_ids)
-    items = [
-        Item(seat_id=r["seat_id"], label=r["label"], price_cents=r["price_cents"]) for r in claimed
-    ]
-    return items, [(r["seat_id"], "held", r["version"]) for r in claimed]
 
 
 async def tickets_per_person(
@@ -157,11 +103,7 @@ async def claim_units(
     """Hold ``quantity`` units of a ticket type, or raise ``sold_out``."""
     kind = await conn.fetchrow(_RECLAIM_UNITS, ticket_type_id, event_id)
     if kind is None:
-        raise ApiError(
-            "validation_error",
-            "ticket_type_id: not a ticket type of this event",
-            {"fields": [{"field": "ticket_type_id", "message": "unknown ticket type"}]},
-        )
+        raise unknown_ticket_type()
     if await conn.fetchval(_CLAIM_UNITS, ticket_type_id, quantity) is not None:
         await outbox.catalog_changed(conn, event_id)
     else:
@@ -221,56 +163,235 @@ def over_person_limit(limit: int, already: int) -> ApiError:
     )
 
 
-async def create(
-    conn: Connection,
-    *,
-    user_id: str,
-    event_id: str,
-    seat_ids: list[str],
-    ticket_type_id: str | None,
-    quantity: int,
-    ttl: int,
-) -> Hold:
-    """Create a hold (the caller owns the transaction); all-or-nothing."""
-    event = await event_for_sale(conn, event_id)
-    limit = event["max_tickets_per_order"]
-    if quantity > limit:
-        raise over_order_limit(limit, bool(seat_ids))
-    already = (await tickets_per_person(conn, event_id, [user_id]))[user_id]
-    if already + quantity > limit:
-        raise over_person_limit(limit, already)
-    hold_id = str(uuid.uuid4())
-    expires_at = await conn.fetchval("SELECT now() + make_interval(secs => $1)", ttl)
-    if seat_ids:
-        items, changes = await claim_seats(conn, event_id, seat_ids, hold_id, expires_at)
-        await outbox.seat_changes(conn, event_id, changes)
-    else:
-        assert ticket_type_id is not None
-        items = await claim_units(conn, event_id, ticket_type_id, quantity)
-    amount = sum(i.price_cents for i in items)
-    await conn.execute(
-        """INSERT INTO holds (id, event_id, user_id, ticket_type_id, seat_ids, quantity,
-                              amount_cents, currency, expires_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-        hold_id,
-        event_id,
-        user_id,
-        ticket_type_id,
-        seat_ids,
-        quantity,
-        amount,
-        event["currency"],
-        expires_at,
-    )
-    return Hold(
-        id=hold_id,
-        event_id=event_id,
-        seat_ids=sorted(seat_ids),
-        ticket_type_id=ticket_type_id,
-        quantity=quantity,
-        amount_cents=amount,
-        currency=event["currency"],
-        expires_at=expires_at,
+@dataclass(frozen=True)
+class Want:
+    """One request for a hold: seats, or a quantity of a ticket type."""
+
+    user_id: str
+    event_id: str
+    seat_ids: list[str]
+    ticket_type_id: str | None
+    quantity: int
+
+
+Outcome = Hold | ApiError
+
+_EVENTS = """
+SELECT id::text, status, currency, max_tickets_per_order, sale_starts_at > now() AS too_early,
+       ends_at <= now() AS over, now() + make_interval(secs => $2) AS expires_at
+FROM events WHERE id = ANY ($1::uuid[])
+"""
+
+# Every seat any request of the batch wants, locked in one order (seat, then event).
+_LOCK_SEATS = """
+SELECT es.event_id::text, es.seat_id::text,
+       es.status = 'available' OR (es.status = 'held' AND es.hold_expires_at <= now()) AS free
+FROM event_seats es JOIN unnest($1::uuid[], $2::uuid[]) AS w(event_id, seat_id)
+  ON es.event_id = w.event_id AND es.seat_id = w.seat_id
+ORDER BY es.seat_id, es.event_id
+FOR UPDATE OF es
+"""
+
+_TAKE_SEATS = """
+UPDATE event_seats es
+SET status = 'held', hold_id = w.hold_id, hold_expires_at = w.expires_at, booking_id = NULL,
+    version = nextval('catalog_version')
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[])
+     AS w(event_id, seat_id, hold_id, expires_at)
+WHERE es.event_id = w.event_id AND es.seat_id = w.seat_id
+RETURNING es.event_id::text, es.seat_id::text, es.hold_id::text, es.version,
+          (SELECT label FROM seats WHERE id = es.seat_id) AS label,
+          (SELECT price_cents FROM price_tiers WHERE id = es.tier_id) AS price_cents
+"""
+
+_INSERT_HOLDS = """
+INSERT INTO holds (id, event_id, user_id, ticket_type_id, seat_ids, quantity, amount_cents,
+                   currency, expires_at)
+SELECT w.id, w.event_id, w.user_id, w.ticket_type_id,
+       string_to_array(w.seats, ',')::uuid[],
+       w.quantity, w.amount, w.currency, w.expires_at
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::int[], $7::int[],
+            $8::text[], $9::timestamptz[])
+     AS w(id, event_id, user_id, ticket_type_id, seats, quantity, amount, currency, expires_at)
+"""
+
+
+async def create_many(conn: Connection, wants: list[Want], ttl: int) -> list[Outcome]:
+    """Holds for many requests in a few statements (the caller owns the transaction), each all
+    or nothing on its own: a hold, or the API error that refused it. Requests are served in list
+    order: when two want the same seat or the last units, or a person's limit has room for one
+    of them, the earlier one gets it.
+
+    Everything the batch may touch is locked first, in the one order (per-person locks, holds
+    and ticket types with expired unit holds reclaimed, seats by seat then event); then each
+    request is judged in turn against what is left; then the winners are written, one
+    statement per table.
+    """
+    results: list[Outcome | None] = [None] * len(wants)
+    events = {
+        r["id"]: r for r in await conn.fetch(_EVENTS, sorted({w.event_id for w in wants}), ttl)
+    }
+    live: list[int] = []
+    for n, want in enumerate(wants):
+        try:
+            event = _on_sale(events.get(want.event_id))
+            if want.quantity > event["max_tickets_per_order"]:
+                raise over_order_limit(event["max_tickets_per_order"], bool(want.seat_ids))
+        except ApiError as refused:
+            results[n] = refused
+        else:
+            live.append(n)
+
+    # Lock and read: what each person holds or bought, the units left, the seats free.
+    counts = await _held_or_bought(conn, [(wants[n].user_id, wants[n].event_id) for n in live])
+    kinds: dict[tuple[str, str], Any] = {}
+    for type_id, event_id in sorted(
+        {(str(wants[n].ticket_type_id), wants[n].event_id) for n in live if not wants[n].seat_ids}
+    ):
+        kinds[(type_id, event_id)] = await conn.fetchrow(_RECLAIM_UNITS, type_id, event_id)
+    left = {k: kind["remaining"] for k, kind in kinds.items() if kind is not None}
+    pairs = [(wants[n].event_id, s) for n in live for s in wants[n].seat_ids]
+    locked = await conn.fetch(_LOCK_SEATS, [e for e, _ in pairs], [s for _, s in pairs])
+    free = {(r["event_id"], r["seat_id"]) for r in locked if r["free"]}
+    known = {(r["event_id"], r["seat_id"]) for r in locked}
+
+    # Judge each request in turn against what is left.
+    made: list[int] = []
+    for n in live:
+        want = wants[n]
+        person = (want.user_id, want.event_id)
+        limit = events[want.event_id]["max_tickets_per_order"]
+        mine = [(want.event_id, s) for s in want.seat_ids]
+        kind_key = (str(want.ticket_type_id), want.event_id)
+        if counts[person] + want.quantity > limit:
+            results[n] = over_person_limit(limit, counts[person])
+        elif want.seat_ids:
+            unknown = [s for e, s in mine if (e, s) not in known]
+            if unknown:
+                results[n] = not_seats_of_event(unknown)
+            elif not all(p in free for p in mine):
+                results[n] = seat_unavailable([s for e, s in mine if (e, s) not in free])
+        elif kinds[kind_key] is None:
+            results[n] = unknown_ticket_type()
+        elif want.quantity > left[kind_key]:
+            name = kinds[kind_key]["name"]
+            results[n] = ApiError(
+                "sold_out",
+                f"Only {left[kind_key]} left of {name}.",
+                {"ticket_type_id": kind_key[0], "remaining": left[kind_key]},
+            )
+        if results[n] is not None:
+            continue
+        counts[person] += want.quantity
+        if want.seat_ids:
+            free.difference_update(mine)
+        else:
+            left[kind_key] -= want.quantity
+        made.append(n)
+
+    # Write what was won.
+    hold_ids = {n: str(uuid.uuid4()) for n in made}
+    items: dict[int, list[Item]] = defaultdict(list)
+    for (type_id, event_id), kind in kinds.items():
+        if kind is None or left[(type_id, event_id)] == kind["remaining"]:
+            continue
+        # The row is locked since the reclaim: what it counted is still there.
+        claimed = await conn.fetchval(
+            _CLAIM_UNITS, type_id, kind["remaining"] - left[(type_id, event_id)]
+        )
+        assert claimed is not None
+    for n in made:
+        kind = kinds.get((str(wants[n].ticket_type_id), wants[n].event_id))
+        if not wants[n].seat_ids and kind is not None:
+            item = Item(
+                ticket_type_id=wants[n].ticket_type_id,
+                label=kind["name"],
+                price_cents=kind["price_cents"],
+            )
+            items[n] = [item] * wants[n].quantity
+    taking = [(n, s) for n in made for s in wants[n].seat_ids]
+    changes: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    if taking:
+        taken = await conn.fetch(
+            _TAKE_SEATS,
+            [wants[n].event_id for n, _ in taking],
+            [s for _, s in taking],
+            [hold_ids[n] for n, _ in taking],
+            [events[wants[n].event_id]["expires_at"] for n, _ in taking],
+        )
+        by_hold = {hold_ids[n]: n for n in made}
+        for row in sorted(taken, key=lambda r: r["label"]):
+            items[by_hold[row["hold_id"]]].append(
+                Item(seat_id=row["seat_id"], label=row["label"], price_cents=row["price_cents"])
+            )
+            changes[row["event_id"]].append((row["seat_id"], "held", row["version"]))
+    made_holds = []
+    for n in made:
+        want, event = wants[n], events[wants[n].event_id]
+        hold = Hold(
+            id=hold_ids[n],
+            event_id=want.event_id,
+            seat_ids=sorted(want.seat_ids),
+            ticket_type_id=want.ticket_type_id,
+            quantity=want.quantity,
+            amount_cents=sum(i.price_cents for i in items[n]),
+            currency=event["currency"],
+            expires_at=event["expires_at"],
+        )
+        results[n] = hold
+        made_holds.append(hold)
+    if made_holds:
+        await conn.execute(
+            _INSERT_HOLDS,
+            [h.id for h in made_holds],
+            [h.event_id for h in made_holds],
+            [wants[n].user_id for n in made],
+            [h.ticket_type_id for h in made_holds],
+            [",".join(h.seat_ids) for h in made_holds],
+            [h.quantity for h in made_holds],
+            [h.amount_cents for h in made_holds],
+            [h.currency for h in made_holds],
+            [h.expires_at for h in made_holds],
+        )
+    rows: list[outbox.Row] = []
+    for event_id, seat_changes in changes.items():
+        rows += outbox.seat_rows(event_id, seat_changes)
+    unit_events = {wants[n].event_id for n in made if not wants[n].seat_ids}
+    rows += [("catalog", {"event_id": e}) for e in sorted(unit_events)]
+    await outbox.add_many(conn, rows)
+    return [cast(Outcome, r) for r in results]
+
+
+def _on_sale(row: Any) -> Any:
+    """The event's row when it is on sale; an API error otherwise."""
+    if row is None or row["status"] == "draft":
+        raise ApiError("not_found", "No such event.")
+    if row["status"] != "published" or row["over"]:
+        raise ApiError("conflict", f"The event is {row['status']}; nothing is on sale.")
+    if row["too_early"]:
+        raise ApiError("conflict", "The sale has not started yet.")
+    return row
+
+
+async def _held_or_bought(
+    conn: Connection, people: list[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """For (user, event) pairs: what each holds or bought, its per-person lock taken."""
+    by_event: dict[str, list[str]] = defaultdict(list)
+    for user, event in sorted(set(people)):
+        by_event[event].append(user)
+    counts: dict[tuple[str, str], int] = {}
+    for event, users in sorted(by_event.items()):
+        for user, n in (await tickets_per_person(conn, event, users)).items():
+            counts[(user, event)] = n
+    return counts
+
+
+def unknown_ticket_type() -> ApiError:
+    return ApiError(
+        "validation_error",
+        "ticket_type_id: not a ticket type of this event",
+        {"fields": [{"field": "ticket_type_id", "message": "unknown ticket type"}]},
     )
 
 

@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from bilten.budget import Budget
 from bilten.cache import Caches
 from bilten.db import Pool
+from bilten.holddesk import HoldDesk
 from bilten.intake import Recorder
 from bilten.media import Storage
 from bilten.pacing import Pacer
@@ -33,6 +34,7 @@ class State:
     redis: Redis
     pipeline: AutoPipeline  # script calls of concurrent requests, one round trip for all
     intake: Recorder  # accepted booking requests, recorded in one statement per loop turn
+    holding: HoldDesk  # holds asked for in one loop turn, made in one transaction
     supervisor: Supervisor
     signer: Signer
     keyring: Keyring  # seals secrets kept in the database (bilten.sealing)

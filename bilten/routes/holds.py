@@ -66,18 +66,8 @@ async def create_hold(request: Request) -> Response:
     who = security.authenticate(request)
     body = await read_json(request, HoldIn)
     seat_ids, ticket_type_id, quantity = what(body.seat_ids, body.ticket_type_id, body.quantity)
-    app = state(request)
-    async with app.db.acquire() as conn, conn.transaction():
-        hold = await holds.create(
-            conn,
-            user_id=who.user_id,
-            event_id=str(body.event_id),
-            seat_ids=seat_ids,
-            ticket_type_id=ticket_type_id,
-            quantity=quantity,
-            ttl=app.settings.hold_ttl,
-        )
-    await cache.changed(app.redis, app.caches, hold.event_id)
+    want = holds.Want(who.user_id, str(body.event_id), seat_ids, ticket_type_id, quantity)
+    hold = await state(request).holding.hold(want)  # batched with others (bilten.holddesk)
     return JSONResponse(hold, status_code=201)
 
 

@@ -1,0 +1,156 @@
+"""Seat clicks: many buyers hold seats at the same moment through ``POST /holds``.
+
+    python bench/holds.py [--buyers 1000] [--rounds 3] [--env BILTEN_NAME=VALUE ...]
+
+Creates a published event with a seat per buyer and the buyers (users made in SQL, tokens signed
+with the server's secret key), starts one ``bilten serve``, opens one keep-alive connection per
+buyer and, each round:
+
+* **distinct**: every buyer holds one seat of its own, all at once (every hold succeeds);
+* **taken**: every buyer asks for a seat another buyer holds (every answer is 409
+  ``seat_unavailable``).
+
+It prints holds per second (from the first request sent to the last answer) and the latency
+percentiles of each round, then checks in PostgreSQL that every seat is held by exactly the
+one active hold that claimed it. Needs nothing but this project (the raw HTTP client of
+``bench/flash_sale.py``); PostgreSQL and Redis from BILTEN_DATABASE_URL / BILTEN_REDIS_URL, else
+embedded ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import bilten, services
+from bench.flash_sale import Http, make_buyers, make_event, percentile
+from bilten import db, tokens
+from bilten.settings import Settings
+
+
+async def round_of(conns: list[Http], tokens_: list[str], bodies: list[bytes]):
+    """Every buyer sends its hold at once: (status, seconds, body) each, and the wall time."""
+    go = asyncio.Event()
+
+    async def one(http: Http, token: str, body: bytes) -> tuple[int, float, bytes]:
+        headers = b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % (
+            token.encode()
+        )
+        await go.wait()
+        began = time.perf_counter()
+        status, answer = await http.request("POST", "/holds", headers, body)
+        return status, time.perf_counter() - began, answer
+
+    tasks = [asyncio.create_task(one(*args)) for args in zip(conns, tokens_, bodies, strict=True)]
+    await asyncio.sleep(0.2)
+    began = time.perf_counter()
+    go.set()
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - began
+    return results, wall
+
+
+def report(name: str, results, wall: float) -> None:
+    latencies = [seconds for _, seconds, _ in results]
+    statuses: dict[int, int] = {}
+    for status, _, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    print(
+        f"{name:9} {len(results) / wall:8.0f} holds/s  wall {wall * 1000:6.0f} ms  "
+        f"p50 {percentile(latencies, 0.5):6.0f} ms  p99 {percentile(latencies, 0.99):6.0f} ms  "
+        f"statuses {dict(sorted(statuses.items()))}",
+        flush=True,
+    )
+
+
+async def release_all(database_url: str, event_id: str) -> None:
+    conn = await db.connect(database_url)
+    try:
+        from bilten import holds
+
+        async with conn.transaction():
+            ids = await conn.fetch(
+                "SELECT id::text FROM holds WHERE event_id = $1 AND status = 'active'", event_id
+            )
+            await holds.release_many(conn, [r["id"] for r in ids])
+    finally:
+        await conn.close()
+
+
+async def check(database_url: str, event_id: str, expected: int) -> None:
+    conn = await db.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE es.status = 'held') AS held,
+                      count(*) FILTER (WHERE es.status = 'held' AND h.id IS NULL) AS orphan
+               FROM event_seats es LEFT JOIN holds h
+                 ON h.id = es.hold_id AND h.status = 'active' AND es.seat_id = ANY (h.seat_ids)
+               WHERE es.event_id = $1""",
+            event_id,
+        )
+        bad = await conn.fetchval(
+            """SELECT count(*) FROM (SELECT unnest(seat_ids) s FROM holds
+               WHERE event_id = $1 AND status = 'active' GROUP BY 1 HAVING count(*) > 1) x""",
+            event_id,
+        )
+    finally:
+        await conn.close()
+    ok = row["held"] == expected and row["orphan"] == 0 and bad == 0
+    print(
+        f"check: {row['held']} seats held (expected {expected}), {row['orphan']} without their "
+        f"hold, {bad} held twice: {'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
+    if not ok:
+        raise SystemExit(1)
+
+
+async def main_async(args: argparse.Namespace, database_url: str, url: str, key: str) -> None:
+    buyers = args.buyers
+    event_id, seat_ids = await make_event(database_url, buyers, per_person=4)
+    buyer_ids = await make_buyers(database_url, buyers)
+    signer = tokens.signer(Settings(secret_key=key, access_token_ttl=3600))
+    tokens_ = [signer.issue(b, "attendee", str(uuid.uuid4())) for b in buyer_ids]
+    conns = [Http(url) for _ in range(buyers)]
+    await asyncio.gather(*(c.connect() for c in conns))
+
+    def body(seat: str) -> bytes:
+        return json.dumps({"event_id": event_id, "seat_ids": [seat]}).encode()
+
+    for n in range(args.rounds):
+        results, wall = await round_of(conns, tokens_, [body(s) for s in seat_ids])
+        report("distinct", results, wall)
+        await check(database_url, event_id, buyers)
+        # everyone asks for the seat of the buyer next to them: all taken
+        shifted = seat_ids[1:] + seat_ids[:1]
+        results, wall = await round_of(conns, tokens_, [body(s) for s in shifted])
+        report("taken", results, wall)
+        await release_all(database_url, event_id)
+    for c in conns:
+        c.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--buyers", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args()
+    extra = dict(e.split("=", 1) for e in args.env)
+    extra.setdefault("BILTEN_LIMIT_API_IP", "0/60")
+    key = secrets.token_urlsafe(48)
+    with services() as (database_url, redis_url):
+        with bilten(database_url, redis_url, secret_key=key, **extra) as url:
+            asyncio.run(main_async(args, database_url, url, key))
+
+
+if __name__ == "__main__":
+    main()
