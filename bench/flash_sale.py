@@ -162,9 +162,10 @@ class Http(asyncio.Protocol):
     load generator shares the machine with what it measures, so it spends as little as it can
     (answers with a Content-Length only, which is what Bilten sends)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, source: str | None = None) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.source = source  # a local address of its own (127.x.y.z), as a distinct client
         self.host_header = f"Host: {self.host}:{self.port}\r\n".encode()
         self.transport: Any = None  # uvloop's TCPTransport
         self.buffer = bytearray()
@@ -173,7 +174,8 @@ class Http(asyncio.Protocol):
     async def connect(self) -> None:
         if self.transport is None:
             loop = asyncio.get_running_loop()
-            await loop.create_connection(lambda: self, self.host, self.port)
+            local = (self.source, 0) if self.source else None
+            await loop.create_connection(lambda: self, self.host, self.port, local_addr=local)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -400,6 +402,11 @@ class Load:
     stopped: Counter[str] = field(default_factory=Counter)
 
 
+def source_address(n: int) -> str:
+    """Buyer ``n``'s own loopback address (all of 127.0.0.0/8 is loopback on Linux)."""
+    return f"127.{1 + n // 62500}.{n // 250 % 250}.{2 + n % 250}"
+
+
 async def run_load(
     urls: list[str],
     event_id: str,
@@ -409,6 +416,7 @@ async def run_load(
     timeout: float,
     give_up: int,
     on_start: Callable[[], None] = lambda: None,
+    own_addresses: bool = False,
 ) -> Load:
     rng = random.Random(2024)
     view = View(rng)
@@ -498,7 +506,10 @@ async def run_load(
                 streak = 0
         raise AssertionError("unreachable")
 
-    conns = [Http(urls[i % len(urls)]) for i in range(len(buyer_tokens))]
+    conns = [
+        Http(urls[i % len(urls)], source_address(i) if own_addresses else None)
+        for i in range(len(buyer_tokens))
+    ]
     # Everyone connects first (a few hundred at a time), then the sale opens for all at once.
     for start in range(0, len(conns), 200):
         await asyncio.gather(*(c.connect() for c in conns[start : start + 200]))
@@ -1087,6 +1098,12 @@ def parse_args() -> argparse.Namespace:
         help="keep the confirmation mail queued during the run (mail poll interval of an hour)",
     )
     parser.add_argument(
+        "--default",
+        action="store_true",
+        help="as a user runs it: one bilten serve with every role, mail sent, the per-IP API "
+        "budget on at its default; each buyer comes from an address of its own (127.x.y.z)",
+    )
+    parser.add_argument(
         "--split-roles",
         action="store_true",
         help="the instances serve HTTP only (api,realtime); one more runs the workers",
@@ -1117,6 +1134,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--profile-seconds", type=int, default=10)
     args = parser.parse_args()
+    if args.default and (args.split_roles or args.defer_mail or args.instances != 1):
+        parser.error("--default is one instance with every role and mail sent")
     if args.seats < 1 or args.buyers < 1 or args.instances < 1:
         parser.error("--seats, --buyers and --instances must be positive")
     return args
@@ -1125,6 +1144,7 @@ def parse_args() -> argparse.Namespace:
 def server_env(args: argparse.Namespace, data_dir: str) -> dict[str, str]:
     env = {
         "BILTEN_LIMIT_API_IP": "100000000/60" if args.api_budget else "0/60",
+        **({"BILTEN_LIMIT_API_IP": ""} if args.default else {}),  # the default budget
         "BILTEN_ACCESS_TOKEN_TTL": "3600",
         "BILTEN_DATA_DIR": data_dir,  # mail is written to files here, and thrown away
     }
@@ -1224,6 +1244,7 @@ def http_run(
                     args.timeout,
                     args.give_up,
                     profiler.start,
+                    own_addresses=args.default,
                 )
             )
         cpu_after = cpu_snapshot(pids)
@@ -1273,6 +1294,12 @@ async def drop_database(database_url: str) -> None:
         await conn.close()
 
 
+def budget_words(args: argparse.Namespace) -> str:
+    if args.default:
+        return "on (its default, an address per buyer)"
+    return "on" if args.api_budget else "off"
+
+
 def main() -> None:
     args = parse_args()
     # Every buyer may buy a fair share and more: the sale can sell out whoever is quickest.
@@ -1284,7 +1311,7 @@ def main() -> None:
     print(
         f"flash sale: {args.seats} seats, {args.buyers} buyers (at most {per_person} seats "
         f"each), {args.instances} instance(s), booking workers "
-        f"{args.workers or 'default'}, API budget {'on' if args.api_budget else 'off'}, "
+        f"{args.workers or 'default'}, API budget {budget_words(args)}, "
         f"mail {'deferred' if args.defer_mail else 'sent'}"
         + (", workers in an instance of their own" if args.split_roles else "")
         + "".join(f", {e}" for e in args.env)

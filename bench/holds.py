@@ -125,7 +125,7 @@ async def main_async(args: argparse.Namespace, database_url: str, url: str, key:
     def body(seat: str) -> bytes:
         return json.dumps({"event_id": event_id, "seat_ids": [seat]}).encode()
 
-    for n in range(args.rounds):
+    for _ in range(args.rounds):
         results, wall = await round_of(conns, tokens_, [body(s) for s in seat_ids])
         report("distinct", results, wall)
         await check(database_url, event_id, buyers)
