@@ -160,6 +160,13 @@ def test_an_organizer_sets_up_a_sale_and_follows_it_live(chromium, site: Site, t
         assert "1 ticket sold" in (chart.get_attribute("aria-label") or "")
         assert page.locator(".org-sales table.sr-only tbody tr").count() == 1
         shot(page, "organizer-stats")
+
+        # Cancelled after a confirmation that tells what happens to the bookings: refunded.
+        page.get_by_role("button", name="Cancel event…").click()
+        expect(page.get_by_text("Every confirmed booking is refunded in full")).to_be_visible()
+        page.get_by_role("button", name="Yes, cancel the event").click()
+        page.locator(".badge[data-status=cancelled]").wait_for()
+        expect(page.locator("[data-stat=refunds]")).to_contain_text("1 done", timeout=30000)
         assert problems == []
     finally:
         context.close()
