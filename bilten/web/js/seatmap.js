@@ -18,7 +18,10 @@ function bounds(seats) {
   }
   if (!seats.length) return { x: 0, y: 0, w: 10, h: 10 };
   const pad = 1.5;
-  return { x: x0 - pad, y: y0 - pad - 1, w: x1 - x0 + 2 * pad, h: y1 - y0 + 2 * pad + 1 };
+  // A small hall is not blown up to fill the box: at least 30 x 16 seat widths are shown.
+  const w = Math.max(x1 - x0 + 2 * pad, 30);
+  const h = Math.max(y1 - y0 + 2 * pad + 1, 16);
+  return { x: (x0 + x1) / 2 - w / 2, y: (y0 + y1) / 2 - h / 2 - 0.5, w, h };
 }
 
 export class SeatMap {

@@ -18,7 +18,12 @@ export async function render(root, { mode, query }) {
     up
       ? field(
           "I am",
-          h("select", { name: "role" }, h("option", { value: "attendee" }, "buying tickets"), h("option", { value: "organizer" }, "organizing events")),
+          h(
+            "select",
+            { name: "role" },
+            h("option", { value: "attendee" }, "buying tickets"),
+            h("option", { value: "organizer", selected: query.get("role") === "organizer" }, "organizing events"),
+          ),
         )
       : null,
   ];
