@@ -8,6 +8,7 @@ import contextlib
 import errno
 import gc
 import getpass
+import ipaddress
 import logging
 import os
 import secrets
@@ -149,15 +150,62 @@ def make_server(
     """A uvicorn server for the app; SIGTERM/SIGINT drain it (see ``timeout_graceful_shutdown``).
     ``on_ready`` runs once the app has started and the socket listens."""
     import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from bilten.app import create_app
+
+    proxies = [ipaddress.ip_network(n) for n in settings.trusted_proxies]
+
+    class DrainingHttp(HttpToolsProtocol):
+        """uvicorn's HTTP/1.1 protocol, less its cutting a balancer's idle connections on a stop.
+
+        A balancer reuses its pooled keep-alive connections at any moment, so one of them may
+        carry a request at the very instant it is closed: that request is lost, and a balancer
+        does not resend a POST (its client gets a 502). So during a drain a connection from a
+        trusted proxy (BILTEN_TRUSTED_PROXIES) is left to its keep-alive timeout, which the
+        proxy's own shorter one beats (deploy/nginx.conf: 4 s against 5), and a request that
+        still comes on it is answered with ``Connection: close``. A WebSocket upgrade arriving
+        then is closed unanswered, which the balancer retries on another instance (a GET).
+        Anyone else's idle connection is closed at once, as uvicorn does.
+        """
+
+        draining = False
+
+        def shutdown(self) -> None:
+            self.draining = True
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.keep_alive = False
+            elif not self._from_proxy():
+                self.transport.close()
+            elif self.timeout_keep_alive_task is None:  # no request yet: no timer either
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+
+        def _from_proxy(self) -> bool:
+            try:
+                peer = ipaddress.ip_address(self.client[0]) if self.client else None
+            except ValueError:  # a unix socket
+                return False
+            return peer is not None and any(peer in network for network in proxies)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self.draining and self.cycle is not None and self.cycle.scope is self.scope:
+                self.cycle.keep_alive = False
+
+        def handle_websocket_upgrade(self) -> None:
+            if self.draining:
+                self.transport.close()
+                return
+            super().handle_websocket_upgrade()
 
     config = uvicorn.Config(
         app or create_app(settings),
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=DrainingHttp,
         lifespan="on",
         log_config=None,
         access_log=False,
