@@ -980,6 +980,38 @@ async def test_a_batch_longer_than_the_lease_keeps_it_and_a_lost_lease_stops_the
         assert len(await queued(app, event_id)) == 1
 
 
+async def test_a_slow_charge_holds_up_only_its_own_booking_within_a_batch(settings):
+    """Waves of finishes: of two bookings in one batch, the one whose charge is answered at
+    once is confirmed (and its entry done) while the other's charge still takes three seconds."""
+    import time
+
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+    from tests.test_payments import FakeStripe
+
+    async with FakeStripe() as fake:
+        own = on_fake_stripe(settings, fake, 30).replace(
+            payment_timeout=10.0, roles=frozenset({"api"})
+        )
+        async with running(own) as (instance, c):
+            event_id, seats, _, _ = await published_event(c)
+            for n in range(2):
+                auth = await buyer(c)
+                body = {"event_id": event_id, "seat_ids": seats[n : n + 1]}
+                assert (await book(c, auth, body, headers={})).status_code == 202
+            entries = await queued(instance.state, event_id)
+            assert len(entries) == 2
+            fake.late_by = 3.0
+            fake.script = ["late"]  # whichever charge comes first is answered after 3 s
+            began = time.monotonic()
+            rest = await batch.begin_batch(instance.state, entries)
+            waves = []
+            async for wave in rest():
+                waves.append((time.monotonic() - began, [o.state for _, o in wave if o]))
+    assert [states for _, states in waves] == [["CONFIRMED"], ["CONFIRMED"]]
+    assert waves[0][0] < 2.0 and waves[1][0] > 2.9
+
+
 async def test_a_slow_charge_holds_up_only_its_own_batch(settings):
     """Payments off the ordering path: while the first booking's charge takes three seconds,
     a later booking of the same event is reserved, paid and confirmed."""

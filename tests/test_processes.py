@@ -275,9 +275,9 @@ async def test_seed_demo_creates_a_published_event_once(settings, client):
     assert again.returncode == 0 and f"demo event {event_id} exists already" in again.stdout
     event = (await client.get(f"/events/{event_id}")).json()
     assert event["status"] == "published"
-    assert event["seat_count"] == event["available_seats"] == 200
+    assert event["seat_count"] == event["available_seats"] == 464
     seats = (await client.get(f"/events/{event_id}/seats")).json()["seats"]
-    assert {s["tier"] for s in seats} == {"Stalls", "Balcony"}
+    assert {s["tier"] for s in seats} == {"Premium", "Stalls", "Balcony"}
     login = await client.post(
         "/auth/login", json={"email": "demo@bilten.test", "password": "demo password"}
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 from bilten import bookings, errors, metrics, queue
 from bilten.errors import ApiError
@@ -26,20 +26,26 @@ from bilten.state import State
 
 log = logging.getLogger(__name__)
 
-Rest = Callable[[], Awaitable[list[Outcome | None]]]
+# Entries whose sagas ended (or that are someone else's to end), with their outcomes.
+Wave = list[tuple[queue.Entry, Outcome | None]]
+Rest = Callable[[], AsyncIterator[Wave]]
 
 
 async def run_batch(app: State, entries: list[queue.Entry]) -> list[Outcome | None]:
     """A queue batch in arrival order, to the end: :func:`begin_batch`, then the rest."""
     rest = await begin_batch(app, entries)
-    return await rest()
+    found: dict[int, Outcome | None] = {}
+    async for wave in rest():
+        found.update((id(entry), outcome) for entry, outcome in wave)
+    return [found[id(entry)] for entry in entries]
 
 
 async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
     """The first step of a queue batch, in one transaction: the bookings made (PENDING) and
     their seats reserved in arrival order (PAYMENT_PENDING, or FAILED). Returns the rest, to be
-    awaited when the caller likes (the queue starts the next batch meanwhile): the payments,
-    concurrently, then the finish, in one more transaction.
+    run when the caller likes (the queue starts the next batch meanwhile): the payments,
+    concurrently, the bookings finished in waves as their charges are answered; it yields each
+    wave's entries with their outcomes, those that ended at once first.
 
     Each failure alone: a batch that fails for a cause of its own (not an outage: that pauses
     the queue, see :data:`errors.UNAVAILABLE`) is split in halves, each begun in turn (so
@@ -59,8 +65,11 @@ async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
     first = await begin_batch(app, entries[:half])
     second = await begin_batch(app, entries[half:])
 
-    async def both() -> list[Outcome | None]:
-        return [*await first(), *await second()]
+    async def both() -> AsyncIterator[Wave]:
+        async for wave in first():
+            yield wave
+        async for wave in second():
+            yield wave
 
     return both
 
@@ -85,8 +94,8 @@ async def _fail_alone(app: State, entry: queue.Entry) -> Rest:
         else:
             outcome = None
 
-    async def done() -> list[Outcome | None]:
-        return [outcome]
+    async def done() -> AsyncIterator[Wave]:
+        yield [(entry, outcome)]
 
     return done
 
@@ -98,30 +107,46 @@ async def _begin(app: State, entries: list[queue.Entry]) -> Rest:
         booking_ids, early = _sort_out(entries, standing)
         outcomes, payable = await reserve(conn, [b for b in booking_ids if b is not None])
 
-    async def rest() -> list[Outcome | None]:
+    async def rest() -> AsyncIterator[Wave]:
+        entries_of: dict[str, list[queue.Entry]] = {}
+        for entry, booking_id in zip(entries, booking_ids, strict=True):
+            if booking_id is not None:
+                entries_of.setdefault(booking_id, []).append(entry)
+
+        def wave_of(ran: dict[str, Outcome | None]) -> Wave:
+            return [(e, outcome) for b, outcome in ran.items() for e in entries_of[b]]
+
+        # Those that ended already: before their booking, or in the reservation (None: not
+        # ours to run).
+        ended = [(e, o) for e, b, o in zip(entries, booking_ids, early, strict=True) if b is None]
+        ended += wave_of({b: outcomes.get(b) for b in entries_of if b not in payable})
+        if ended:
+            yield ended
+        left = set(payable)
         try:
-            outcomes.update(
-                await booking.pay_and_finish(
-                    app, payable, patience=app.settings.payment_outage_wait
-                )
-            )
+            async for wave in booking.pay_and_finish_waves(
+                app, payable, patience=app.settings.payment_outage_wait
+            ):
+                left -= wave.keys()
+                elapsed = time.monotonic() - began
+                for finished in wave.values():
+                    if finished.state == "CONFIRMED":
+                        metrics.SAGA_SECONDS.observe(elapsed)
+                yield wave_of(dict(wave))
         except Exception:
             log.exception("finishing a booking batch failed; finishing its bookings one by one")
-            for booking_id in payable:
+            for booking_id in sorted(left):
+                outcome: Outcome | None
                 try:
                     recovered = (await booking.recover(app, [booking_id]))[booking_id]
-                    outcomes[booking_id] = recovered or await _as_is(app, booking_id)
+                    outcome = recovered or await _as_is(app, booking_id)
                 except errors.UNAVAILABLE:
-                    raise  # the batch stays queued and runs again
+                    raise  # the rest of the batch stays queued and runs again
                 except Exception:
                     # Each failure alone: recovery owns this booking now (None: not ours).
                     log.exception("finishing booking %s failed; recovery takes it", booking_id)
-                    outcomes[booking_id] = None
-        elapsed = time.monotonic() - began
-        for outcome in outcomes.values():
-            if outcome is not None and outcome.state == "CONFIRMED":
-                metrics.SAGA_SECONDS.observe(elapsed)
-        return _merge(booking_ids, early, outcomes)
+                    outcome = None
+                yield wave_of({booking_id: outcome})
 
     return rest
 
@@ -171,14 +196,3 @@ def _sort_out(
                 )
             )
     return booking_ids, outcomes
-
-
-def _merge(
-    booking_ids: list[str | None],
-    early: list[Outcome | None],
-    ran: dict[str, Outcome | None],
-) -> list[Outcome | None]:
-    return [
-        ran.get(booking_id) if booking_id is not None else outcome
-        for booking_id, outcome in zip(booking_ids, early, strict=True)
-    ]

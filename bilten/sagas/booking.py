@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import msgspec
@@ -45,29 +46,42 @@ async def _charge(app: State, booking_id: str, due: Payable) -> PaymentResult:
 
 
 OUTAGE_PAUSE = (0.5, 8.0)  # seconds between charges again while the provider is out: first, most
+WAVE = 0.02  # seconds a wave of answered charges waits for more before it is finished
+_warned = 0.0
+
+
+async def _charge_patiently(
+    app: State, booking_id: str, due: Payable, deadline: float
+) -> PaymentResult:
+    """A charge; while the provider cannot answer it, charged again (same key: never twice)
+    with a growing pause until ``deadline``, then ``ProviderUnavailable``. Declines are final."""
+    global _warned
+    result = await _charge(app, booking_id, due)
+    pause = OUTAGE_PAUSE[0]
+    while isinstance(result, payments.ProviderUnavailable):
+        if time.monotonic() + pause > deadline:
+            break
+        if time.monotonic() - _warned > 5:
+            _warned = time.monotonic()
+            log.warning("payment provider unavailable: charges wait and are made again")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, OUTAGE_PAUSE[1])
+        result = await _charge(app, booking_id, due)
+    return result
 
 
 async def charge_all(
     app: State, payable: dict[str, Payable], *, patience: float
 ) -> dict[str, PaymentResult]:
     """Charge concurrently. A provider outage pauses, it does not fail: what the provider could
-    not answer is charged again (same key: never twice) with a growing pause, for up to
-    ``patience`` seconds; only then is it ``ProviderUnavailable``. Declines are final at once.
+    not answer is charged again for up to ``patience`` seconds (see :func:`_charge_patiently`).
     (A queue batch waits ``payment_outage_wait``: its event's queue waits with it, since with
     the provider out it could sell nothing anyway.)"""
-    charged = await asyncio.gather(*(_charge(app, b, due) for b, due in payable.items()))
-    results: dict[str, PaymentResult] = dict(zip(payable, charged, strict=True))
     deadline = time.monotonic() + patience
-    pause = OUTAGE_PAUSE[0]
-    while True:
-        out = [b for b, r in results.items() if isinstance(r, payments.ProviderUnavailable)]
-        if not out or time.monotonic() + pause > deadline:
-            return results
-        log.warning("payment provider unavailable: %d charge(s) wait %.1f s", len(out), pause)
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, OUTAGE_PAUSE[1])
-        again = await asyncio.gather(*(_charge(app, b, payable[b]) for b in out))
-        results.update(zip(out, again, strict=True))
+    charged = await asyncio.gather(
+        *(_charge_patiently(app, b, due, deadline) for b, due in payable.items())
+    )
+    return dict(zip(payable, charged, strict=True))
 
 
 async def pay_and_finish(
@@ -77,6 +91,32 @@ async def pay_and_finish(
     if not payable:
         return {}
     return await finish(app, await charge_all(app, payable, patience=patience))
+
+
+async def pay_and_finish_waves(
+    app: State, payable: dict[str, Payable], *, patience: float
+) -> AsyncIterator[dict[str, Outcome]]:
+    """The charges, concurrently; the bookings whose charges were answered are finished as
+    they come, a wave at a time (one transaction each: those answered within ``WAVE`` of the
+    first of them), so a slow charge holds up only its own booking. Charges still out when the
+    caller stops listening are cancelled; their bookings stay PAYMENT_PENDING for recovery,
+    which looks the payment up by its key."""
+    deadline = time.monotonic() + patience
+    charging = {
+        asyncio.ensure_future(_charge_patiently(app, b, due, deadline)): b
+        for b, due in payable.items()
+    }
+    try:
+        while charging:
+            done, _ = await asyncio.wait(charging, return_when=asyncio.FIRST_COMPLETED)
+            if len(done) < len(charging):
+                await asyncio.sleep(WAVE)  # fewer, larger finishes
+                done = {t for t in charging if t.done()}
+            answered = {charging.pop(t): t.result() for t in done}
+            yield await finish(app, answered)
+    finally:
+        for task in charging:
+            task.cancel()
 
 
 async def run(app: State, booking_ids: list[str], *, patience: float) -> dict[str, Outcome | None]:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio.client import Pipeline
@@ -27,8 +27,10 @@ from bilten.supervisor import Worker
 
 log = logging.getLogger(__name__)
 
-# A batch's first step (bookings made, seats reserved), returning the rest (payments, finish).
-Begin = Callable[[State, list[Entry]], Awaitable[Callable[[], Awaitable[list[Any]]]]]
+# A batch's first step (bookings made, seats reserved), returning the rest (payments, finish),
+# which yields waves of entries with their outcomes as their sagas end.
+Rest = Callable[[], AsyncIterator[list[tuple[Entry, Any]]]]
+Begin = Callable[[State, list[Entry]], Awaitable[Rest]]
 # Queues the outcomes' announcements (statuses, wake-ups) on a pipeline.
 Announce = Callable[[Pipeline, list[Any]], None]
 
@@ -176,38 +178,38 @@ async def _finished(batch: asyncio.Task[int]) -> int:
 
 
 async def _complete(
-    app: State,
-    event_id: str,
-    batch: list[Entry],
-    rest: Callable[[], Awaitable[list[Any]]],
-    announce: Announce,
+    app: State, event_id: str, batch: list[Entry], rest: Rest, announce: Announce
 ) -> int:
-    """A batch's rest, then its announcements; its entries are acknowledged once their sagas
-    ended. Returns how many were."""
-    outcomes = await rest()
-    # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
-    # booking (same Idempotency-Key) that has a saga of its own.
-    finished = [
-        entry.entry_id
-        for entry, outcome in zip(batch, outcomes, strict=True)
-        if outcome is None
-        or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
-        or outcome.booking_id != entry.request_id
-    ]
-    async with app.redis.pipeline(transaction=False) as pipe:
-        queue.settle_claims(pipe, batch, outcomes)
-        announce(pipe, [o for o in outcomes if o is not None])
-        if finished:
-            pipe.eval(
-                _DONE,
-                2,
-                keys.queue(event_id),
-                keys.queue_served(event_id),
-                keys.QUEUE_GROUP,
-                *finished,
-            )
-        await pipe.execute()
-    return len(finished)
+    """A batch's rest: each wave's announcements, and its entries acknowledged once their
+    sagas ended. Returns how many were."""
+    done = 0
+    async for wave in rest():
+        entries = [entry for entry, _ in wave]
+        outcomes = [outcome for _, outcome in wave]
+        # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
+        # booking (same Idempotency-Key) that has a saga of its own.
+        finished = [
+            entry.entry_id
+            for entry, outcome in wave
+            if outcome is None
+            or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
+            or outcome.booking_id != entry.request_id
+        ]
+        async with app.redis.pipeline(transaction=False) as pipe:
+            queue.settle_claims(pipe, entries, outcomes)
+            announce(pipe, [o for o in outcomes if o is not None])
+            if finished:
+                pipe.eval(
+                    _DONE,
+                    2,
+                    keys.queue(event_id),
+                    keys.queue_served(event_id),
+                    keys.QUEUE_GROUP,
+                    *finished,
+                )
+            await pipe.execute()
+        done += len(finished)
+    return done
 
 
 def worker(app: State, begin: Begin, announce: Announce) -> Worker:
