@@ -1024,6 +1024,62 @@ def print_load(load: Load, seats: int) -> float:
     return rate
 
 
+Writes = dict[str, tuple[int, int, int, int]]  # table: inserted, updated, HOT-updated, deleted
+
+
+async def table_writes(database_url: str) -> Writes:
+    """The database's row writes by table so far (pg_stat_user_tables)."""
+    conn = await db.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del "
+            "FROM pg_stat_user_tables"
+        )
+    finally:
+        await conn.close()
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+async def confirmed_bookings(database_url: str, event_id: str) -> int:
+    conn = await db.connect(database_url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM bookings WHERE event_id = $1 AND saga_state = 'CONFIRMED'",
+                event_id,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def print_writes(before: Writes, after: Writes, confirmed: int) -> None:
+    """Row writes during the sale, per confirmed booking, by table (pg_stat_user_tables)."""
+    if not confirmed:
+        return
+    print(
+        "  row writes per confirmed booking (pg_stat_user_tables; HOT: updates that wrote no "
+        "index entry):"
+    )
+    total = [0, 0, 0, 0]
+    for table in sorted(after):
+        ins, upd, hot, dele = (
+            a - b for a, b in zip(after[table], before.get(table, (0, 0, 0, 0)), strict=True)
+        )
+        if ins == upd == dele == 0:
+            continue
+        for n, value in enumerate((ins, upd, hot, dele)):
+            total[n] += value
+        print(
+            f"    {table:24} ins {ins / confirmed:5.2f}  upd {upd / confirmed:5.2f} "
+            f"(HOT {hot / max(upd, 1):4.0%})  del {dele / confirmed:5.2f}"
+        )
+    print(
+        f"    {'all tables':24} ins {total[0] / confirmed:5.2f}  upd {total[1] / confirmed:5.2f} "
+        f"(HOT {total[2] / max(total[1], 1):4.0%})  del {total[3] / confirmed:5.2f}"
+    )
+
+
 def print_cpu(before: CpuSample | None, after: CpuSample | None, wall: float) -> None:
     if before is None or after is None or wall <= 0:
         return
@@ -1233,6 +1289,7 @@ def http_run(
         time.sleep(SETTLE)
         profiler = Profiler(pids, args.profile, args.profile_seconds)
         cpu_before = cpu_snapshot(pids)
+        writes_before = asyncio.run(table_writes(database_url))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             load = runner.run(
                 run_load(
@@ -1253,6 +1310,9 @@ def http_run(
         unfinished = asyncio.run(wait_until_settled(database_url, event_id, 60))
         if unfinished:
             print(f"  {unfinished} bookings still under way after 60 s")
+        time.sleep(1.5)  # backends report their table statistics about once a second
+        confirmed = asyncio.run(confirmed_bookings(database_url, event_id))
+        print_writes(writes_before, asyncio.run(table_writes(database_url)), confirmed)
         profiler.finish()
     return rate
 
