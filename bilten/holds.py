@@ -66,6 +66,17 @@ RETURNING held
 """
 
 
+def seats_of_holds(holds: str) -> str:
+    """A condition on ``event_seats es``: the seat is one of the holds ``holds`` (an SQL
+    parameter, a uuid array) and is still held by it. The seats are found through the holds' own
+    seat lists, by primary key: event_seats has no index on hold_id, so that its updates stay
+    HOT (migration 0015)."""
+    return (
+        f"(es.event_id, es.seat_id) IN (SELECT h.event_id, unnest(h.seat_ids) FROM holds h "
+        f"WHERE h.id = ANY ({holds}::uuid[])) AND es.hold_id = ANY ({holds}::uuid[])"
+    )
+
+
 def seat_unavailable(seat_ids: list[str]) -> ApiError:
     return ApiError(
         "seat_unavailable", "A requested seat is held or sold.", {"seat_ids": sorted(seat_ids)}
@@ -451,10 +462,10 @@ async def release_many(
     seat_holds = [h["id"] for h in released if not h["ticket_type_id"]]
     if seat_holds:
         freed = await conn.fetch(
-            """WITH locked AS (
-                   SELECT event_id, seat_id FROM event_seats
-                   WHERE hold_id = ANY ($1::uuid[]) AND status = 'held'
-                   ORDER BY seat_id FOR UPDATE)
+            f"""WITH locked AS (
+                   SELECT es.event_id, es.seat_id FROM event_seats es
+                   WHERE {seats_of_holds("$1")} AND es.status = 'held'
+                   ORDER BY es.seat_id FOR UPDATE)
                UPDATE event_seats es SET status = 'available', hold_id = NULL,
                       hold_expires_at = NULL, version = nextval('catalog_version')
                FROM locked

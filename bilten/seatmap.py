@@ -48,12 +48,13 @@ _encoder = msgspec.json.Encoder()
 SEAT_STATUS = """CASE WHEN es.status = 'held' AND es.hold_expires_at <= now() THEN 'available'
                       ELSE es.status END"""
 
-# ``version`` is the greatest seat version (what deltas are compared with); ``commits`` rises with
-# every committed change even when changes commit out of version order (see migration 0010), so
-# the pair identifies the map's content: it keys the caches and makes the ETag.
+# ``version`` is the greatest seat version (what deltas are compared with: the statement triggers
+# on event_seats record it, migration 0015); ``commits`` rises with every committed change even
+# when changes commit out of version order (see migration 0010), so the pair identifies the
+# map's content: it keys the caches and makes the ETag.
 _HEAD = """SELECT e.status, e.organizer_id::text AS organizer_id,
-                  coalesce((SELECT version FROM event_seats WHERE event_id = e.id
-                            ORDER BY version DESC LIMIT 1), 0) AS version,
+                  coalesce((SELECT max(version) FROM seat_map_commits
+                            WHERE event_id = e.id), 0) AS version,
                   coalesce((SELECT sum(weight) FROM seat_map_commits
                             WHERE event_id = e.id), 0)::bigint AS commits
            FROM events e WHERE e.id = $1"""

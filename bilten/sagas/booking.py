@@ -285,17 +285,19 @@ async def cancel(app: State, booking_id: str, *, by_organizer: bool = False) -> 
 
 
 async def _release_sold(conn: Connection, row: Any) -> None:
-    # Seats locked in seat order first, as every path locks them (docs/bookings.md).
+    # Seats locked in seat order first, as every path locks them (docs/bookings.md); found
+    # through the booking's items, by primary key.
+    mine = "seat_id IN (SELECT seat_id FROM booking_items WHERE booking_id = $2)"
     await conn.execute(
-        """SELECT 1 FROM event_seats WHERE event_id = $1 AND booking_id = $2 AND status = 'sold'
-           ORDER BY seat_id FOR UPDATE""",
+        f"""SELECT 1 FROM event_seats WHERE event_id = $1 AND {mine} AND booking_id = $2
+              AND status = 'sold' ORDER BY seat_id FOR UPDATE""",
         row["event_id"],
         row["id"],
     )
     freed = await conn.fetch(
-        """UPDATE event_seats SET status = 'available', booking_id = NULL,
+        f"""UPDATE event_seats SET status = 'available', booking_id = NULL,
                   version = nextval('catalog_version')
-           WHERE event_id = $1 AND booking_id = $2 AND status = 'sold'
+           WHERE event_id = $1 AND {mine} AND booking_id = $2 AND status = 'sold'
            RETURNING seat_id::text, version""",
         row["event_id"],
         row["id"],

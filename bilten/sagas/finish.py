@@ -79,8 +79,8 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
         )
         await lock_types(conn, [k["ticket_type_id"] for k in kinds if k["ticket_type_id"]])
         await conn.execute(
-            "SELECT 1 FROM event_seats WHERE hold_id = ANY ($1::uuid[]) AND status = 'held'"
-            " ORDER BY seat_id FOR UPDATE",
+            f"SELECT 1 FROM event_seats es WHERE {holds.seats_of_holds('$1')}"
+            " AND es.status = 'held' ORDER BY es.seat_id FOR UPDATE",
             hold_ids,
         )
         charges = {b: r for b, r in results.items() if isinstance(r, payments.Charge)}
@@ -186,8 +186,9 @@ async def _confirm_many(
     live = {h["id"]: h for h in hold_rows}
     # Seats still held by each hold (locked): a hold that lost any is settled one by one.
     held = await conn.fetch(
-        """SELECT hold_id::text, event_id::text FROM event_seats
-           WHERE hold_id = ANY ($1::uuid[]) AND status = 'held' ORDER BY seat_id FOR UPDATE""",
+        f"""SELECT es.hold_id::text, es.event_id::text FROM event_seats es
+           WHERE {holds.seats_of_holds("$1")} AND es.status = 'held'
+           ORDER BY es.seat_id FOR UPDATE""",
         [h for h in live if not live[h]["ticket_type_id"]],
     )
     seats_of: dict[str, int] = defaultdict(int)
@@ -214,7 +215,9 @@ async def _confirm_many(
                           hold_id = NULL, hold_expires_at = NULL,
                           version = nextval('catalog_version')
                    FROM unnest($2::uuid[], $3::uuid[]) AS b(hold_id, booking_id)
-                   WHERE es.event_id = $1 AND es.hold_id = b.hold_id AND es.status = 'held'
+                   JOIN holds h ON h.id = b.hold_id
+                   WHERE es.event_id = $1 AND es.seat_id = ANY (h.seat_ids)
+                     AND es.hold_id = b.hold_id AND es.status = 'held'
                    RETURNING es.seat_id::text, es.version""",
                 event_id,
                 [r["hold_id"] for r in mine],

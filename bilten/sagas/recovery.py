@@ -146,17 +146,19 @@ FOLD_AFTER = 100  # seat-map commit rows of one event before they are folded int
 
 
 async def fold_seat_map_commits(app: State) -> int:
-    """Fold each busy event's commit rows into one of the same weight (the sum is unchanged,
-    and rows inserted meanwhile are not touched), keeping the seat-map tag cheap to read."""
+    """Fold each busy event's commit rows into one of the same weight and greatest version (the
+    sum and the greatest are unchanged, and rows inserted meanwhile are not touched), keeping
+    the seat-map tag cheap to read."""
     events = await app.db.fetch(
         """SELECT event_id FROM seat_map_commits GROUP BY event_id HAVING count(*) > $1""",
         FOLD_AFTER,
     )
     for row in events:
         await app.db.execute(
-            """WITH gone AS (DELETE FROM seat_map_commits WHERE event_id = $1 RETURNING weight)
-               INSERT INTO seat_map_commits (event_id, weight)
-               SELECT $1, sum(weight) FROM gone HAVING count(*) > 0""",
+            """WITH gone AS (DELETE FROM seat_map_commits WHERE event_id = $1
+                             RETURNING weight, version)
+               INSERT INTO seat_map_commits (event_id, weight, version)
+               SELECT $1, sum(weight), max(version) FROM gone HAVING count(*) > 0""",
             row["event_id"],
         )
     return len(events)

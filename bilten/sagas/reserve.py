@@ -46,7 +46,10 @@ _LOCK_SEATS = """
 SELECT es.seat_id::text, s.label, t.price_cents,
        es.status = 'available' OR (es.status = 'held' AND es.hold_expires_at <= now()) AS free
 FROM event_seats es JOIN seats s ON s.id = es.seat_id JOIN price_tiers t ON t.id = es.tier_id
-WHERE es.event_id = $1 AND (es.seat_id = ANY ($2::uuid[]) OR es.hold_id = ANY ($3::uuid[]))
+WHERE es.event_id = $1
+  AND es.seat_id = ANY ($2::uuid[] || ARRAY(SELECT unnest(h.seat_ids) FROM holds h
+                                            WHERE h.id = ANY ($3::uuid[])))
+  AND (es.seat_id = ANY ($2::uuid[]) OR es.hold_id = ANY ($3::uuid[]))
 ORDER BY es.seat_id
 FOR UPDATE OF es
 """
@@ -79,10 +82,12 @@ async def _items_of_hold(conn: Connection, hold: Any) -> list[holds.Item]:
         """SELECT es.seat_id::text AS seat_id, s.label, t.price_cents
            FROM event_seats es JOIN seats s ON s.id = es.seat_id
            JOIN price_tiers t ON t.id = es.tier_id
-           WHERE es.event_id = $1 AND es.hold_id = $2 AND es.status = 'held'
+           WHERE es.event_id = $1 AND es.seat_id = ANY ($3::uuid[]) AND es.hold_id = $2
+             AND es.status = 'held'
            ORDER BY s.label""",
         hold["event_id"],
         hold["id"],
+        hold["seat_ids"],
     )
     return [
         holds.Item(seat_id=r["seat_id"], label=r["label"], price_cents=r["price_cents"])
@@ -120,10 +125,11 @@ async def _adopt_hold(conn: Connection, row: Any, hold_id: str) -> tuple[str, li
     )
     await conn.execute(
         """UPDATE event_seats SET hold_expires_at = greatest(hold_expires_at, now() + $3::interval)
-           WHERE event_id = $1 AND hold_id = $2""",
+           WHERE event_id = $1 AND seat_id = ANY ($4::uuid[]) AND hold_id = $2""",
         row["event_id"],
         hold_id,
         window,
+        hold["seat_ids"],
     )
     return hold_id, items
 
