@@ -53,9 +53,9 @@ GROUP BY 1, 2 ORDER BY 4 DESC, 1
 """
 
 _PER_MINUTE = """
-SELECT date_trunc('minute', tr.at) AS minute, count(*) AS tickets
+SELECT date_trunc('minute', (step ->> 'at')::timestamptz) AS minute, count(*) AS tickets
 FROM bookings b
-JOIN booking_transitions tr ON tr.booking_id = b.id AND tr.to_state = 'CONFIRMED'
+CROSS JOIN LATERAL jsonb_path_query_first(b.history, '$[*] ? (@.to == "CONFIRMED")') AS step
 JOIN booking_items bi ON bi.booking_id = b.id
 WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED'
 GROUP BY 1 ORDER BY 1

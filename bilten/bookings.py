@@ -104,20 +104,18 @@ async def create_many(conn: Connection, requests: list[Request]) -> dict[str, tu
         )
     )
     await conn.execute(
-        """WITH made AS (
-               INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
-                                     currency, payment_provider, payment_token)
-               SELECT r.id, r.user_id, r.event_id, r.key, r.digest, r.request, e.currency,
-                      r.provider, r.token
-               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
-                           $6::jsonb[], $7::text[], $8::text[])
-                    AS r(id, user_id, event_id, key, digest, request, provider, token)
-               JOIN events e ON e.id = r.event_id
-               JOIN users u ON u.id = r.user_id
-               ON CONFLICT DO NOTHING
-               RETURNING id)
-           INSERT INTO booking_transitions (booking_id, to_state, reason)
-           SELECT id, 'PENDING', 'requested' FROM made""",
+        """INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
+                                 currency, payment_provider, payment_token, history)
+           SELECT r.id, r.user_id, r.event_id, r.key, r.digest, r.request, e.currency,
+                  r.provider, r.token,
+                  jsonb_build_array(jsonb_build_object(
+                      'to', 'PENDING', 'reason', 'requested', 'at', now()))
+           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                       $6::jsonb[], $7::text[], $8::text[])
+                AS r(id, user_id, event_id, key, digest, request, provider, token)
+           JOIN events e ON e.id = r.event_id
+           JOIN users u ON u.id = r.user_id
+           ON CONFLICT DO NOTHING""",
         *map(list, columns),
     )
     rows = await conn.fetch(

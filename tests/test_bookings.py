@@ -119,6 +119,28 @@ async def test_hold_then_book_confirms_with_tickets(client):
     assert again.json() == booking
 
 
+async def test_every_transition_is_kept_in_the_booking_in_order(client, settings):
+    event_id, seats, _, _ = await published_event(client)
+    auth = await buyer(client)
+    done = await book(client, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+    booking_id = done.json()["booking"]["id"]
+    assert (await client.post(f"/bookings/{booking_id}/cancel", headers=auth)).status_code == 200
+    conn = await db.connect(settings.database_url)
+    try:
+        history = await conn.fetchval("SELECT history FROM bookings WHERE id = $1", booking_id)
+    finally:
+        await conn.close()
+    steps = [(s.get("from"), s["to"], s.get("reason")) for s in history]
+    assert steps == [
+        (None, "PENDING", "requested"),
+        ("PENDING", "PAYMENT_PENDING", "seats_reserved"),
+        ("PAYMENT_PENDING", "CONFIRMED", None),
+        ("CONFIRMED", "CANCELLED", "cancelled"),
+    ]
+    times = [s["at"] for s in history]
+    assert times == sorted(times)
+
+
 async def test_general_admission_units(client):
     event_id, _, standing, _ = await published_event(client, capacity=5)
     auth = await buyer(client)

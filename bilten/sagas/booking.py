@@ -208,15 +208,14 @@ def add_announcements(pipe: Pipeline, outcomes: list[Outcome]) -> None:
 _encode_done = msgspec.json.Encoder().encode
 
 
-# → CANCELLED: the booking, its history row and its buyer's message in one statement.
+# → CANCELLED: the booking (its history step included) and its buyer's message in one statement.
 _CANCELLED = """
 WITH moved AS (
-    UPDATE bookings SET saga_state = 'CANCELLED', updated_at = now()
+    UPDATE bookings SET saga_state = 'CANCELLED', updated_at = now(),
+           history = history || jsonb_build_object(
+               'from', 'CONFIRMED', 'to', 'CANCELLED', 'reason', $2::text, 'at', now())
     WHERE id = $1 AND saga_state = 'CONFIRMED'
-    RETURNING id),
-history AS (
-    INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
-    SELECT id, 'CONFIRMED', 'CANCELLED', $2 FROM moved)
+    RETURNING id)
 INSERT INTO outbox (topic, payload) SELECT 'user', $3::jsonb FROM moved
 """
 

@@ -154,18 +154,17 @@ def _mismatch(row: Any, charge: payments.Charge) -> ApiError:
     )
 
 
-# → CONFIRMED: the bookings, their history rows, and the outbox rows (the seat deltas and
-# catalog changes, then the buyers' messages) in one statement.
+# → CONFIRMED: the bookings (their history step included) and the outbox rows (the seat deltas
+# and catalog changes, then the buyers' messages) in one statement.
 _CONFIRMED = """
 WITH p AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS p(id, payment_id, note)),
 moved AS (
     UPDATE bookings b SET saga_state = 'CONFIRMED', payment_status = 'succeeded',
-           payment_token = '', payment_id = p.payment_id, updated_at = now()
+           payment_token = '', payment_id = p.payment_id, updated_at = now(),
+           history = b.history || jsonb_build_object(
+               'from', 'PAYMENT_PENDING', 'to', 'CONFIRMED', 'at', now())
     FROM p WHERE b.id = p.id
-    RETURNING b.id),
-history AS (
-    INSERT INTO booking_transitions (booking_id, from_state, to_state)
-    SELECT id, 'PAYMENT_PENDING', 'CONFIRMED' FROM moved)
+    RETURNING b.id)
 INSERT INTO outbox (topic, payload)
 SELECT * FROM unnest($4::text[], $5::jsonb[])
 UNION ALL

@@ -29,17 +29,15 @@ from bilten.sagas.steps import (
     outcome_of,
 )
 
-# The transition, its history row included, in one statement (the seats were reserved: the
+# The transition, its history step included, in one statement (the seats were reserved: the
 # booking goes on to its payment; SEATS_RESERVED is never a state of its own on disk).
 _RESERVED = """
-WITH r AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)),
-moved AS (
-    UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
-           saga_state = 'PAYMENT_PENDING', updated_at = now()
-    FROM r WHERE b.id = r.id
-    RETURNING b.id)
-INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
-SELECT id, 'PENDING', 'PAYMENT_PENDING', 'seats_reserved' FROM moved
+UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
+       saga_state = 'PAYMENT_PENDING', updated_at = now(),
+       history = b.history || jsonb_build_object(
+           'from', 'PENDING', 'to', 'PAYMENT_PENDING', 'reason', 'seats_reserved', 'at', now())
+FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)
+WHERE b.id = r.id
 """
 
 _LOCK_SEATS = """

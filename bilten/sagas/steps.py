@@ -77,7 +77,8 @@ def result_message(booking_id: str, status: str, error: ApiError | None = None) 
     return message
 
 
-# → FAILED: the bookings, their history rows and their buyers' messages in one statement.
+# → FAILED: the bookings (their history step included) and their buyers' messages in one
+# statement.
 _FAILED = """
 WITH f AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bool[],
@@ -86,12 +87,11 @@ WITH f AS (
 moved AS (
     UPDATE bookings b SET saga_state = 'FAILED', updated_at = now(), payment_token = '',
            failure_code = f.code, failure_message = f.message, failure_details = f.details,
-           payment_status = 'failed', payment_unsettled = b.payment_unsettled OR f.unsettled
+           payment_status = 'failed', payment_unsettled = b.payment_unsettled OR f.unsettled,
+           history = b.history || jsonb_build_object(
+               'from', f.src, 'to', 'FAILED', 'reason', f.code, 'at', now())
     FROM f WHERE b.id = f.id
-    RETURNING b.id),
-history AS (
-    INSERT INTO booking_transitions (booking_id, from_state, to_state, reason)
-    SELECT f.id, f.src, 'FAILED', f.code FROM f JOIN moved USING (id))
+    RETURNING b.id)
 INSERT INTO outbox (topic, payload) SELECT 'user', f.note FROM f JOIN moved USING (id)
 """
 
