@@ -79,7 +79,7 @@ async def start_workers(app: State, realtime: Realtime) -> None:
     if "workers" in app.settings.roles:
         transport = mail.transport_from_settings(app.settings)
         app.supervisor.start("mail", mail_worker.worker(app, transport))
-        app.supervisor.start("outbox", outbox.relay(app.db, app.redis))
+        app.supervisor.start("outbox", outbox.relay(app.settings.database_url, app.redis))
         app.supervisor.start("recovery", recovery.worker(app))
         for n in range(app.settings.booking_workers):
             app.supervisor.start(
