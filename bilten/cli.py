@@ -153,6 +153,7 @@ def make_server(
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from bilten.app import create_app
+    from bilten.realtime.protocol import LeanWebSocketProtocol
 
     proxies = [ipaddress.ip_network(n) for n in settings.trusted_proxies]
 
@@ -218,6 +219,8 @@ def make_server(
         # (walking it back from the nearest hop): otherwise any client could pick its own IP.
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=list(settings.trusted_proxies) or None,
+        # uvicorn's sans-I/O WebSocket protocol, keeping less per idle socket.
+        ws=LeanWebSocketProtocol,
         # Compression would cost a zlib context per socket and one deflate per message per
         # socket, where the hub sends the same bytes to everyone.
         ws_per_message_deflate=False,

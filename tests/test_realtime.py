@@ -671,3 +671,104 @@ async def test_connections_per_address_and_origins_are_bounded(spawn_server):
             async with connect(ws_url(server), proxy=None, additional_headers=origin):
                 pass
         assert refused.value.response.status_code == 403
+
+
+async def test_a_burst_goes_to_each_socket_in_one_write():
+    from bilten.realtime.connection import Connection, Counters
+    from bilten.realtime.protocol import Flag
+
+    class Transport:
+        def __init__(self):
+            self.writes: list[bytes] = []
+
+        def write(self, data):
+            self.writes.append(data)
+
+        def is_closing(self):
+            return False
+
+    class Protocol:  # what the hub reads of uvicorn's protocol
+        def __init__(self):
+            self.transport = Transport()
+            self.writable = Flag()
+            self.close_sent = False
+
+    async def never(message):
+        raise AssertionError("nothing goes through ASGI while the socket takes the bytes")
+
+    counters = Counters()
+    connection = Connection({}, never, counters, 8, lambda c: None)
+    connection.protocol = protocol = Protocol()
+    frames = [frame(f"m{n}") for n in range(3)]
+    joined = b"".join(f.wire for f in frames)
+    assert connection.offer_all(frames, joined)
+    assert protocol.transport.writes == [joined] and counters.sent == 3
+
+    # A socket that must drain first: the frames wait in order behind the one in flight.
+    protocol.writable.clear()
+    sent: list[dict] = []
+    gate = asyncio.Event()
+
+    async def slow(message):
+        await gate.wait()
+        sent.append(message)
+
+    connection.send = slow
+    assert connection.offer_all(frames, joined)
+    assert len(protocol.transport.writes) == 1 and len(connection.pending) == 2
+    gate.set()
+    await asyncio.wait_for(connection.writer, 1)
+    assert sent == [f.event for f in frames] and counters.sent == 6
+
+
+async def test_the_lean_protocols_inbox_and_flag():
+    from bilten.realtime.protocol import Flag, Inbox
+
+    inbox = Inbox()
+    assert inbox.empty()
+    reader = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait({"n": 1})
+    inbox.put_nowait({"n": 2})
+    assert await reader == {"n": 1} and not inbox.empty()
+    assert await inbox.get() == {"n": 2} and inbox.empty()
+    waiting = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    inbox.put_nowait({"n": 3})
+    assert await inbox.get() == {"n": 3}
+
+    flag = Flag()
+    assert flag.is_set() and await flag.wait()
+    flag.clear()
+    waiters = [asyncio.create_task(flag.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    flag.set()
+    assert await asyncio.gather(*waiters) == [True, True] and flag.waiters is None
+
+
+async def test_an_open_socket_keeps_nothing_of_its_handshake(a, http):
+    """Once open, the protocol lets go of the request's headers and path (the access token in
+    ``?token=`` with them), and the servers, which run it, still serve a signed-in socket."""
+    from bilten.realtime.protocol import LeanWebSocketProtocol
+
+    class Request:
+        def __init__(self):
+            from websockets.datastructures import Headers
+
+            self.path = "/ws?token=secret"
+            self.headers = Headers({"Authorization": "Bearer secret"})
+
+    protocol = LeanWebSocketProtocol.__new__(LeanWebSocketProtocol)
+    protocol.request = request = Request()
+    protocol.response = None
+    protocol.forget_handshake()
+    assert protocol.request is None and request.path == "" and not list(request.headers)
+
+    auth = await buyer(http)
+    async with socket_to(a, token_of(auth)) as ws:
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await receive(ws) == {"type": "pong"}

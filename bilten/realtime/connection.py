@@ -127,6 +127,20 @@ class Connection:
         self.pending.append(frame)
         return True
 
+    def offer_all(self, frames: list[Frame], joined: bytes) -> bool:
+        """Several frames, ``joined`` their wire bytes: one write when the socket takes them at
+        once, else one by one as :meth:`offer` does."""
+        if self.close_code is None and self.writer is None:
+            protocol = self.protocol
+            if protocol is not None and wire.writable(protocol):
+                protocol.transport.write(joined)
+                self.counters.sent += len(frames)
+                return True
+        for frame in frames:
+            if not self.offer(frame):
+                return False
+        return True
+
     def _send_now(self, frame: Frame) -> bool:
         """Nothing is queued: start the send here. It usually completes at once (the socket
         takes the bytes), which spares a task per message per socket; a send that has to wait

@@ -77,6 +77,10 @@ class Realtime:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
+        # Every frame under this connection keeps the scope while it lives: what only the
+        # handshake needed goes (the access token in the query string with it).
+        scope["headers"] = []
+        scope["query_string"] = b""
         client = scope.get("client")
         address = client[0] if client else ""
         if self.per_address[address] >= self.settings.ws_max_per_ip:
@@ -131,10 +135,10 @@ class Realtime:
         mailbox = self.mailboxes.get(who.user_id)
         if mailbox is None:
             mailbox = self.mailboxes[who.user_id] = Mailbox(who.user_id)
-            mailbox.connections.add(connection)
+            mailbox.connections.append(connection)
             await self._subscribe(mailbox.channel, mailbox.handler)
         else:
-            mailbox.connections.add(connection)
+            mailbox.connections.append(connection)
 
     def detach(self, connection: Connection) -> None:
         """Leave every room and the mailbox; unsubscribing follows in the background."""
@@ -145,7 +149,7 @@ class Realtime:
         mailbox = self.mailboxes.get(connection.user_id)
         if mailbox is None or connection not in mailbox.connections:
             return
-        mailbox.connections.discard(connection)
+        mailbox.connections.remove(connection)
         if not mailbox.connections:
             del self.mailboxes[connection.user_id]
             self._spawn(self.hub.unsubscribe(mailbox.channel, mailbox.handler))

@@ -9,8 +9,9 @@ those bytes to the socket's transport itself, while the transport takes them wit
 
 Everything else goes through ASGI as usual: the handshake, closing, and any send that has to
 wait for a slow reader (with the messages queued behind it). :func:`direct` finds the protocol
-behind the ASGI ``send`` and checks that it is the one this was written against; any other
-server, or another uvicorn protocol, gets ASGI only.
+behind the ASGI ``send`` and checks that it is the one this was written against (or
+:class:`bilten.realtime.protocol.LeanWebSocketProtocol`, built on it); any other server, or
+another uvicorn protocol, gets ASGI only.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ _NEEDED = ("transport", "writable", "close_sent", "conn")
 def direct(send: Send) -> Any | None:
     """The uvicorn protocol object whose transport may take our frames; None: use ASGI."""
     protocol: Any = getattr(send, "__self__", None)
-    kind = type(protocol)
-    if (kind.__module__, kind.__name__) != _SANSIO:
+    if not any((kind.__module__, kind.__name__) == _SANSIO for kind in type(protocol).__mro__):
         return None
     if not all(hasattr(protocol, name) for name in _NEEDED):
         return None
