@@ -97,7 +97,7 @@ class Settings:
     hold_ttl: int = 600
     booking_workers: int = 4  # queue-draining coroutines per instance
     queue_max: int = 10_000  # waiting requests per event before 503
-    queue_in_flight: int = 8  # batches of one event paying while its next one is reserved
+    queue_in_flight: int = 8  # batches' worth of one event's requests paying while more reserve
     queue_lease_ms: int = 10_000  # a dead worker's events are taken over after this
     # The WebSocket hub: a connection whose unsent messages reach ws_send_queue is closed (1013).
     ws_send_queue: int = 256

@@ -95,7 +95,10 @@ async def drain(
         if cursor in (b"0-0", "0-0"):
             break
     in_flight: set[asyncio.Task[int]] = set()
-    most = app.settings.queue_in_flight
+    # Requests begun and not yet finished: a batch's stragglers (slow charges) count as what
+    # they are, not as a whole batch, so they hold up no later batch on their own.
+    unfinished = Unfinished()
+    most = app.settings.queue_in_flight * BATCH
     lost = asyncio.Event()
     keeper = asyncio.create_task(_keep_lease(app, lease, consumer, lost))
     try:
@@ -120,9 +123,18 @@ async def drain(
                 continue
             app.pacer.busy()
             rest = await begin(app, batch)
-            in_flight.add(asyncio.create_task(_complete(app, event_id, batch, rest, announce)))
-            while len(in_flight) > most or any(t.done() for t in in_flight):
-                done += await _first_finished(in_flight)
+            unfinished.count += len(batch)
+            in_flight.add(
+                asyncio.create_task(_complete(app, event_id, batch, rest, announce, unfinished))
+            )
+            while unfinished.count > most or any(t.done() for t in in_flight):
+                # Too much in hand: wait for a batch, or a wave of one, to finish.
+                ready, _ = await asyncio.wait(
+                    in_flight, timeout=LOOK_AGAIN, return_when=asyncio.FIRST_COMPLETED
+                )
+                for finished in ready:
+                    in_flight.discard(finished)
+                    done += await _finished(finished)
             if stop is not None and stop.is_set():
                 break  # shutting down: what is left stays queued for another worker
         # The lease lost (someone else drains now), the queue empty, or a stop.
@@ -177,39 +189,59 @@ async def _finished(batch: asyncio.Task[int]) -> int:
         return 0
 
 
+class Unfinished:
+    """How many requests the batches in flight have begun and not finished."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 async def _complete(
-    app: State, event_id: str, batch: list[Entry], rest: Rest, announce: Announce
+    app: State,
+    event_id: str,
+    batch: list[Entry],
+    rest: Rest,
+    announce: Announce,
+    unfinished: Unfinished | None = None,
 ) -> int:
     """A batch's rest: each wave's announcements, and its entries acknowledged once their
-    sagas ended. Returns how many were."""
-    done = 0
-    async for wave in rest():
-        entries = [entry for entry, _ in wave]
-        outcomes = [outcome for _, outcome in wave]
-        # Done with an entry: its saga ended, someone else runs it, or it stood for an earlier
-        # booking (same Idempotency-Key) that has a saga of its own.
-        finished = [
-            entry.entry_id
-            for entry, outcome in wave
-            if outcome is None
-            or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
-            or outcome.booking_id != entry.request_id
-        ]
-        async with app.redis.pipeline(transaction=False) as pipe:
-            queue.settle_claims(pipe, entries, outcomes)
-            announce(pipe, [o for o in outcomes if o is not None])
-            if finished:
-                pipe.eval(
-                    _DONE,
-                    2,
-                    keys.queue(event_id),
-                    keys.queue_served(event_id),
-                    keys.QUEUE_GROUP,
-                    *finished,
-                )
-            await pipe.execute()
-        done += len(finished)
-    return done
+    sagas ended. Returns how many were. ``unfinished`` counts the batch's requests (the caller
+    added them) down as their waves end, and the rest when the batch stops."""
+    settled = done = 0
+    try:
+        async for wave in rest():
+            settled += len(wave)
+            if unfinished is not None:
+                unfinished.count -= len(wave)
+            entries = [entry for entry, _ in wave]
+            outcomes = [outcome for _, outcome in wave]
+            # Done with an entry: its saga ended, someone else runs it, or it stood for an
+            # earlier booking (same Idempotency-Key) that has a saga of its own.
+            finished = [
+                entry.entry_id
+                for entry, outcome in wave
+                if outcome is None
+                or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
+                or outcome.booking_id != entry.request_id
+            ]
+            async with app.redis.pipeline(transaction=False) as pipe:
+                queue.settle_claims(pipe, entries, outcomes)
+                announce(pipe, [o for o in outcomes if o is not None])
+                if finished:
+                    pipe.eval(
+                        _DONE,
+                        2,
+                        keys.queue(event_id),
+                        keys.queue_served(event_id),
+                        keys.QUEUE_GROUP,
+                        *finished,
+                    )
+                await pipe.execute()
+            done += len(finished)
+        return done
+    finally:
+        if unfinished is not None:
+            unfinished.count -= len(batch) - settled
 
 
 def worker(app: State, begin: Begin, announce: Announce) -> Worker:
