@@ -137,13 +137,7 @@ async def event_for_sale(conn: Connection, event_id: str) -> Any:
            FROM events WHERE id = $1""",
         event_id,
     )
-    if row is None or row["status"] == "draft":
-        raise ApiError("not_found", "No such event.")
-    if row["status"] != "published" or row["over"]:
-        raise ApiError("conflict", f"The event is {row['status']}; nothing is on sale.")
-    if row["too_early"]:
-        raise ApiError("conflict", "The sale has not started yet.")
-    return row
+    return on_sale(row)
 
 
 def not_seats_of_event(unknown: list[str]) -> ApiError:
@@ -245,7 +239,7 @@ async def create_many(conn: Connection, wants: list[Want], ttl: int) -> list[Out
     live: list[int] = []
     for n, want in enumerate(wants):
         try:
-            event = _on_sale(events.get(want.event_id))
+            event = on_sale(events.get(want.event_id))
             if want.quantity > event["max_tickets_per_order"]:
                 raise over_order_limit(event["max_tickets_per_order"], bool(want.seat_ids))
         except ApiError as refused:
@@ -373,7 +367,7 @@ async def create_many(conn: Connection, wants: list[Want], ttl: int) -> list[Out
     return [cast(Outcome, r) for r in results]
 
 
-def _on_sale(row: Any) -> Any:
+def on_sale(row: Any) -> Any:
     """The event's row when it is on sale; an API error otherwise."""
     if row is None or row["status"] == "draft":
         raise ApiError("not_found", "No such event.")

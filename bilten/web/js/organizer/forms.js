@@ -1,8 +1,8 @@
 // What the organizer's pages share: inputs the API's errors can point at, the error shown over a
 // form, cursor-paginated lists, and the conversions of prices, counts and local times.
 
-import { get, query } from "../api.js";
 import { errorBlock, h, replace } from "../dom.js";
+import { paged as pagedList } from "../paged.js";
 
 
 /** An input that the API's error ``details.fields`` can point at (``data-field``). */
@@ -37,29 +37,9 @@ export function clearProblem(box, form) {
   for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
 }
 
-/** A list read a page at a time from a cursor-paginated path. */
-export async function paged(box, path, drawItem, empty) {
-  const list = h("ul", { class: "org-list" });
-  const more = h("button", { type: "button", class: "secondary", hidden: true }, "Show more");
-  const status = h("div");
-  replace(box, status, list, h("p", {}, more));
-  let cursor = null;
-  async function load() {
-    more.disabled = true;
-    try {
-      const page = await get(`${path}${query({ limit: 20, cursor })}`);
-      list.append(...page.items.map(drawItem));
-      cursor = page.next_cursor;
-      more.hidden = !cursor;
-      if (!list.children.length) replace(status, h("p", { class: "muted" }, empty));
-    } catch (error) {
-      replace(status, errorBlock(error));
-    } finally {
-      more.disabled = false;
-    }
-  }
-  more.addEventListener("click", load);
-  await load();
+/** Cursor-paginated lists of the organizer's pages: a bulleted list, "Show more". */
+export function paged(box, path, drawItem, empty) {
+  return pagedList(box, path, drawItem, empty, { tag: "ul", className: "org-list", more: "Show more" });
 }
 
 /** "45.5" (major units) → 4550; anything else is passed on for the API to name. */

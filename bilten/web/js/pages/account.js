@@ -1,38 +1,14 @@
 // My bookings (with cancellation where the rules allow) and my tickets (with their QR codes).
 
-import { get, imageUrl, post, query, user } from "../api.js";
+import { get, imageUrl, post, user } from "../api.js";
 import { errorBlock, h, money, replace, toast, when } from "../dom.js";
 import { on, start } from "../live.js";
+import { paged } from "../paged.js";
 
 const titles = new Map();
 function eventTitle(id) {
   if (!titles.has(id)) titles.set(id, get(`/events/${id}`).then((e) => e.title, () => "An event"));
   return titles.get(id);
-}
-
-/** A list that loads a page at a time from a cursor-paginated path. */
-async function paged(root, path, drawItem, empty) {
-  const list = h("div", { class: "list" });
-  const more = h("button", { type: "button", class: "secondary", hidden: true }, "More");
-  const status = h("div");
-  root.append(status, list, h("p", {}, more));
-  let cursor = null;
-  async function load() {
-    more.disabled = true;
-    try {
-      const page = await get(`${path}${query({ limit: 20, cursor })}`);
-      for (const item of page.items) list.append(await drawItem(item));
-      cursor = page.next_cursor;
-      more.hidden = !cursor;
-      if (!list.children.length) replace(status, h("p", { class: "muted" }, empty));
-    } catch (error) {
-      replace(status, errorBlock(error));
-    } finally {
-      more.disabled = false;
-    }
-  }
-  more.addEventListener("click", load);
-  await load();
 }
 
 function bookingCard(booking) {
@@ -99,15 +75,14 @@ export async function render(root, { mode }) {
     return;
   }
   if (mode === "tickets") {
-    replace(root, h("h1", {}, "My tickets"), h("p", { class: "muted" }, "Show the QR code at the door."));
     const box = h("div");
-    root.append(box);
-    await paged(box, "/tickets", ticketCard, "No tickets yet.");
-    box.querySelector(".list").classList.add("tickets");
+    replace(root, h("h1", {}, "My tickets"), h("p", { class: "muted" }, "Show the QR code at the door."), box);
+    await paged(box, "/tickets", ticketCard, "No tickets yet.", { className: "list tickets" });
     return;
   }
-  replace(root, h("h1", {}, "My bookings"));
-  await paged(root, "/bookings", bookingCard, "No bookings yet.");
+  const box = h("div");
+  replace(root, h("h1", {}, "My bookings"), box);
+  await paged(box, "/bookings", bookingCard, "No bookings yet.");
   // A refund's progress (refunding → refunded) shows without a reload.
   start();
   return on("payment.status", (m) => {
