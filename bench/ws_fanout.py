@@ -1,20 +1,29 @@
 """WebSocket fan-out: N connections watching one event's seat map on one instance.
 
     python bench/ws_fanout.py [--connections 5000] [--changes 100] [--rate 10] [--burst 100]
-                              [--processes 2] [--seats 50]
+                              [--processes 2] [--seats 50] [--source redis|holds] [--auth]
+                              [--idle-only] [--trace]
 
 One ``bilten serve`` process; client processes open the connections (raw WebSocket framing on
 uvloop, so the clients cost little next to the server) and subscribe to one room, each taking
-the seat-map snapshot. Then, published to the room's Redis channel exactly as the outbox relay
-publishes them:
+the seat-map snapshot; with ``--auth`` each connects with an access token of its own user (so
+each also has a personal channel, as a signed-in browser does). Then:
 
-* ``--changes`` seat deltas at ``--rate`` a second: latency from publish to each socket (p50,
-  p99 over all deliveries) and to the last socket of each delta ("to all", p50, p99, max);
-* ``--burst`` deltas at once: messages delivered per second to all sockets together.
+* ``--changes`` seat changes at ``--rate`` a second: latency from each change to each socket
+  (p50, p99 over all deliveries) and to the last socket of each change ("to all", p50, p99,
+  max). ``--source redis`` publishes the deltas to the room's Redis channel as the outbox relay
+  publishes them (the hub alone); ``--source holds`` makes them through the HTTP API, one
+  user's ``POST /holds`` of a seat, or ``DELETE`` of its oldest hold once it holds four, each
+  timed from the moment its request is sent: the API, the commit, the outbox relay, Redis and
+  the hub, the whole way;
+* ``--burst`` deltas at once, published in one pipeline as the relay publishes a pass:
+  messages delivered per second to all sockets together.
 
 Memory per idle connection is the server's RSS growth while the connections were opened,
-divided by N. The server's fd limit is raised to its hard limit (10,000 connections need more
-than the usual 1,024).
+divided by N (``--idle-only`` stops there). ``--trace`` runs the server under tracemalloc and
+lists what the idle connections hold, per connection, by package and by allocation site, then
+stops (tracemalloc slows the server down and adds to its RSS). The server's fd limit is raised
+to its hard limit (10,000 connections need more than the usual 1,024).
 """
 
 from __future__ import annotations
@@ -29,9 +38,14 @@ import multiprocessing
 import os
 import resource
 import secrets
+import shutil
 import sys
+import tempfile
 import time
+import tracemalloc
+import uuid
 from array import array
+from collections import Counter, deque
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
@@ -42,11 +56,16 @@ import httpx
 import msgspec
 import redis
 
-from bench.common import bilten_process, services
+from bench.common import ROOT, bilten_process, services
 from bench.read_path import make_event
-from bilten import keys
+from bilten import db, keys, tokens, users
+from bilten.settings import Settings
 
 BASE_VERSION = 1 << 40  # above any real seat version, so deltas are new to every client
+# Holds a user keeps open in the holds source: each is released a few changes after it was
+# made, so a hold and its release never fall into one pass of the relay, which would publish
+# only the seat's latest change.
+OPEN_HOLDS = 4
 
 
 class Head(msgspec.Struct):
@@ -54,7 +73,18 @@ class Head(msgspec.Struct):
     version: int | None = None
 
 
+class Change(msgspec.Struct):
+    seat_id: str
+    status: str
+
+
+class Delta(msgspec.Struct):
+    type: str
+    changes: list[Change] = []
+
+
 _head = msgspec.json.Decoder(Head)
+_delta = msgspec.json.Decoder(Delta)
 
 
 def _mask(payload: bytes) -> bytes:
@@ -83,9 +113,10 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         key = base64.b64encode(secrets.token_bytes(16)).decode()
+        path = self.swarm.path()
         transport.write(
             (
-                f"GET /ws HTTP/1.1\r\nHost: {self.swarm.host}\r\nUpgrade: websocket\r\n"
+                f"GET {path} HTTP/1.1\r\nHost: {self.swarm.host}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 "Sec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
@@ -146,9 +177,14 @@ class Client(asyncio.Protocol):
 class Swarm:
     """This process's share of the connections, and what they saw."""
 
-    def __init__(self, host: str, port: int, event_id: str) -> None:
+    def __init__(
+        self, host: str, port: int, event_id: str, by_seat: bool, secret: str | None
+    ) -> None:
         self.host = f"{host}:{port}"
         self.address = (host, port)
+        self.by_seat = by_seat  # arrivals by "seat status" of each change, not by version
+        # Each socket its own user: a token signed with the server's key.
+        self.signer = tokens.signer(Settings(secret_key=secret)) if secret else None
         self.subscribe = _mask(
             json.dumps({"type": "subscribe", "room": f"event:{event_id}"}).encode()
         )
@@ -159,17 +195,29 @@ class Swarm:
         self.errors: list[str] = []
         self.close_codes: dict[int, int] = {}
         self.lost_count = 0
-        self.arrivals: dict[int, array[float]] = {}
+        self.arrivals: dict[int | str, array[float]] = {}
         self.deltas = 0
+
+    def path(self) -> str:
+        if self.signer is None:
+            return "/ws"
+        return "/ws?token=" + self.signer.issue(str(uuid.uuid4()), "attendee", uuid.uuid4().hex)
+
+    def arrived(self, key: int | str, now: float) -> None:
+        times = self.arrivals.get(key)
+        if times is None:
+            times = self.arrivals[key] = array("d")
+        times.append(now)
+        self.deltas += 1
 
     def message(self, payload: bytes, now: float) -> None:
         head = _head.decode(payload)
         if head.type == "seats" and head.version is not None:
-            times = self.arrivals.get(head.version)
-            if times is None:
-                times = self.arrivals[head.version] = array("d")
-            times.append(now)
-            self.deltas += 1
+            if self.by_seat:
+                for change in _delta.decode(payload).changes:
+                    self.arrived(f"{change.seat_id} {change.status}", now)
+            else:
+                self.arrived(head.version, now)
         elif head.type == "subscribed":
             self.ready += 1
             if self.ready >= self.expected:
@@ -207,11 +255,19 @@ class Swarm:
         await asyncio.wait_for(self.subscribed.wait(), 120)
 
 
-def client_process(pipe: Pipe, host: str, port: int, event_id: str, count: int) -> None:
+def client_process(
+    pipe: Pipe,
+    host: str,
+    port: int,
+    event_id: str,
+    by_seat: bool,
+    secret: str | None,
+    count: int,
+) -> None:
     import uvloop
 
     async def main() -> None:
-        swarm = Swarm(host, port, event_id)
+        swarm = Swarm(host, port, event_id, by_seat, secret)
         await swarm.connect(count)
         gc.collect()
         pipe.send(("ready", len(swarm.clients), swarm.errors[:5]))
@@ -251,10 +307,25 @@ def proc_status(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field}")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_since(pid: int, before: tuple[float, float]) -> tuple[float, float]:
+    user, system = cpu_seconds(pid)
+    return user - before[0], system - before[1]
+
+
+def cpu_text(cpu: tuple[float, float], deliveries: int) -> str:
+    """Server CPU per delivery, and the kernel's share of it (loopback TCP is counted here)."""
+    total = sum(cpu)
+    return (
+        f"server CPU {total / max(deliveries, 1) * 1e6:.1f} µs per delivery "
+        f"({cpu[1] / max(total, 1e-9):.0%} in the kernel)"
+    )
 
 
 def delta(event_id: str, version: int, seat_id: str, status: str) -> bytes:
@@ -279,8 +350,10 @@ def percentile(values: list[float], q: float) -> float:
 class Clients:
     """The client processes, driven over pipes."""
 
-    def __init__(self, host: str, port: int, event_id: str) -> None:
-        self.args = (host, port, event_id)
+    def __init__(
+        self, host: str, port: int, event_id: str, by_seat: bool, secret: str | None
+    ) -> None:
+        self.args = (host, port, event_id, by_seat, secret)
         self.context = multiprocessing.get_context("spawn")
         self.pipes: list[Pipe] = []
         self.processes: list[Any] = []
@@ -312,9 +385,10 @@ class Clients:
                 return
             time.sleep(0.1)
 
-    def collect(self) -> tuple[dict[int, array[float]], dict[int, int], int, list[str]]:
-        """Arrival times by version (and forget them), close codes, sockets lost, errors."""
-        merged: dict[int, array[float]] = {}
+    def collect(self) -> tuple[dict[Any, array[float]], dict[int, int], int, list[str]]:
+        """Arrival times by version or change (and forget them), close codes, sockets lost,
+        errors."""
+        merged: dict[Any, array[float]] = {}
         codes: dict[int, int] = {}
         lost = 0
         errors: list[str] = []
@@ -339,40 +413,213 @@ class Clients:
             process.join(30)
 
 
+# Put on the server's PYTHONPATH by --trace: a thread that waits for a request file naming a
+# file, starts tracing allocations if it has not, and dumps a snapshot to that file. (Tracing
+# from the start would make the server's imports take half a minute.)
+_SITECUSTOMIZE = """
+import gc, os, threading, time, tracemalloc
+
+def _serve(request, frames):
+    while True:
+        time.sleep(0.1)
+        if os.path.exists(request):
+            with open(request) as f:
+                target = f.read().strip()
+            os.unlink(request)
+            if not tracemalloc.is_tracing():
+                tracemalloc.start(frames)
+            gc.collect()
+            tracemalloc.take_snapshot().dump(target + ".part")
+            os.rename(target + ".part", target)
+
+if os.environ.get("BENCH_TRACE_REQUEST"):
+    threading.Thread(
+        target=_serve,
+        args=(os.environ["BENCH_TRACE_REQUEST"], int(os.environ["BENCH_TRACE_FRAMES"])),
+        daemon=True,
+    ).start()
+"""
+TRACE_FRAMES = 12
+
+
+class Tracer:
+    """Snapshots of the server's Python allocations, taken by the thread above; allocations
+    are traced from the first snapshot on."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ws_fanout_trace_"))
+        (self.folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        self.request = self.folder / "request"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PYTHONPATH": str(self.folder),
+            "BENCH_TRACE_REQUEST": str(self.request),
+            "BENCH_TRACE_FRAMES": str(TRACE_FRAMES),
+        }
+
+    def snapshot(self, name: str) -> tracemalloc.Snapshot:
+        target = self.folder / f"{name}.snapshot"
+        self.request.write_text(str(target))
+        deadline = time.monotonic() + 120
+        while not target.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("the server took no tracemalloc snapshot")
+            time.sleep(0.1)
+        return tracemalloc.Snapshot.load(str(target))
+
+
+def _owner(frames: tracemalloc.Traceback) -> tracemalloc.Frame:
+    """The most recent frame of a package or of Bilten (not of the standard library): whose
+    object the memory is, even when a deque or a dict of the standard library holds it."""
+    for frame in reversed(frames):
+        if "site-packages" in frame.filename or f"{os.sep}bilten{os.sep}" in frame.filename:
+            return frame
+    return frames[-1]
+
+
+def _short(filename: str) -> str:
+    """``uvicorn/protocols/...py``, ``bilten/realtime/hub.py``, ``asyncio/queues.py``."""
+    for marker in ("site-packages/", f"{ROOT}/", "/lib/python3."):
+        if marker in filename:
+            rest = filename.split(marker, 1)[1]
+            return rest.split("/", 1)[-1] if marker == "/lib/python3." else rest
+    return filename
+
+
+def _package(filename: str) -> str:
+    name = _short(filename)
+    if name.startswith("bilten/"):
+        return name.removesuffix(".py")
+    if "site-packages" in filename:
+        return name.split("/", 1)[0].removesuffix(".py")
+    return "standard library"
+
+
+def trace_report(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: int) -> None:
+    """What the idle connections added, per connection: by package, then by site."""
+    diffs = [d for d in after.compare_to(before, "traceback") if d.size_diff]
+    total = sum(d.size_diff for d in diffs)
+    by_package: Counter[str] = Counter()
+    by_site: Counter[str] = Counter()
+    blocks: Counter[str] = Counter()
+    for d in diffs:
+        owner = _owner(d.traceback)
+        inner = d.traceback[-1]
+        site = f"{_short(owner.filename)}:{owner.lineno}"
+        if inner is not owner:
+            site += f" ({_short(inner.filename)}:{inner.lineno})"
+        by_package[_package(owner.filename)] += d.size_diff
+        by_site[site] += d.size_diff
+        blocks[site] += d.count_diff
+    print(
+        f"traced memory    {total / n / 1024:.1f} KiB per idle connection of Python allocations "
+        f"({n} connections)",
+        flush=True,
+    )
+    for name, size in by_package.most_common():
+        if abs(size) / n >= 16:
+            print(f"  {size / n:8.0f} B  {name}", flush=True)
+    print("  by site (the owning package's line, and the allocation's own):", flush=True)
+    for site, size in by_site.most_common(60):
+        print(f"  {size / n:8.0f} B  {blocks[site] / n:5.1f} blocks  {site}", flush=True)
+
+
+async def hold_user(database_url: str) -> str:
+    conn = await db.connect(database_url)
+    try:
+        user = await users.create(
+            conn,
+            email=f"holder-{uuid.uuid4().hex[:8]}@bench.test",
+            password_hash="x",
+            name="Holder",
+            role="attendee",
+        )
+        return str(user.id)
+    finally:
+        await conn.close()
+
+
+def report_latency(
+    what: str,
+    sent: dict[Any, float],
+    arrivals: dict[Any, array[float]],
+    total: int,
+    cpu: tuple[float, float],
+) -> None:
+    each: list[float] = []
+    to_all: list[float] = []
+    to_first: list[float] = []
+    missing = 0
+    for key, at in sent.items():
+        times = arrivals.get(key, array("d"))
+        missing += total - len(times)
+        if times:
+            each.extend(t - at for t in times)
+            to_all.append(max(times) - at)
+            to_first.append(min(times) - at)
+    ms = 1000.0
+    print(
+        f"latency          {what} to {total} sockets: per delivery p50 "
+        f"{percentile(each, 0.5) * ms:.1f} ms, p99 {percentile(each, 0.99) * ms:.1f} ms; to all "
+        f"p50 {percentile(to_all, 0.5) * ms:.1f} ms, p99 {percentile(to_all, 0.99) * ms:.1f} "
+        f"ms, max {max(to_all, default=0) * ms:.1f} ms; to the first p50 "
+        f"{percentile(to_first, 0.5) * ms:.1f} ms; missing {missing}; " + cpu_text(cpu, len(each)),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=5000)
-    parser.add_argument("--changes", type=int, default=100, help="deltas in the latency phase")
-    parser.add_argument("--rate", type=float, default=10.0, help="deltas a second, latency phase")
+    parser.add_argument("--changes", type=int, default=100, help="changes in the latency phase")
+    parser.add_argument("--rate", type=float, default=10.0, help="changes a second, latency phase")
     parser.add_argument("--burst", type=int, default=100, help="deltas at once, throughput phase")
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--seats", type=int, default=50)
+    parser.add_argument(
+        "--source",
+        choices=("redis", "holds"),
+        default="redis",
+        help="latency phase: deltas published to Redis, or holds made through the HTTP API",
+    )
+    parser.add_argument("--auth", action="store_true", help="each socket signed in as its user")
+    parser.add_argument("--idle-only", action="store_true", help="stop after the memory figure")
+    parser.add_argument("--trace", action="store_true", help="tracemalloc breakdown, then stop")
     args = parser.parse_args()
     n = args.connections
+    holds = args.source == "holds"
     raise_fd_limit(n + 200)
-    ms = 1000.0
+    seats_needed = max(args.seats, args.changes // 2 + OPEN_HOLDS if holds else 0)
     with services() as (database_url, redis_url):
-        event_id = asyncio.run(make_event(database_url, args.seats))
+        event_id = asyncio.run(make_event(database_url, -(-seats_needed // 25) * 25))
+        secret = secrets.token_urlsafe(48)
         env = {
-            "BILTEN_ROLES": "api,realtime",
+            "BILTEN_ROLES": "api,realtime,workers" if holds else "api,realtime",
             "BILTEN_WS_IDLE_TIMEOUT": "3600",  # these clients never ping
             "BILTEN_WS_SEND_QUEUE": str(max(256, args.burst * 2)),
+            "BILTEN_WS_MAX_PER_IP": str(n + 100),  # every client comes from 127.0.0.1
+            "BILTEN_LIMIT_API_IP": "0/60",
+            "BILTEN_ACCESS_TOKEN_TTL": "3600",
         }
-        with bilten_process(database_url, redis_url, **env) as (url, server):
+        tracer = Tracer() if args.trace else None
+        if tracer is not None:
+            env.update(tracer.env())
+        with bilten_process(database_url, redis_url, secret_key=secret, **env) as (url, server):
             host, port = url.removeprefix("http://").split(":")
             print(
                 f"server           pid {server.pid}; machine load average "
-                f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
+                f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+                + ("; tracing allocations" if tracer else ""),
                 flush=True,
             )
             seats = [s["id"] for s in httpx.get(f"{url}/events/{event_id}/seats").json()["seats"]]
-            publisher = redis.Redis.from_url(redis_url)
-            channel = keys.seats_channel(event_id)
-            clients = Clients(host, int(port), event_id)
+            clients = Clients(host, int(port), event_id, holds, secret if args.auth else None)
             # One socket first, so the room and its snapshot exist before memory is measured.
             clients.open([1])
             time.sleep(1.0)
             before = proc_status(server.pid, "VmRSS")
+            traced = tracer.snapshot("before") if tracer else None
             began = time.monotonic()
             shares = [n // args.processes + (i < n % args.processes) for i in range(args.processes)]
             errors = clients.open(shares)
@@ -382,73 +629,89 @@ def main() -> None:
             total = clients.sockets
             print(
                 f"connections      {total} open and subscribed (snapshot each) in {opened:.1f} s, "
-                f"{args.processes} client processes" + (f"; errors {errors[:3]}" if errors else ""),
+                f"{args.processes} client processes"
+                + (", each its own user" if args.auth else ", anonymous")
+                + (f"; errors {errors[:3]}" if errors else ""),
                 flush=True,
             )
             print(
                 f"server memory    {before / 1024:.0f} MiB -> {after / 1024:.0f} MiB: "
-                f"{(after - before) / (total - 1):.1f} KiB per idle connection",
+                f"{(after - before) / (total - 1):.1f} KiB per idle connection (RSS)",
                 flush=True,
             )
+            if tracer is not None and traced is not None:
+                trace_report(traced, tracer.snapshot("after"), total - 1)
+                shutil.rmtree(tracer.folder, ignore_errors=True)
+            if args.idle_only or tracer is not None:
+                clients.close()
+                return
 
-            # Latency: deltas at a steady rate, each timed from its publish.
-            version = BASE_VERSION
-            published: dict[int, float] = {}
+            # Latency: changes at a steady rate, each timed from its start.
             cpu = cpu_seconds(server.pid)
             start = time.monotonic()
+            sent: dict[Any, float] = {}
+            version = BASE_VERSION
+            publisher = redis.Redis.from_url(redis_url)
+            channel = keys.seats_channel(event_id)
+            if holds:
+                user_id = asyncio.run(hold_user(database_url))
+                signer = tokens.signer(Settings(secret_key=secret, access_token_ttl=3600))
+                auth = {"Authorization": f"Bearer {signer.issue(user_id, 'attendee', 'bench')}"}
+                api = httpx.Client(base_url=url, headers=auth, timeout=30)
+                held: deque[tuple[str, str]] = deque()  # open holds: id, seat
+                fresh = iter(seats)
             for i in range(args.changes):
-                version += 1
                 pause = start + i / args.rate - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-                published[version] = time.monotonic()
-                publisher.publish(channel, delta(event_id, version, seats[i % len(seats)], "held"))
+                if not holds:
+                    version += 1
+                    sent[version] = time.monotonic()
+                    publisher.publish(
+                        channel, delta(event_id, version, seats[i % len(seats)], "held")
+                    )
+                elif len(held) < OPEN_HOLDS:
+                    seat = next(fresh)
+                    sent[f"{seat} held"] = time.monotonic()
+                    made = api.post("/holds", json={"event_id": event_id, "seat_ids": [seat]})
+                    if made.status_code != 201:
+                        raise SystemExit(f"POST /holds answered {made.status_code}: {made.text}")
+                    held.append((made.json()["id"], seat))
+                else:
+                    hold_id, seat = held.popleft()
+                    sent[f"{seat} available"] = time.monotonic()
+                    gone = api.delete(f"/holds/{hold_id}")
+                    if gone.status_code != 204:
+                        raise SystemExit(f"DELETE /holds answered {gone.status_code}: {gone.text}")
             clients.wait_for(args.changes * total, timeout=60)
-            cpu = cpu_seconds(server.pid) - cpu
+            cpu = cpu_since(server.pid, cpu)
             arrivals, codes, lost, errors = clients.collect()
-            each: list[float] = []
-            to_all: list[float] = []
-            to_first: list[float] = []
-            missing = 0
-            for v, sent in published.items():
-                times = arrivals.get(v, array("d"))
-                missing += total - len(times)
-                if times:
-                    each.extend(t - sent for t in times)
-                    to_all.append(max(times) - sent)
-                    to_first.append(min(times) - sent)
-            print(
-                f"latency          {args.changes} deltas at {args.rate:g}/s to {total} sockets: "
-                f"per delivery p50 {percentile(each, 0.5) * ms:.1f} ms, "
-                f"p99 {percentile(each, 0.99) * ms:.1f} ms; to all p50 "
-                f"{percentile(to_all, 0.5) * ms:.1f} ms, p99 {percentile(to_all, 0.99) * ms:.1f} "
-                f"ms, max {max(to_all, default=0) * ms:.1f} ms; to the first p50 "
-                f"{percentile(to_first, 0.5) * ms:.1f} ms; missing {missing}; server CPU "
-                f"{cpu / max(len(each), 1) * 1e6:.1f} µs per delivery",
-                flush=True,
-            )
+            kind = "holds and releases" if holds else "deltas"
+            what = f"{args.changes} {kind} at {args.rate:g}/s"
+            report_latency(what, sent, arrivals, total, cpu)
 
             # Throughput: a burst in one pipeline, as the relay publishes a batch.
-            first_version = version + 1
+            burst_seats = seats[: max(1, len(seats) - 1)]
             cpu = cpu_seconds(server.pid)
+            keys_sent: list[Any] = []
             with publisher.pipeline(transaction=False) as pipe:
                 for i in range(args.burst):
                     version += 1
-                    pipe.publish(channel, delta(event_id, version, seats[i % len(seats)], "sold"))
+                    seat = burst_seats[i % len(burst_seats)]
+                    pipe.publish(channel, delta(event_id, version, seat, f"sold{i}"))
+                    keys_sent.append(f"{seat} sold{i}" if holds else version)
                 first = time.monotonic()
                 pipe.execute()
             clients.wait_for(args.changes * total + args.burst * total, timeout=120)
-            cpu = cpu_seconds(server.pid) - cpu
+            cpu = cpu_since(server.pid, cpu)
             arrivals, codes2, lost2, errors2 = clients.collect()
-            burst = range(first_version, version + 1)
-            delivered = sum(len(arrivals.get(v, ())) for v in burst)
-            last = max((max(arrivals[v]) for v in burst if arrivals.get(v)), default=first)
+            delivered = sum(len(arrivals.get(k, ())) for k in keys_sent)
+            last = max((max(arrivals[k]) for k in keys_sent if arrivals.get(k)), default=first)
             print(
                 f"throughput       {args.burst} deltas at once to {total} sockets: {delivered} "
-                f"delivered in {(last - first) * ms:.0f} ms = "
+                f"delivered in {(last - first) * 1000:.0f} ms = "
                 f"{delivered / max(last - first, 1e-9):,.0f} messages/s; "
-                f"missing {args.burst * total - delivered}; server CPU "
-                f"{cpu / max(delivered, 1) * 1e6:.1f} µs per delivery",
+                f"missing {args.burst * total - delivered}; " + cpu_text(cpu, delivered),
                 flush=True,
             )
             for code, count in sorted({**codes, **codes2}.items()):
