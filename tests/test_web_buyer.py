@@ -324,3 +324,34 @@ def test_the_queue_position_shows_while_the_booking_waits(chromium, site, spawn_
         assert problems == []
     finally:
         context.close()
+
+
+def test_a_late_change_of_a_seat_never_overwrites_a_newer_one(chromium, site):
+    """Changes commit, and so arrive, out of version order: the map keeps each seat's newest."""
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{site.url}/")
+        page.locator("html[data-ready]").wait_for()
+        statuses = page.evaluate(
+            """async () => {
+                const main = document.querySelector("script[type=module]").src;
+                const { SeatMap } = await import(new URL("seatmap.js", main).href);
+                const seat = (id) => ({ id, section: "A", row: "1", number: 1, label: id,
+                                        x: 0, y: 0, tier: "T", price_cents: 100,
+                                        status: "available", version: 5 });
+                const map = new SeatMap({ seats: [seat("a"), seat("b")], currency: "EUR" });
+                const seen = [];
+                map.apply([{ seat_id: "a", status: "held", version: 7 }]);
+                seen.push(map.status("a"));
+                map.apply([{ seat_id: "a", status: "available", version: 6 },
+                           { seat_id: "b", status: "sold", version: 6 }]);
+                seen.push(map.status("a"), map.status("b"));
+                map.apply([{ seat_id: "a", status: "sold", version: 8 }]);
+                seen.push(map.status("a"));
+                return seen;
+            }"""
+        )
+        assert statuses == ["held", "held", "sold", "sold"]
+    finally:
+        context.close()

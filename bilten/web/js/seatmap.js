@@ -115,15 +115,24 @@ export class SeatMap {
     );
   }
 
-  /** Apply seat changes ``[{seat_id, status}]``. */
+  /**
+   * Apply seat changes ``[{seat_id, status, version}]``, each only if it is newer than what the
+   * map shows of that seat (changes may commit, and so arrive, out of version order). Returns
+   * the changes applied.
+   */
   apply(changes) {
-    for (const { seat_id, status } of changes) {
-      const node = this.nodes.get(seat_id);
-      if (!node) continue;
-      node.dataset.status = status;
-      this.seats.get(seat_id).status = status;
+    const applied = [];
+    for (const change of changes) {
+      const node = this.nodes.get(change.seat_id);
+      const seat = this.seats.get(change.seat_id);
+      if (!node || (change.version !== undefined && seat.version !== undefined && change.version <= seat.version)) continue;
+      node.dataset.status = change.status;
+      seat.status = change.status;
+      if (change.version !== undefined) seat.version = change.version;
+      applied.push(change);
     }
     if (this.cursor) this.announce();
+    return applied;
   }
 
   status(id) {

@@ -53,14 +53,15 @@ export async function render(root, { id }) {
       })
     : null;
 
-  // Live seat changes: deltas in version order; a snapshot (after a reconnect) replaces all.
+  // Live seat changes: each seat's change applied if newer than what the map shows of it (a
+  // change may commit after a later one); a snapshot (after a reconnect) replaces all.
   stops.push(
     on("seats", (m) => {
-      if (m.event_id !== id || m.version <= version) return;
-      version = m.version;
-      map && map.apply(m.changes);
+      if (m.event_id !== id) return;
+      version = Math.max(version, m.version);
+      const applied = map ? map.apply(m.changes) : [];
       let lost = false;
-      for (const c of m.changes) {
+      for (const c of applied) {
         if (!hold && !pending && picked.has(c.seat_id) && c.status !== "available") {
           picked.delete(c.seat_id);
           map.mark(c.seat_id, false);
