@@ -27,8 +27,10 @@ lint: install
 	$(BIN)/ruff format --check bilten tests bench
 	$(BIN)/mypy
 
+# The bench suite, plots and JSON in bench/results/ (bench/suite.py --help); about 7.5 minutes,
+# `make bench BENCH_ARGS=--quick` leaves out the 100,000-buyer headline run.
 bench: install
-	$(BIN)/python bench/http_ops.py
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 
     python bench/flash_sale.py [--seats 5000] [--buyers 2000] [--instances 1] [--workers 4]
                                [--timeout 120] [--defer-mail] [--split-roles] [--api-budget]
-                               [--env BILTEN_NAME=VALUE ...] [--profile FILE]
+                               [--env BILTEN_NAME=VALUE ...] [--profile FILE] [--json FILE]
 
 Creates a published event (one section, rows of 100 seats) and C buyers (users made in SQL,
 their access tokens signed with the secret key the servers run with), starts ``--instances``
@@ -400,6 +400,7 @@ class Load:
     map_fetches: int = 0
     map_errors: int = 0
     stopped: Counter[str] = field(default_factory=Counter)
+    confirmations: list[tuple[float, int]] = field(default_factory=list)  # (when, seats)
 
 
 def source_address(n: int) -> str:
@@ -484,6 +485,7 @@ async def run_load(
                 view.sold.update(picks)
                 view.drop(picks)
                 load.seats_confirmed += len(picks)
+                load.confirmations.append((done, len(picks)))
                 load.last_confirmed = max(load.last_confirmed, done)
                 if load.seats_confirmed >= total:
                     sold_out.set()
@@ -1189,6 +1191,7 @@ def parse_args() -> argparse.Namespace:
         help="record each server with py-spy (raw format, FILE.PID) while the load runs",
     )
     parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     if args.default and (args.split_roles or args.defer_mail or args.instances != 1):
         parser.error("--default is one instance with every role and mail sent")
@@ -1251,8 +1254,9 @@ def http_run(
     buyer_ids: list[str],
     per_person: int,
     data_dir: str,
-) -> float:
-    """Run the sale over HTTP and wait for it to settle; returns confirmed bookings per second."""
+) -> tuple[float, Load]:
+    """Run the sale over HTTP and wait for it to settle; returns confirmed bookings per second
+    and the load's record."""
     began = time.perf_counter()
     signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
     buyer_tokens = [signer.issue(user_id, "attendee", str(uuid.uuid4())) for user_id in buyer_ids]
@@ -1314,7 +1318,7 @@ def http_run(
         confirmed = asyncio.run(confirmed_bookings(database_url, event_id))
         print_writes(writes_before, asyncio.run(table_writes(database_url)), confirmed)
         profiler.finish()
-    return rate
+    return rate, load
 
 
 async def forget_in_redis(redis_url: str, database_url: str, event_id: str) -> None:
@@ -1384,7 +1388,7 @@ def main() -> None:
         try:
             event_id, seat_ids = asyncio.run(make_event(database_url, args.seats, per_person))
             buyer_ids = asyncio.run(make_buyers(database_url, args.buyers))
-            rate = http_run(
+            rate, load = http_run(
                 args,
                 database_url,
                 redis_url,
@@ -1443,8 +1447,71 @@ def main() -> None:
                 asyncio.run(forget_in_redis(redis_url, database_url, event_id))
             if external:
                 asyncio.run(drop_database(database_url))
+    if args.json:
+        write_json(args.json, args, rate, load, verdict, baselines)
     if not verdict.ok:
         raise SystemExit(1)
+
+
+def write_json(
+    path: str,
+    args: argparse.Namespace,
+    rate: float,
+    load: Load,
+    verdict: Verdict,
+    baselines: list[Baseline],
+) -> None:
+    """The figures, bookings and seats confirmed per half second, and the latency of each
+    outcome as percentiles (the schema: bench/suite.py)."""
+    step = 0.5
+    buckets = math.ceil(max(0.0, (load.last_confirmed or load.ended) - load.started) / step) + 1
+    bookings_per_step, seats_per_step = [0] * buckets, [0] * buckets
+    for when, seats in load.confirmations:
+        k = min(buckets - 1, max(0, int((when - load.started) / step)))
+        bookings_per_step[k] += 1
+        seats_per_step[k] += seats
+    window = (load.last_confirmed or load.ended) - load.started
+    figures: dict[str, Any] = {
+        "bookings_per_s": round(rate, 1),
+        "seats_per_s": round(load.seats_confirmed / window, 1) if window > 0 else 0.0,
+        "seats_confirmed": load.seats_confirmed,
+        "oversold": verdict.oversold,
+        "checks_ok": verdict.ok,
+        "timed_out": load.timed_out,
+    }
+    for baseline in baselines:
+        figures[f"sql_only_per_s ({baseline.name})"] = round(baseline.rate, 1)
+    latency = {
+        outcome: {
+            q: round(percentile(values, p), 2)
+            for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        }
+        for outcome, values in load.latencies.items()
+    }
+    document = {
+        "bench": "flash_sale",
+        "config": {
+            "seats": args.seats,
+            "buyers": args.buyers,
+            "instances": args.instances,
+            "split_roles": args.split_roles,
+            "defer_mail": args.defer_mail,
+            "default": args.default,
+            "env": args.env,
+        },
+        "figures": figures,
+        "latency_ms": latency,
+        "series": {
+            "confirmed": {
+                "t": [round(k * step, 3) for k in range(buckets)],
+                "values": {
+                    "bookings_per_s": [n / step for n in bookings_per_step],
+                    "seats_per_s": [n / step for n in seats_per_step],
+                },
+            }
+        },
+    }
+    Path(path).write_text(msgspec.json.format(msgspec.json.encode(document)).decode() + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Seat clicks: many buyers hold seats at the same moment through ``POST /holds``.
 
-    python bench/holds.py [--buyers 1000] [--rounds 3] [--env BILTEN_NAME=VALUE ...]
+    python bench/holds.py [--buyers 1000] [--rounds 3] [--env BILTEN_NAME=VALUE ...] [--json FILE]
 
 Creates a published event with a seat per buyer and the buyers (users made in SQL, tokens signed
 with the server's secret key), starts one ``bilten serve``, opens one keep-alive connection per
@@ -58,8 +58,14 @@ async def round_of(conns: list[Http], tokens_: list[str], bodies: list[bytes]):
     return results, wall
 
 
+FIGURES: dict[str, list[float]] = {}  # name -> one value per round, for --json
+
+
 def report(name: str, results, wall: float) -> None:
     latencies = [seconds for _, seconds, _ in results]
+    FIGURES.setdefault(f"{name}_holds_per_s", []).append(round(len(results) / wall, 1))
+    FIGURES.setdefault(f"{name}_p50_ms", []).append(round(percentile(latencies, 0.5), 2))
+    FIGURES.setdefault(f"{name}_p99_ms", []).append(round(percentile(latencies, 0.99), 2))
     statuses: dict[int, int] = {}
     for status, _, _ in results:
         statuses[status] = statuses.get(status, 0) + 1
@@ -143,6 +149,7 @@ def main() -> None:
     parser.add_argument("--buyers", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     extra = dict(e.split("=", 1) for e in args.env)
     extra.setdefault("BILTEN_LIMIT_API_IP", "0/60")
@@ -150,6 +157,14 @@ def main() -> None:
     with services() as (database_url, redis_url):
         with bilten(database_url, redis_url, secret_key=key, **extra) as url:
             asyncio.run(main_async(args, database_url, url, key))
+    if args.json:
+        # Each figure of the best round (the first pays for cold caches), and every round's.
+        figures = {
+            name: (min(values) if name.endswith("_ms") else max(values))
+            for name, values in FIGURES.items()
+        }
+        document = {"bench": "holds", "figures": figures, "rounds": FIGURES}
+        Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The catalog's read path against a hello-world served the same way.
 
-    python bench/read_path.py [--duration 10] [--connections 64] [--seats 1000]
+    python bench/read_path.py [--duration 10] [--connections 64] [--seats 1000] [--json FILE]
 
 Creates a published event with a 1,000-seat map, then measures with wrk, one after another:
 a Starlette hello-world (the yardstick), `GET /events/{id}` (event detail, from the in-process
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 
 from bench.common import bilten, hello_world, report, services, wrk
+from bench.http_ops import write_json
 from bilten import db, events, users, venues
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seats", type=int, default=1000)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     load = {"duration": args.duration, "connections": args.connections}
     with hello_world() as url:
@@ -82,16 +84,16 @@ def main() -> None:
         with bilten(database_url, redis_url, BILTEN_LIMIT_API_IP="0/60") as url:
             seat_map = httpx.get(f"{url}/events/{event_id}/seats").json()
             assert len(seat_map["seats"]) == args.seats, "the seat map is complete"
-            report("GET /events/{id}", wrk(f"{url}/events/{event_id}", **load), baseline)
-            report(
-                "GET /events/{id}/seats", wrk(f"{url}/events/{event_id}/seats", **load), baseline
-            )
+            detail = wrk(f"{url}/events/{event_id}", **load)
+            report("GET /events/{id}", detail, baseline)
+            seats = wrk(f"{url}/events/{event_id}/seats", **load)
+            report("GET /events/{id}/seats", seats, baseline)
         with bilten(database_url, redis_url, BILTEN_LIMIT_API_IP="100000000/60") as url:
-            report(
-                "GET /events/{id} + budget",
-                wrk(f"{url}/events/{event_id}", **load),
-                baseline,
-            )
+            budget = wrk(f"{url}/events/{event_id}", **load)
+            report("GET /events/{id} + budget", budget, baseline)
+    if args.json:
+        results = {"hello": baseline, "detail": detail, "seat_map": seats, "detail_budget": budget}
+        write_json(args.json, "read_path", results)
 
 
 if __name__ == "__main__":
