@@ -31,19 +31,6 @@ class SectionLayout(msgspec.Struct, kw_only=True):
     rows: list[RowLayout]
 
 
-class Venue(msgspec.Struct, kw_only=True):
-    id: str
-    owner_id: str
-    name: str
-    address: str
-    city: str
-    country: str
-    timezone: str
-    seat_count: int
-    created_at: datetime
-    sections: list[SectionLayout]
-
-
 def layout(sections: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Section rows ``(position, name, x, y)`` and seat rows ``(section position, row label,
     row index, number, label, x, y)``.
@@ -189,6 +176,10 @@ class VenueSummary(msgspec.Struct, kw_only=True):
     timezone: str
     seat_count: int
     created_at: datetime
+
+
+class Venue(VenueSummary, kw_only=True):
+    sections: list[SectionLayout]
 
 
 _OWN = """SELECT id::text, owner_id::text, name, address, city, country, timezone, seat_count,

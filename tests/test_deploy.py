@@ -35,7 +35,7 @@ from bilten import db
 from bilten.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, free_port, server_env, wait_ready
 from tests.test_bookings import buyer, published_event
-from tests.test_proxies import client_from
+from tests.test_proxies import client_from, started_nginx
 
 pytestmark = pytest.mark.slow
 
@@ -172,23 +172,8 @@ def running_nginx(folder: Path, upstreams: list[str]) -> Iterator[str]:
     (folder / "bilten.conf").write_text(conf)
     main = folder / "nginx-main.conf"
     main.write_text(NGINX_MAIN.format(tmp=folder))
-    out = folder / "nginx.out"
-    with open(out, "wb") as stderr:
-        proc = subprocess.Popen([NGINX, "-c", str(main), "-p", str(folder)], stderr=stderr)
-    url = f"http://{listen}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            assert proc.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, "nginx did not come up"
-            time.sleep(0.05)
+    with started_nginx(NGINX, main, folder, f"http://{listen}", wait=15) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

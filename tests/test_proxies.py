@@ -67,12 +67,20 @@ def nginx(tmp: Path, upstreams: list[str]) -> Iterator[str]:
     servers = "\n        ".join(f"server {u.removeprefix('http://')};" for u in upstreams)
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, servers=servers))
-    out = tmp / "nginx.out"
+    with started_nginx("nginx", conf, tmp, f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def started_nginx(
+    binary: str, conf: Path, folder: Path, url: str, wait: float = 10
+) -> Iterator[str]:
+    """nginx on ``conf`` (prefix ``folder``), once ``url`` answers /health; stopped after."""
+    out = folder / "nginx.out"
     with open(out, "wb") as stderr:
-        proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stderr=stderr)
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(folder)], stderr=stderr)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + wait
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
