@@ -140,8 +140,9 @@ class Budget:
             log.warning("API budget unavailable (%s); requests let through", exc)
 
     async def aclose(self) -> None:
-        """Send what is waiting (a stopping instance's hits still count)."""
+        """Send what is waiting (a stopping instance's hits still count), unless Redis takes
+        more than a second to take it."""
         task = self.task
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 1)

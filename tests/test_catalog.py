@@ -75,7 +75,9 @@ class Instance:
 @contextlib.asynccontextmanager
 async def running(settings):
     instance = Instance(settings)
-    async with LifespanManager(instance) as manager:
+    # The app may take its own shutdown_timeout to stop its workers, and a moment more.
+    patience = settings.shutdown_timeout + 10
+    async with LifespanManager(instance, shutdown_timeout=patience) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bilten.test") as c:
             yield instance, c

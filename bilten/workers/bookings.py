@@ -206,8 +206,13 @@ async def _complete(
 ) -> int:
     """A batch's rest: each wave's announcements, and its entries acknowledged once their
     sagas ended. Returns how many were. ``unfinished`` counts the batch's requests (the caller
-    added them) down as their waves end, and the rest when the batch stops."""
+    added them) down as their waves end, and the rest when the batch stops.
+
+    Redis out of reach for a wave's announcements does not stop the batch: its later bookings
+    are still paid and finished in PostgreSQL, and the entries Redis did not hear about stay
+    pending, for the next drain to acknowledge; the outage is raised once the batch is done."""
     settled = done = 0
+    outage: BaseException | None = None
     try:
         async for wave in rest():
             settled += len(wave)
@@ -224,20 +229,26 @@ async def _complete(
                 or outcome.state in ("CONFIRMED", "FAILED", "CANCELLED")
                 or outcome.booking_id != entry.request_id
             ]
-            async with app.redis.pipeline(transaction=False) as pipe:
-                queue.settle_claims(pipe, entries, outcomes)
-                announce(pipe, [o for o in outcomes if o is not None])
-                if finished:
-                    pipe.eval(
-                        _DONE,
-                        2,
-                        keys.queue(event_id),
-                        keys.queue_served(event_id),
-                        keys.QUEUE_GROUP,
-                        *finished,
-                    )
-                await pipe.execute()
+            try:
+                async with app.redis.pipeline(transaction=False) as pipe:
+                    queue.settle_claims(pipe, entries, outcomes)
+                    announce(pipe, [o for o in outcomes if o is not None])
+                    if finished:
+                        pipe.eval(
+                            _DONE,
+                            2,
+                            keys.queue(event_id),
+                            keys.queue_served(event_id),
+                            keys.QUEUE_GROUP,
+                            *finished,
+                        )
+                    await pipe.execute()
+            except errors.UNAVAILABLE as exc:
+                outage = exc
+                continue
             done += len(finished)
+        if outage is not None:
+            raise outage
         return done
     finally:
         if unfinished is not None:
