@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bilten import db, embedded, migrations
+from bilten import db, embedded, migrations, tokens
+from bilten.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,3 +220,10 @@ def report(name: str, result: Result, baseline: Result | None = None) -> None:
         f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}{ratio}",
         flush=True,
     )
+
+
+def attendee_tokens(secret_key: str, user_ids: list[str]) -> list[str]:
+    """An hour's access token for each attendee, signed with the servers' secret key (nobody
+    logs in)."""
+    signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
+    return [signer.issue(user_id, "attendee", str(uuid.uuid4())) for user_id in user_ids]

@@ -64,8 +64,8 @@ import uvloop
 import websockets
 from redis.asyncio import Redis
 
-from bench.common import ROOT, bilten_process, services
-from bilten import bookings, db, events, keys, payments, queue, sealing, tokens, users, venues
+from bench.common import ROOT, attendee_tokens, bilten_process, services
+from bilten import bookings, db, events, keys, payments, queue, sealing, users, venues
 from bilten.sagas.finish import finish
 from bilten.sagas.reserve import reserve
 from bilten.settings import Settings
@@ -1258,8 +1258,7 @@ def http_run(
     """Run the sale over HTTP and wait for it to settle; returns confirmed bookings per second
     and the load's record."""
     began = time.perf_counter()
-    signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
-    buyer_tokens = [signer.issue(user_id, "attendee", str(uuid.uuid4())) for user_id in buyer_ids]
+    buyer_tokens = attendee_tokens(secret_key, buyer_ids)
     env = server_env(args, data_dir)
     with contextlib.ExitStack() as stack:
         roles = {"BILTEN_ROLES": "api,realtime"} if args.split_roles else {}

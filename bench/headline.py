@@ -121,7 +121,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bench.cluster import Cluster, Layout, Processes, cluster, machine_busy, mib
-from bench.common import services
+from bench.common import attendee_tokens, services
 from bench.flash_sale import (
     Http,
     forget_in_redis,
@@ -131,8 +131,7 @@ from bench.flash_sale import (
     verify,
     wait_until_settled,
 )
-from bilten import db, events, keys, tokens, users, venues
-from bilten.settings import Settings
+from bilten import db, events, keys, users, venues
 from bilten.workers.bookings import BATCH
 
 SAMPLE_EVERY = 0.5  # seconds between samples of the queue and the sales
@@ -1156,8 +1155,7 @@ def run(
     event_id, ticket_type_id = asyncio.run(make_sale(database_url, args.seats))
     buyer_ids = asyncio.run(make_buyers(database_url, args.buyers))
     secret_key = secrets.token_urlsafe(48)
-    signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
-    buyer_tokens = [signer.issue(user_id, "attendee", str(uuid.uuid4())) for user_id in buyer_ids]
+    buyer_tokens = attendee_tokens(secret_key, buyer_ids)
     print(
         f"setup: event {event_id}, {args.buyers:,} buyers with their tokens; "
         f"{time.perf_counter() - began:.1f} s",

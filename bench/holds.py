@@ -25,15 +25,13 @@ import json
 import secrets
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bilten, services
+from bench.common import attendee_tokens, bilten, services
 from bench.flash_sale import Http, make_buyers, make_event, percentile
-from bilten import db, tokens
-from bilten.settings import Settings
+from bilten import db
 
 
 async def round_of(conns: list[Http], tokens_: list[str], bodies: list[bytes]):
@@ -123,8 +121,7 @@ async def main_async(args: argparse.Namespace, database_url: str, url: str, key:
     buyers = args.buyers
     event_id, seat_ids = await make_event(database_url, buyers, per_person=4)
     buyer_ids = await make_buyers(database_url, buyers)
-    signer = tokens.signer(Settings(secret_key=key, access_token_ttl=3600))
-    tokens_ = [signer.issue(b, "attendee", str(uuid.uuid4())) for b in buyer_ids]
+    tokens_ = attendee_tokens(key, buyer_ids)
     conns = [Http(url) for _ in range(buyers)]
     await asyncio.gather(*(c.connect() for c in conns))
 

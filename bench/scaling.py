@@ -37,7 +37,6 @@ import secrets
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvloop
 
 from bench.cluster import Layout, Processes, cluster, cpu_between, machine_busy
-from bench.common import services
+from bench.common import attendee_tokens, services
 from bench.flash_sale import (
     SETTLE,
     forget_in_redis,
@@ -58,8 +57,6 @@ from bench.flash_sale import (
     verify,
     wait_until_settled,
 )
-from bilten import tokens
-from bilten.settings import Settings
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,8 +104,7 @@ def one_layout(
     event_id, seat_ids = asyncio.run(make_event(database_url, args.seats, per_person))
     # Buyers of their own: an Idempotency-Key is the user's, whatever the event.
     buyer_ids = asyncio.run(make_buyers(database_url, args.buyers))
-    signer = tokens.signer(Settings(secret_key=secret_key, access_token_ttl=3600))
-    buyer_tokens = [signer.issue(b, "attendee", str(uuid.uuid4())) for b in buyer_ids]
+    buyer_tokens = attendee_tokens(secret_key, buyer_ids)
     try:
         with cluster(
             database_url,
