@@ -10,11 +10,12 @@ buyer and, each round:
 * **taken**: every buyer asks for a seat another buyer holds (every answer is 409
   ``seat_unavailable``).
 
-It prints holds per second (from the first request sent to the last answer) and the latency
-percentiles of each round, then checks in PostgreSQL that every seat is held by exactly the
-one active hold that claimed it. Needs nothing but this project (the raw HTTP client of
-``bench/flash_sale.py``); PostgreSQL and Redis from BILTEN_DATABASE_URL / BILTEN_REDIS_URL, else
-embedded ones.
+It prints holds per second (from the first request sent to the last answer), the latency
+percentiles and the server's CPU time per hold (user + system, from ``/proc``: the figure that
+stays put when other work shares the machine) of each round, then checks in PostgreSQL that
+every seat is held by exactly the one active hold that claimed it. Needs nothing but this
+project (the raw HTTP client of ``bench/flash_sale.py``); PostgreSQL and Redis from
+BILTEN_DATABASE_URL / BILTEN_REDIS_URL, else embedded ones.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
@@ -29,13 +31,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import attendee_tokens, bilten, services
+from bench.common import attendee_tokens, bilten_process, services
 from bench.flash_sale import Http, make_buyers, make_event, percentile
 from bilten import db
 
 
-async def round_of(conns: list[Http], tokens_: list[str], bodies: list[bytes]):
-    """Every buyer sends its hold at once: (status, seconds, body) each, and the wall time."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def round_of(conns: list[Http], tokens_: list[str], bodies: list[bytes], pid: int):
+    """Every buyer sends its hold at once: (status, seconds, body) each, the wall time and the
+    server's CPU seconds."""
     go = asyncio.Event()
 
     async def one(http: Http, token: str, body: bytes) -> tuple[int, float, bytes]:
@@ -49,19 +58,21 @@ async def round_of(conns: list[Http], tokens_: list[str], bodies: list[bytes]):
 
     tasks = [asyncio.create_task(one(*args)) for args in zip(conns, tokens_, bodies, strict=True)]
     await asyncio.sleep(0.2)
+    cpu = cpu_seconds(pid)
     began = time.perf_counter()
     go.set()
     results = await asyncio.gather(*tasks)
     wall = time.perf_counter() - began
-    return results, wall
+    return results, wall, cpu_seconds(pid) - cpu
 
 
 FIGURES: dict[str, list[float]] = {}  # name -> one value per round, for --json
 
 
-def report(name: str, results, wall: float) -> None:
+def report(name: str, results, wall: float, cpu: float) -> None:
     latencies = [seconds for _, seconds, _ in results]
     FIGURES.setdefault(f"{name}_holds_per_s", []).append(round(len(results) / wall, 1))
+    FIGURES.setdefault(f"{name}_server_cpu_us", []).append(round(cpu / len(results) * 1e6))
     FIGURES.setdefault(f"{name}_p50_ms", []).append(round(percentile(latencies, 0.5), 2))
     FIGURES.setdefault(f"{name}_p99_ms", []).append(round(percentile(latencies, 0.99), 2))
     statuses: dict[int, int] = {}
@@ -70,6 +81,7 @@ def report(name: str, results, wall: float) -> None:
     print(
         f"{name:9} {len(results) / wall:8.0f} holds/s  wall {wall * 1000:6.0f} ms  "
         f"p50 {percentile(latencies, 0.5):6.0f} ms  p99 {percentile(latencies, 0.99):6.0f} ms  "
+        f"server CPU {cpu / len(results) * 1e6:4.0f} us each  "
         f"statuses {dict(sorted(statuses.items()))}",
         flush=True,
     )
@@ -117,7 +129,9 @@ async def check(database_url: str, event_id: str, expected: int) -> None:
         raise SystemExit(1)
 
 
-async def main_async(args: argparse.Namespace, database_url: str, url: str, key: str) -> None:
+async def main_async(
+    args: argparse.Namespace, database_url: str, url: str, key: str, pid: int
+) -> None:
     buyers = args.buyers
     event_id, seat_ids = await make_event(database_url, buyers, per_person=4)
     buyer_ids = await make_buyers(database_url, buyers)
@@ -129,13 +143,13 @@ async def main_async(args: argparse.Namespace, database_url: str, url: str, key:
         return json.dumps({"event_id": event_id, "seat_ids": [seat]}).encode()
 
     for _ in range(args.rounds):
-        results, wall = await round_of(conns, tokens_, [body(s) for s in seat_ids])
-        report("distinct", results, wall)
+        results, wall, cpu = await round_of(conns, tokens_, [body(s) for s in seat_ids], pid)
+        report("distinct", results, wall, cpu)
         await check(database_url, event_id, buyers)
         # everyone asks for the seat of the buyer next to them: all taken
         shifted = seat_ids[1:] + seat_ids[:1]
-        results, wall = await round_of(conns, tokens_, [body(s) for s in shifted])
-        report("taken", results, wall)
+        results, wall, cpu = await round_of(conns, tokens_, [body(s) for s in shifted], pid)
+        report("taken", results, wall, cpu)
         await release_all(database_url, event_id)
     for c in conns:
         c.close()
@@ -152,12 +166,12 @@ def main() -> None:
     extra.setdefault("BILTEN_LIMIT_API_IP", "0/60")
     key = secrets.token_urlsafe(48)
     with services() as (database_url, redis_url):
-        with bilten(database_url, redis_url, secret_key=key, **extra) as url:
-            asyncio.run(main_async(args, database_url, url, key))
+        with bilten_process(database_url, redis_url, secret_key=key, **extra) as (url, proc):
+            asyncio.run(main_async(args, database_url, url, key, proc.pid))
     if args.json:
         # Each figure of the best round (the first pays for cold caches), and every round's.
         figures = {
-            name: (min(values) if name.endswith("_ms") else max(values))
+            name: (min(values) if name.endswith(("_ms", "_us")) else max(values))
             for name, values in FIGURES.items()
         }
         document = {"bench": "holds", "figures": figures, "rounds": FIGURES}

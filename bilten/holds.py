@@ -221,6 +221,44 @@ FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::int[
 """
 
 
+# Seats of the wanted ones that are taken now, read without locks: only for events on sale and
+# orders within the event's limit, so that those refusals keep their precedence.
+_TAKEN_NOW = """
+SELECT w.n, w.seat_id::text
+FROM unnest($1::int[], $2::uuid[], $3::uuid[], $4::int[]) AS w(n, event_id, seat_id, quantity)
+JOIN event_seats es ON es.event_id = w.event_id AND es.seat_id = w.seat_id
+JOIN events e ON e.id = w.event_id
+WHERE e.status = 'published'
+  AND NOT coalesce(e.sale_starts_at > now() OR e.ends_at <= now(), false)
+  AND w.quantity <= e.max_tickets_per_order
+  AND NOT (es.status = 'available' OR (es.status = 'held' AND es.hold_expires_at <= now()))
+"""
+
+
+async def refuse_taken(conn: Connection, wants: list[Want]) -> dict[int, ApiError]:
+    """The requests (by index) that want a seat taken at this moment, each with its refusal.
+
+    One read of committed rows, outside any transaction and without a lock: a seat it sees held
+    or sold was taken while the request was in flight, so refusing is the answer the locking
+    path would give, and a click on a taken seat never waits for a lock or writes a row. A
+    seat it sees free may still be lost, which the locking path then decides.
+    """
+    pairs = [(n, w, s) for n, w in enumerate(wants) for s in w.seat_ids]
+    if not pairs:
+        return {}
+    rows = await conn.fetch(
+        _TAKEN_NOW,
+        [n for n, _, _ in pairs],
+        [w.event_id for _, w, _ in pairs],
+        [s for _, _, s in pairs],
+        [w.quantity for _, w, _ in pairs],
+    )
+    taken: dict[int, list[str]] = defaultdict(list)
+    for row in rows:
+        taken[row["n"]].append(row["seat_id"])
+    return {n: seat_unavailable(seats) for n, seats in taken.items()}
+
+
 async def create_many(conn: Connection, wants: list[Want], ttl: int) -> list[Outcome]:
     """Holds for many requests in a few statements (the caller owns the transaction), each all
     or nothing on its own: a hold, or the API error that refused it. Requests are served in list

@@ -151,3 +151,49 @@ async def test_any_mix_of_wants_holds_each_seat_once(client, settings, picks):
         assert held == seen
     finally:
         await conn.close()
+
+
+async def test_a_taken_seat_is_refused_without_waiting_for_its_lock(client, settings):
+    """While a transaction holds a taken seat's row lock (a booking being written, say), a
+    click on that seat is refused at once from the committed rows; a click on a free seat
+    whose row is locked still waits for the lock, then wins."""
+    event_id, seats, _, organizer = await published_event(client)
+    ann, bob = await buyer(client), await buyer(client)
+    first = await client.post(
+        "/holds", headers=ann, json={"event_id": event_id, "seat_ids": seats[:1]}
+    )
+    assert first.status_code == 201
+    conn = await db.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM event_seats WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])"
+                " FOR UPDATE",
+                event_id,
+                seats[:2],
+            )
+            taken = await asyncio.wait_for(
+                client.post(
+                    "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[:2]}
+                ),
+                timeout=5,
+            )
+            assert taken.status_code == 409
+            assert taken.json()["error"]["details"]["seat_ids"] == [seats[0]]
+            free = asyncio.ensure_future(
+                client.post(
+                    "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[1:2]}
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert not free.done()  # the locking path decides a seat that looked free
+        assert (await free).status_code == 201
+    finally:
+        await conn.close()
+    # An event's own refusal keeps its precedence over a taken seat.
+    cancel = await client.post(f"/events/{event_id}/cancel", headers=organizer)
+    assert cancel.status_code == 200, cancel.text
+    late = await client.post(
+        "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[:1]}
+    )
+    assert late.status_code == 409 and late.json()["error"]["code"] == "conflict"
