@@ -259,6 +259,18 @@ async def refuse_taken(conn: Connection, wants: list[Want]) -> dict[int, ApiErro
     return {n: seat_unavailable(seats) for n, seats in taken.items()}
 
 
+@dataclass
+class _Left:
+    """What a batch found when it locked everything, less what its earlier requests won."""
+
+    events: dict[str, Any]  # event id -> its row (_EVENTS)
+    counts: dict[tuple[str, str], int]  # (user, event) -> held or bought
+    kinds: dict[tuple[str, str], Any]  # (ticket type, event) -> its row, None when unknown
+    units: dict[tuple[str, str], int]  # (ticket type, event) -> units left
+    free: set[tuple[str, str]]  # (event, seat) free
+    known: set[tuple[str, str]]  # (event, seat) that exist
+
+
 async def create_many(conn: Connection, wants: list[Want], ttl: int) -> list[Outcome]:
     """Holds for many requests in a few statements (the caller owns the transaction), each all
     or nothing on its own: a hold, or the API error that refused it. Requests are served in list
@@ -284,125 +296,133 @@ async def create_many(conn: Connection, wants: list[Want], ttl: int) -> list[Out
             results[n] = refused
         else:
             live.append(n)
+    left = await _lock(conn, [wants[n] for n in live], events)
+    made: list[int] = []
+    for n in live:
+        results[n] = _judge(wants[n], left)
+        if results[n] is None:
+            made.append(n)
+    won = await _write(conn, [wants[n] for n in made], left)
+    for n, hold in zip(made, won, strict=True):
+        results[n] = hold
+    return [cast(Outcome, r) for r in results]
 
-    # Lock and read: what each person holds or bought, the units left, the seats free.
-    counts = await _held_or_bought(conn, [(wants[n].user_id, wants[n].event_id) for n in live])
+
+async def _lock(conn: Connection, wants: list[Want], events: dict[str, Any]) -> _Left:
+    """Lock and read what the requests may take: what each person holds or bought, the units
+    left of each ticket type (expired unit holds reclaimed first), the seats free."""
+    counts = await _held_or_bought(conn, [(w.user_id, w.event_id) for w in wants])
     kinds: dict[tuple[str, str], Any] = {}
     for type_id, event_id in sorted(
-        {(str(wants[n].ticket_type_id), wants[n].event_id) for n in live if not wants[n].seat_ids}
+        {(str(w.ticket_type_id), w.event_id) for w in wants if not w.seat_ids}
     ):
         kinds[(type_id, event_id)] = await conn.fetchrow(_RECLAIM_UNITS, type_id, event_id)
-    left = {k: kind["remaining"] for k, kind in kinds.items() if kind is not None}
-    pairs = [(wants[n].event_id, s) for n in live for s in wants[n].seat_ids]
+    units = {k: kind["remaining"] for k, kind in kinds.items() if kind is not None}
+    pairs = [(w.event_id, s) for w in wants for s in w.seat_ids]
     locked = await conn.fetch(_LOCK_SEATS, [e for e, _ in pairs], [s for _, s in pairs])
     free = {(r["event_id"], r["seat_id"]) for r in locked if r["free"]}
     known = {(r["event_id"], r["seat_id"]) for r in locked}
+    return _Left(events, counts, kinds, units, free, known)
 
-    # Judge each request in turn against what is left.
-    made: list[int] = []
-    for n in live:
-        want = wants[n]
-        person = (want.user_id, want.event_id)
-        limit = events[want.event_id]["max_tickets_per_order"]
-        mine = [(want.event_id, s) for s in want.seat_ids]
-        kind_key = (str(want.ticket_type_id), want.event_id)
-        if counts[person] + want.quantity > limit:
-            results[n] = over_person_limit(limit, counts[person])
-        elif want.seat_ids:
-            unknown = [s for e, s in mine if (e, s) not in known]
-            if unknown:
-                results[n] = not_seats_of_event(unknown)
-            elif not all(p in free for p in mine):
-                results[n] = seat_unavailable([s for e, s in mine if (e, s) not in free])
-        elif kinds[kind_key] is None:
-            results[n] = unknown_ticket_type()
-        elif want.quantity > left[kind_key]:
-            name = kinds[kind_key]["name"]
-            results[n] = ApiError(
-                "sold_out",
-                f"Only {left[kind_key]} left of {name}.",
-                {"ticket_type_id": kind_key[0], "remaining": left[kind_key]},
-            )
-        if results[n] is not None:
-            continue
-        counts[person] += want.quantity
-        if want.seat_ids:
-            free.difference_update(mine)
-        else:
-            left[kind_key] -= want.quantity
-        made.append(n)
 
-    # Write what was won.
-    hold_ids = {n: str(uuid.uuid4()) for n in made}
-    items: dict[int, list[Item]] = defaultdict(list)
-    for (type_id, event_id), kind in kinds.items():
-        if kind is None or left[(type_id, event_id)] == kind["remaining"]:
-            continue
-        # The row is locked since the reclaim: what it counted is still there.
-        claimed = await conn.fetchval(
-            _CLAIM_UNITS, type_id, kind["remaining"] - left[(type_id, event_id)]
+def _judge(want: Want, left: _Left) -> ApiError | None:
+    """The refusal of one request against what is left, or None: then what it takes is taken
+    from ``left``, so that later requests of the batch see it gone."""
+    person = (want.user_id, want.event_id)
+    limit = left.events[want.event_id]["max_tickets_per_order"]
+    mine = [(want.event_id, s) for s in want.seat_ids]
+    kind_key = (str(want.ticket_type_id), want.event_id)
+    if left.counts[person] + want.quantity > limit:
+        return over_person_limit(limit, left.counts[person])
+    if want.seat_ids:
+        unknown = [s for e, s in mine if (e, s) not in left.known]
+        if unknown:
+            return not_seats_of_event(unknown)
+        if not all(p in left.free for p in mine):
+            return seat_unavailable([s for e, s in mine if (e, s) not in left.free])
+        left.free.difference_update(mine)
+    elif left.kinds[kind_key] is None:
+        return unknown_ticket_type()
+    elif want.quantity > left.units[kind_key]:
+        return ApiError(
+            "sold_out",
+            f"Only {left.units[kind_key]} left of {left.kinds[kind_key]['name']}.",
+            {"ticket_type_id": kind_key[0], "remaining": left.units[kind_key]},
         )
-        assert claimed is not None
-    for n in made:
-        kind = kinds.get((str(wants[n].ticket_type_id), wants[n].event_id))
-        if not wants[n].seat_ids and kind is not None:
-            item = Item(
-                ticket_type_id=wants[n].ticket_type_id,
+    else:
+        left.units[kind_key] -= want.quantity
+    left.counts[person] += want.quantity
+    return None
+
+
+async def _write(conn: Connection, wants: list[Want], left: _Left) -> list[Hold]:
+    """Write what the judged requests won: units, seats, hold rows and outbox rows, one
+    statement per table. The rows are locked since :func:`_lock`: what it counted is there."""
+    hold_ids = [str(uuid.uuid4()) for _ in wants]
+    items: list[list[Item]] = [[] for _ in wants]
+    for (type_id, event_id), kind in left.kinds.items():
+        taken = 0 if kind is None else kind["remaining"] - left.units[(type_id, event_id)]
+        if taken:
+            claimed = await conn.fetchval(_CLAIM_UNITS, type_id, taken)
+            assert claimed is not None
+    for n, want in enumerate(wants):
+        kind = left.kinds.get((str(want.ticket_type_id), want.event_id))
+        if not want.seat_ids and kind is not None:
+            unit = Item(
+                ticket_type_id=want.ticket_type_id,
                 label=kind["name"],
                 price_cents=kind["price_cents"],
             )
-            items[n] = [item] * wants[n].quantity
-    taking = [(n, s) for n in made for s in wants[n].seat_ids]
+            items[n] = [unit] * want.quantity
+    taking = [(n, s) for n, want in enumerate(wants) for s in want.seat_ids]
     changes: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
     if taking:
-        taken = await conn.fetch(
+        taken_rows = await conn.fetch(
             _TAKE_SEATS,
             [wants[n].event_id for n, _ in taking],
             [s for _, s in taking],
             [hold_ids[n] for n, _ in taking],
-            [events[wants[n].event_id]["expires_at"] for n, _ in taking],
+            [left.events[wants[n].event_id]["expires_at"] for n, _ in taking],
         )
-        by_hold = {hold_ids[n]: n for n in made}
-        for row in sorted(taken, key=lambda r: r["label"]):
+        by_hold = {hold_id: n for n, hold_id in enumerate(hold_ids)}
+        for row in sorted(taken_rows, key=lambda r: r["label"]):
             items[by_hold[row["hold_id"]]].append(
                 Item(seat_id=row["seat_id"], label=row["label"], price_cents=row["price_cents"])
             )
             changes[row["event_id"]].append((row["seat_id"], "held", row["version"]))
-    made_holds = []
-    for n in made:
-        want, event = wants[n], events[wants[n].event_id]
-        hold = Hold(
+    made = [
+        Hold(
             id=hold_ids[n],
             event_id=want.event_id,
             seat_ids=sorted(want.seat_ids),
             ticket_type_id=want.ticket_type_id,
             quantity=want.quantity,
             amount_cents=sum(i.price_cents for i in items[n]),
-            currency=event["currency"],
-            expires_at=event["expires_at"],
+            currency=left.events[want.event_id]["currency"],
+            expires_at=left.events[want.event_id]["expires_at"],
         )
-        results[n] = hold
-        made_holds.append(hold)
-    if made_holds:
+        for n, want in enumerate(wants)
+    ]
+    if made:
         await conn.execute(
             _INSERT_HOLDS,
-            [h.id for h in made_holds],
-            [h.event_id for h in made_holds],
-            [wants[n].user_id for n in made],
-            [h.ticket_type_id for h in made_holds],
-            [",".join(h.seat_ids) for h in made_holds],
-            [h.quantity for h in made_holds],
-            [h.amount_cents for h in made_holds],
-            [h.currency for h in made_holds],
-            [h.expires_at for h in made_holds],
+            [h.id for h in made],
+            [h.event_id for h in made],
+            [w.user_id for w in wants],
+            [h.ticket_type_id for h in made],
+            [",".join(h.seat_ids) for h in made],
+            [h.quantity for h in made],
+            [h.amount_cents for h in made],
+            [h.currency for h in made],
+            [h.expires_at for h in made],
         )
     rows: list[outbox.Row] = []
     for event_id, seat_changes in changes.items():
         rows += outbox.seat_rows(event_id, seat_changes)
-    unit_events = {wants[n].event_id for n in made if not wants[n].seat_ids}
+    unit_events = {w.event_id for w in wants if not w.seat_ids}
     rows += [("catalog", {"event_id": e}) for e in sorted(unit_events)]
     await outbox.add_many(conn, rows)
-    return [cast(Outcome, r) for r in results]
+    return made
 
 
 def on_sale(row: Any) -> Any:
