@@ -4,9 +4,12 @@ import asyncio
 import random
 import uuid
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
 from bilten import db
+from bilten.app import create_app
 from tests.catalog_helpers import START, iso, register
 from tests.conftest import truncate
 
@@ -898,7 +901,7 @@ async def test_a_key_redis_forgot_still_finds_its_booking(client, redis, databas
     first = await book(client, auth, body, key="kept")
     assert first.status_code == 201
     booking_id = first.json()["booking"]["id"]
-    found = [k async for k in redis.scan_iter(keys.idempotency("*", "kept"))]
+    found = [k async for k in redis.scan_iter(keys.idempotency(event_id, "*", "kept"))]
     assert len(found) == 1
     await redis.delete(*found, keys.seat_claims(event_id))
     again = await book(client, auth, body, key="kept")
@@ -1059,3 +1062,45 @@ async def test_a_slow_charge_holds_up_only_its_own_batch(settings):
             assert time.monotonic() - began < 2.0
             assert not slow.done()  # still paying
             assert (await slow).status_code == 201
+
+
+async def test_a_hung_charge_holds_up_only_its_own_booking(settings):
+    """One batch may pay at a time (``queue_in_flight`` 1), yet a charge that never answers
+    holds up no later booking: the limit counts requests in hand, not batches, so the next
+    batch reserves and pays while the first one's straggler waits for its timeout."""
+    own = settings.replace(
+        queue_in_flight=1, payment_timeout=2.0, payment_retries=0, payment_outage_wait=2.0
+    )
+    async with LifespanManager(create_app(own)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bilten.test") as c:
+            event_id, seats, _, _ = await published_event(c)
+            slow = await buyer(c)
+            hung = await c.post(
+                "/bookings",
+                json={
+                    "event_id": event_id,
+                    "seat_ids": seats[:1],
+                    "payment": {"method": "card", "token": "tok_hang"},
+                },
+                headers={**slow, "Idempotency-Key": uuid.uuid4().hex},
+            )
+            assert hung.status_code == 202, hung.text
+            status_url = f"/bookings/requests/{hung.json()['request_id']}"
+            await asyncio.sleep(0.3)  # its batch is paying
+            others = [await buyer(c) for _ in range(4)]
+            answers = await asyncio.gather(
+                *(
+                    book(c, auth, {"event_id": event_id, "seat_ids": [seats[n + 1]]})
+                    for n, auth in enumerate(others)
+                )
+            )
+            assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+            still = (await c.get(status_url, headers=slow)).json()
+            assert still["status"] in ("queued", "processing"), still  # its charge hangs on
+            for _ in range(150):
+                await asyncio.sleep(0.1)
+                ended = (await c.get(status_url, headers=slow)).json()
+                if ended["status"] not in ("queued", "processing"):
+                    break
+            assert ended["status"] == "failed", ended

@@ -3,8 +3,9 @@
 ``tok_visa`` succeeds; ``tok_chargeDeclined`` is declined ``generic_decline``;
 ``tok_insufficientFunds`` is declined ``insufficient_funds``; ``tok_processingError`` is declined
 ``processing_error`` (a card error, as Stripe has it: the buyer's problem, never a fault of the
-provider that would count against its circuit breaker); any other token is declined
-``invalid_token``.
+provider that would count against its circuit breaker); ``tok_hang`` never answers (each call
+waits until the caller's timeout: what one charge in a real provider's tail does); any other
+token is declined ``invalid_token``.
 
 The ledger lives in Redis rather than in the process, so a charge survives a crash of the
 instance that made it and any instance can look it up: that is what saga recovery needs. One
@@ -31,6 +32,7 @@ from bilten.payments.base import Charge, PaymentDeclined, Transient
 from bilten.pipelining import AutoPipeline
 
 SUCCEEDS = "tok_visa"
+HANGS = "tok_hang"
 DECLINES = {
     "tok_chargeDeclined": "generic_decline",
     "tok_insufficientFunds": "insufficient_funds",
@@ -81,6 +83,8 @@ class TestProvider:
 
     async def charge(self, *, key: str, amount_cents: int, currency: str, token: str) -> Charge:
         await self._pause()
+        if token == HANGS:
+            await asyncio.sleep(3600)  # the caller's timeout ends it
         fields: dict[str, str | int] = {
             "amount_cents": amount_cents,
             "currency": currency.upper(),
