@@ -2,7 +2,9 @@
 
 import asyncio
 import time
+import uuid
 
+from bilten import db
 from bilten.sagas import batch
 from tests.test_bookings import book, buyer, published_event, queued
 from tests.test_catalog import running
@@ -170,3 +172,30 @@ async def test_redis_killed_mid_sale_and_restarted_loses_nothing(settings, tmp_p
             assert tickets == 30
     finally:
         embedded.stop(embedded.Embedded(processes=[proc]))
+
+
+async def test_records_of_finished_requests_are_forgotten_a_window_at_a_time(settings):
+    """Recovery reads the oldest records a window at a time, steps over a request still
+    waiting, and never reads more than its windows in one round."""
+    from bilten.sagas import recovery
+
+    async with running(settings) as (_, c):
+        event_id, seats, _, _ = await published_event(c)
+        for n in range(5):
+            answer = await book(c, await buyer(c), {"event_id": event_id, "seat_ids": [seats[n]]})
+            assert answer.status_code == 201, answer.text
+    conn = await db.connect(settings.database_url)
+    try:
+        await conn.execute("DELETE FROM accepted_requests")
+        await conn.execute(
+            """INSERT INTO accepted_requests (id, accepted_at, request)
+               SELECT id, created_at, decode('00', 'hex') FROM bookings
+               UNION ALL SELECT $1, now() - interval '1 hour', decode('00', 'hex')""",
+            uuid.uuid4(),  # the oldest: a request still waiting, no booking yet
+        )
+        assert await recovery.forget_finished(conn, window=2, windows=2) == 3
+        assert await recovery.forget_finished(conn, window=2, windows=2) == 2
+        assert await recovery.forget_finished(conn, window=2, windows=2) == 0
+        assert await conn.fetchval("SELECT count(*) FROM accepted_requests") == 1
+    finally:
+        await conn.close()

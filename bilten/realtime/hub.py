@@ -408,7 +408,11 @@ class Realtime:
         rooms = [room for room in self.rooms.values() if room.members]
         if not rooms:
             return
-        values = await app.redis.mget([keys.queue_served(room.event_id) for room in rooms])
+        # One GET each, not MGET: on a Redis Cluster the events' counters live in many slots.
+        async with app.redis.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.get(keys.queue_served(room.event_id))
+            values = await pipe.execute()
         for room, raw in zip(rooms, values, strict=True):
             served = int(raw or 0)
             if served != room.served:

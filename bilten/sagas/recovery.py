@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from bilten import cache, errors, holds, keys, payments, queue, refunds
+from bilten.db import Pool
 from bilten.sagas import booking
 from bilten.state import State
 from bilten.supervisor import Worker
@@ -29,6 +32,7 @@ SETTLE_EVERY = 5  # seconds between lookups of one unsettled payment
 SETTLE_WINDOW = 900  # seconds after a booking was made that a lookup finding nothing is not final
 LOST_AFTER = 3.0  # seconds: an accepted request this old whose Redis status is gone was lost
 REDISPATCH_ROUND = 500  # accepted requests looked at per round
+FORGET_WINDOW = 2000  # records of accepted requests read per statement when forgetting
 
 
 async def _claim(app: State, where: str, stale: float, limit: int = 50) -> list[str]:
@@ -164,15 +168,46 @@ async def fold_seat_map_commits(app: State) -> int:
     return len(events)
 
 
+# One window of the oldest records: those whose booking ended are deleted; the window's last
+# key is where the next one starts.
+_FORGET = """
+WITH w AS (SELECT id, accepted_at FROM accepted_requests WHERE (accepted_at, id) > ($1, $2)
+           ORDER BY accepted_at, id LIMIT $3),
+gone AS (DELETE FROM accepted_requests a USING bookings b
+         WHERE a.id IN (SELECT id FROM w) AND b.id = a.id
+           AND b.saga_state IN ('CONFIRMED', 'FAILED', 'CANCELLED')
+         RETURNING 1)
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM w) AS seen,
+       last.accepted_at, last.id
+FROM (SELECT accepted_at, id FROM w ORDER BY accepted_at DESC, id DESC LIMIT 1) last
+"""
+
+
+async def forget_finished(db: Pool, window: int = FORGET_WINDOW, windows: int = 5) -> int:
+    """Delete the records of requests whose booking has ended, reading at most ``windows``
+    windows of ``window`` records, oldest first: a long queue (100,000 requests in a headline
+    sale) is not read whole every second. Requests finish in about the order they were
+    accepted, so the oldest windows hold the finished ones; one still waiting (a slow payment)
+    is stepped over, and the next round starts from the oldest again."""
+    forgotten = 0
+    after: tuple[Any, Any] = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
+    for _ in range(windows):
+        row = await db.fetchrow(_FORGET, *after, window)
+        if row is None:  # no record after ``after``
+            break
+        forgotten += row["deleted"]
+        if row["seen"] < window:
+            break
+        after = (row["accepted_at"], row["id"])
+    return forgotten
+
+
 async def redispatch(
     app: State, lost_after: float = LOST_AFTER, limit: int = REDISPATCH_ROUND
 ) -> int:
     """Forget the records of finished requests; queue again, in arrival order, those Redis
     lost. Returns how many were queued again."""
-    await app.db.execute(
-        """DELETE FROM accepted_requests a USING bookings b
-           WHERE b.id = a.id AND b.saga_state IN ('CONFIRMED', 'FAILED', 'CANCELLED')"""
-    )
+    await forget_finished(app.db)
     async with app.db.acquire() as conn, conn.transaction():
         # Locked, so that instances running this at once queue each request once.
         rows = await conn.fetch(
