@@ -829,7 +829,7 @@ async def make_orders(
             owner = next(turn)
         bought[owner] += len(order)
         owners.append(owner)
-    ids = [str(uuid.uuid4()) for _ in orders]
+    ids = [queue.new_request_id(event_id) for _ in orders]
     requests = [
         queue.Request(
             id=booking_id,
@@ -1338,7 +1338,7 @@ async def forget_in_redis(redis_url: str, database_url: str, event_id: str) -> N
         found = [key async for key in redis.scan_iter(keys.seat_map(event_id, "*"), count=1000)]
         names = [keys.queue(event_id), keys.queue_ticket(event_id), keys.queue_served(event_id)]
         names += [keys.queue_lease(event_id), keys.seat_claims(event_id), *found]
-        names += [keys.idempotency(r["user_id"], r["idempotency_key"]) for r in rows]
+        names += [keys.idempotency(event_id, r["user_id"], r["idempotency_key"]) for r in rows]
         for booking_id in booking_ids:
             names += [keys.booking_request(booking_id), keys.test_payment(booking_id)]
         for start in range(0, len(names), 1000):

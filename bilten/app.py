@@ -23,6 +23,7 @@ from bilten import (
     outbox,
     passwords,
     payments,
+    redisconn,
     routes,
     sealing,
     tokens,
@@ -55,14 +56,9 @@ class NotMigrated(RuntimeError):
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_pool_max,
-        timeout=5,
-        socket_connect_timeout=5,
-        health_check_interval=30,
+    return redisconn.client(
+        settings.redis_url, max_connections=settings.redis_pool_max, health_check_interval=30
     )
-    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 async def start_workers(app: State, realtime: Realtime) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bilten import keys, ratelimit
+from bilten import keys, pipelining, ratelimit
 from bilten.settings import Rate
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,20 @@ class Budget:
         batch, self.pending = self.pending, {}
         window = self.rate.window * 1000
         self._sent(batch, 1)
+        calls: list[pipelining.Call] = [
+            (
+                ratelimit.HIT_SCRIPT,
+                self.script.sha,
+                [keys.rate_limit(self.name, subject)],
+                [window, amount],
+            )
+            for subject, amount in batch.items()
+        ]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for subject, amount in batch.items():
-                    await self.script(
-                        keys=[keys.rate_limit(self.name, subject)],
-                        args=[window, amount],
-                        client=pipe,
-                    )
-                answers = await pipe.execute()
+            answers = await pipelining.send(self.redis, calls)
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
         except RedisError as exc:
             self._warn(exc)
             return

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bilten import __version__, db, embedded, logs, mail, migrations
+from bilten import __version__, db, embedded, logs, mail, migrations, redisurl
 from bilten.settings import Settings, SettingsError, from_env, parse_roles
 
 log = logging.getLogger("bilten")
@@ -46,7 +46,7 @@ def _where(url: str) -> str:
 
 async def preflight(settings: Settings, *, require_migrated: bool = True) -> None:
     """Fail fast, in one line, when PostgreSQL or Redis is unreachable or unmigrated."""
-    import redis.asyncio as aioredis
+    from bilten import redisconn
 
     try:
         conn = await db.connect(settings.database_url)
@@ -64,11 +64,12 @@ async def preflight(settings: Settings, *, require_migrated: bool = True) -> Non
         raise Fatal(str(exc)) from None
     finally:
         await conn.close()
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    client = redisconn.client(settings.redis_url, max_connections=2, socket_timeout=5)
     try:
         await client.ping()
     except Exception as exc:
-        raise Fatal(f"cannot reach Redis at {_where(settings.redis_url)}: {exc}") from None
+        where = redisurl.where(settings.redis_url)
+        raise Fatal(f"cannot reach Redis at {where}: {exc}") from None
     finally:
         await client.aclose()
 
@@ -367,7 +368,7 @@ def ready_banner(settings: Settings, sock: socket.socket, found: embedded.Embedd
     if not found.database_url:
         lines.append(f"  database  {_where(settings.database_url)}")
     if not found.redis_url:
-        lines.append(f"  redis     {_where(settings.redis_url)}")
+        lines.append(f"  redis     {redisurl.where(settings.redis_url)}")
     lines.append("  stop      Ctrl-C")
     return "\n".join(lines)
 
@@ -420,11 +421,10 @@ async def _revoke_sessions(settings: Settings, ended: list[str]) -> None:
     sessions still end at their refresh; their access tokens run out within their lifetime)."""
     if not ended or not settings.redis_url:
         return
-    import redis.asyncio as aioredis
-
+    from bilten import redisconn
     from bilten.sessions import Revocations
 
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redisconn.client(settings.redis_url, max_connections=2)
     try:
         await Revocations(client, settings.access_token_ttl).revoke(ended)
     finally:

@@ -1,16 +1,37 @@
-"""Every Redis key and channel name Bilten uses, in one place."""
+"""Every Redis key and channel name Bilten uses, in one place.
+
+Keys that one script, transaction or multi-key command touches together carry the same hash
+tag (the part in braces), so that on a Redis Cluster they live in one hash slot. An event's
+queue, counters, lease, seat claims, Idempotency-Keys and request statuses are tagged with the
+event's tag (:func:`event_tag`); a booking request's id begins with its event's tag
+(:func:`bilten.queue.new_request_id`), so its status is found from the id alone. Pub/sub
+channels need no tag (regular pub/sub reaches every node of a cluster), except one published
+in a transaction with a key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 
 PREFIX = "bilten"
-INSTANCES = f"{PREFIX}:instances"  # sorted set: instance id -> last heartbeat (unix time)
+TAG_LENGTH = 4  # hex digits: 65,536 tags spread over the cluster's 16,384 slots
+INSTANCES = f"{PREFIX}:{{instances}}"  # sorted set: instance id -> last heartbeat (unix time)
 
 
 def instance(instance_id: str) -> str:
-    """Hash describing one live instance; expires unless its heartbeat renews it."""
-    return f"{PREFIX}:instance:{instance_id}"
+    """Hash describing one live instance; expires unless its heartbeat renews it (written in
+    one transaction with :data:`INSTANCES`, hence its tag)."""
+    return f"{INSTANCES}:{instance_id}"
+
+
+def event_tag(event_id: str) -> str:
+    """The hex digits that place an event's keys in one slot: a digest, so ids of any shape
+    (sequential ones too) spread over the slots."""
+    return hashlib.sha1(event_id.encode()).hexdigest()[:TAG_LENGTH]
+
+
+def _event(event_id: str) -> str:
+    return f"{PREFIX}:{{ev:{event_tag(event_id)}}}"
 
 
 def login_known(email: str, ip: str) -> str:
@@ -45,43 +66,48 @@ def user_channel(user_id: str) -> str:
 BOOKING_DONE = f"{PREFIX}:booking:done"  # pub/sub: lines "<request id> <outcome JSON>"
 QUEUE_ACTIVE = f"{PREFIX}:q:active"  # set of events whose booking queue may hold requests
 QUEUE_GROUP = "bookers"
-REVOKED_SESSIONS = f"{PREFIX}:sessions:revoked"  # sorted set: sid -> until (unix seconds)
-REVOKED_CHANNEL = f"{PREFIX}:sessions:ended"  # pub/sub: revoked sids
+# Revoked in a transaction that also announces them: key and channel share a tag.
+REVOKED_SESSIONS = f"{PREFIX}:{{sessions}}:revoked"  # sorted set: sid -> until (unix seconds)
+REVOKED_CHANNEL = f"{PREFIX}:{{sessions}}:ended"  # pub/sub: revoked sids
 
 
 def queue(event_id: str) -> str:
     """Stream of booking requests for one event, in arrival order."""
-    return f"{PREFIX}:q:{event_id}"
+    return f"{_event(event_id)}:q:{event_id}"
 
 
 def queue_ticket(event_id: str) -> str:
     """Counter: requests ever enqueued for the event (a request's place in line)."""
-    return f"{PREFIX}:q:{event_id}:ticket"
+    return f"{_event(event_id)}:q:{event_id}:ticket"
 
 
 def queue_served(event_id: str) -> str:
     """Counter: requests finished for the event; position = ticket - served."""
-    return f"{PREFIX}:q:{event_id}:served"
+    return f"{_event(event_id)}:q:{event_id}:served"
 
 
 def queue_lease(event_id: str) -> str:
     """The worker currently draining the event's queue (expires unless renewed)."""
-    return f"{PREFIX}:q:{event_id}:lease"
+    return f"{_event(event_id)}:q:{event_id}:lease"
 
 
 def seat_claims(event_id: str) -> str:
     """Hash: seat id -> until when (unix ms) a queued request or a sale has it (a pre-check)."""
-    return f"{PREFIX}:q:{event_id}:claims"
+    return f"{_event(event_id)}:q:{event_id}:claims"
 
 
-def idempotency(user_id: str, key: str) -> str:
-    """The request a user's Idempotency-Key was first used for: "<request id> <body hash>"."""
-    return f"{PREFIX}:idem:{user_id}:{key}"
+def idempotency(event_id: str, user_id: str, key: str) -> str:
+    """The request a user's Idempotency-Key was first used for, for this event: "<request id>
+    <body hash>". In the event's slot, so the door checks it in the script that queues; a key
+    reused for another event is caught by the database's unique index instead."""
+    return f"{_event(event_id)}:idem:{event_id}:{user_id}:{key}"
 
 
 def booking_request(request_id: str) -> str:
-    """Hash: the status of a booking request, for cheap polling."""
-    return f"{PREFIX}:req:{request_id}"
+    """Hash: the status of a booking request, for cheap polling. The id begins with its
+    event's tag, so the status lives in the event's slot (written by the script that queues,
+    and lost together with the queue, which is how recovery tells what Redis lost)."""
+    return f"{PREFIX}:{{ev:{request_id[:TAG_LENGTH]}}}:req:{request_id}"
 
 
 def test_payment(key: str) -> str:

@@ -36,7 +36,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from bilten import db, keys
+from bilten import db, keys, pubsub
 from bilten.db import Connection
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ async def relay_once(conn: Connection, redis: Redis, limit: int = BATCH) -> int:
         rows.sort(key=lambda r: r["id"])
         async with redis.pipeline(transaction=False) as pipe:
             for channel, message in messages_of([(r["topic"], r["payload"]) for r in rows]):
-                pipe.publish(channel, message)
+                pubsub.publish(pipe, channel, message)
             await pipe.execute()
         return len(rows)
 

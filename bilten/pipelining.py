@@ -2,7 +2,8 @@
 
 The calls made in one turn of the event loop go out as one pipeline on one connection
 (:mod:`bilten.batching`): one round trip for all of them, while each caller still gets its own
-reply or error.
+reply or error. On a Redis Cluster the pipeline is split by node (each script's keys share one
+slot), one round trip per node, sent at once.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from redis.exceptions import NoScriptError
 from bilten.batching import Batcher
 
 Arg = str | bytes | int | float
-_Call = tuple[str, str, Sequence[Arg], Sequence[Arg]]
+# A script (its text and SHA1, its keys and arguments), or a plain command (no script, no sha:
+# the arguments are the command).
+Call = tuple[str, str, Sequence[Arg], Sequence[Arg]]
 
 
-class AutoPipeline(Batcher[_Call, Any]):
+class AutoPipeline(Batcher[Call, Any]):
     def __init__(self, redis: Redis) -> None:
         super().__init__()
         self.redis = redis
@@ -29,19 +32,36 @@ class AutoPipeline(Batcher[_Call, Any]):
         know it yet); returns its reply or raises its error."""
         return await self.call((script, sha, keys, args))
 
-    async def handle(self, calls: list[_Call]) -> list[Any]:
-        replies = await self._pipeline(calls)
-        unknown = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if unknown:  # not loaded yet, or Redis restarted: load each script once, resend
-            for script in {calls[n][0] for n in unknown}:
-                await self.redis.script_load(script)
-            again = await self._pipeline([calls[n] for n in unknown])
-            for n, reply in zip(unknown, again, strict=True):
-                replies[n] = reply
-        return replies
+    async def command(self, *args: Arg) -> Any:
+        """A plain command with the next pipeline; returns its reply or raises its error."""
+        return await self.call(("", "", (), args))
 
-    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _, sha, keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+    async def handle(self, calls: list[Call]) -> list[Any]:
+        return await send(self.redis, calls)
+
+
+async def send(redis: Redis, calls: Sequence[Call]) -> list[Any]:
+    """Send ``calls`` in one pipeline; each one's reply, or its error in its place. A script
+    Redis does not know (not loaded yet, or Redis restarted, or a node new to the cluster) is
+    loaded and its calls sent again."""
+    replies = await _pipeline(redis, calls)
+    unknown = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if unknown:
+        for script in {calls[n][0] for n in unknown}:
+            await redis.script_load(script)  # on a cluster: on every primary
+        again = await _pipeline(redis, [calls[n] for n in unknown])
+        for n, reply in zip(unknown, again, strict=True):
+            replies[n] = reply
+    return replies
+
+
+async def _pipeline(redis: Redis, calls: Sequence[Call]) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for script, sha, keys, args in calls:
+            if script:
+                # A plain command: redis-py's cluster pipeline refuses its evalsha method (the
+                # script may be unknown to a node; send() loads it where it is missing).
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            else:
+                pipe.execute_command(*args)
+        return list(await pipe.execute(raise_on_error=False))

@@ -15,12 +15,21 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from bilten.supervisor import Worker
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes], None]
+
+
+def publish(pipe: Pipeline, channel: str, message: bytes | str) -> None:
+    """``PUBLISH`` queued on a pipeline (or a transaction). Sent as a plain command because
+    redis-py's cluster pipeline refuses its ``publish`` method; on a cluster a regular PUBLISH
+    reaches the subscribers of every node, whichever node it is sent to (the client sends it to
+    the node of the channel's slot)."""
+    pipe.execute_command("PUBLISH", channel, message)
 
 
 class Hub:
@@ -63,6 +72,9 @@ class Hub:
                 self._dispatch(message)
 
         async def run(stop: asyncio.Event) -> None:
+            # A cluster's client learns where the slots are on its first command; its pub/sub
+            # connection (to the node of its first channel's slot) cannot be the first.
+            await self.redis.ping()
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 # Something to subscribe to keeps listen() from returning at once.

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -35,11 +36,12 @@ log = logging.getLogger(__name__)
 CLAIM_TTL_MS = 180_000  # a queued request's seats: longer than its wait plus its payment
 SOLD_TTL_MS = 600_000  # a sold seat: refused at the door for 10 minutes, then by the database
 
-# KEYS: idempotency key, seat claims, ticket, served, stream, active set, request status, user
-# channel. ARGV: request id, event id, maximum, user id, body hash, request (JSON), now (unix ms),
-# claim ttl (ms), seat ids...
+# KEYS (all in the event's slot): idempotency key, seat claims, ticket, served, stream, request
+# status. ARGV: request id, event id, maximum, user id, body hash, request (JSON), now (unix ms),
+# claim ttl (ms), the user's channel, seat ids...
 # Returns {'known', "<request id> <body hash>"}, {'full', depth}, {'taken', {seat ids}} or
-# {'queued', position, depth}.
+# {'queued', position, depth}. The active-events set is another slot's: the caller adds the
+# event to it once the request is queued.
 _SUBMIT = """
 local known = redis.call('GET', KEYS[1])
 if known then return {'known', known} end
@@ -48,25 +50,24 @@ local waiting = tonumber(redis.call('GET', KEYS[3]) or '0') - served
 if waiting >= tonumber(ARGV[3]) then return {'full', waiting} end
 local now = tonumber(ARGV[7])
 local taken = {}
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   local claimed = redis.call('HGET', KEYS[2], ARGV[i])
   if claimed and tonumber(claimed) > now then taken[#taken + 1] = ARGV[i] end
 end
 if #taken > 0 then return {'taken', taken} end
-if #ARGV >= 9 then
+if #ARGV >= 10 then
   local expiry = now + tonumber(ARGV[8])
-  for i = 9, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 10, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400)
 local ticket = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[5], '*', 'id', ARGV[1], 'r', ARGV[6])
-redis.call('SADD', KEYS[6], ARGV[2])
-redis.call('HSET', KEYS[7], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
+redis.call('HSET', KEYS[6], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
            'user_id', ARGV[4])
-redis.call('EXPIRE', KEYS[7], 86400)
+redis.call('EXPIRE', KEYS[6], 86400)
 local position = ticket - served
-redis.call('PUBLISH', KEYS[8], '{"type":"queue.position","request_id":"' .. ARGV[1] ..
+redis.call('PUBLISH', ARGV[9], '{"type":"queue.position","request_id":"' .. ARGV[1] ..
     '","event_id":"' .. ARGV[2] .. '","position":' .. position .. ',"ticket":' .. ticket .. '}')
 return {'queued', position, waiting + 1}
 """
@@ -122,14 +123,12 @@ def _script_args(
     """The KEYS and ARGV of :data:`_SUBMIT` and :data:`_RESTORE` for ``request``."""
     seat_ids: list[str] = request.request.get("seat_ids") or []
     names = (
-        keys.idempotency(request.user_id, request.key),
+        keys.idempotency(request.event_id, request.user_id, request.key),
         keys.seat_claims(request.event_id),
         keys.queue_ticket(request.event_id),
         keys.queue_served(request.event_id),
         keys.queue(request.event_id),
-        keys.QUEUE_ACTIVE,
         keys.booking_request(request.id),
-        keys.user_channel(request.user_id),
     )
     args: tuple[str | int | bytes, ...] = (
         request.id,
@@ -140,9 +139,18 @@ def _script_args(
         _encode(request),
         int(time.time() * 1000),
         CLAIM_TTL_MS,
+        keys.user_channel(request.user_id),
         *seat_ids,
     )
     return names, args
+
+
+def new_request_id(event_id: str) -> str:
+    """A random id (a UUID, as it becomes the booking's id) that begins with its event's tag,
+    so that :func:`bilten.keys.booking_request` finds the request's status in the event's slot
+    from the id alone."""
+    rest = uuid.uuid4().hex[keys.TAG_LENGTH :]
+    return str(uuid.UUID(hex=keys.event_tag(event_id) + rest))
 
 
 async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | Known:
@@ -157,6 +165,10 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
     names, args = _script_args(request, maximum)
     answer: Any = await redis.script(_SUBMIT, _SUBMIT_SHA, names, args)
     kind = answer[0].decode()
+    if kind == "queued":
+        # After the entry, never before it: a worker that found the stream empty takes the
+        # event out of the set and then looks at the stream again (bilten.workers.bookings).
+        await redis.command("SADD", keys.QUEUE_ACTIVE, request.event_id)
     if kind == "known":
         request_id, _, digest = answer[1].decode().partition(" ")
         return Known(request_id, digest)
@@ -175,20 +187,19 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
 
 # A request PostgreSQL has on record and Redis lost, queued again as it was accepted: its key
 # (unless taken again meanwhile), its claims (unchecked: the database decides), its entry and
-# status. KEYS and ARGV as for _SUBMIT, less the maximum and the time check.
+# status. KEYS and ARGV as for _SUBMIT, less the maximum, the time check and the publish.
 _RESTORE = """
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400, 'NX')
-if #ARGV >= 9 then
+if #ARGV >= 10 then
   local expiry = tonumber(ARGV[7]) + tonumber(ARGV[8])
-  for i = 9, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 10, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 local ticket = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[5], '*', 'id', ARGV[1], 'r', ARGV[6])
-redis.call('SADD', KEYS[6], ARGV[2])
-redis.call('HSET', KEYS[7], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
+redis.call('HSET', KEYS[6], 'status', 'queued', 'event_id', ARGV[2], 'ticket', ticket,
            'user_id', ARGV[4])
-redis.call('EXPIRE', KEYS[7], 86400)
+redis.call('EXPIRE', KEYS[6], 86400)
 return ticket
 """
 
@@ -197,6 +208,7 @@ async def restore(redis: Redis, request: Request) -> None:
     """Queue again a request that Redis lost (see :mod:`bilten.intake`)."""
     names, args = _script_args(request, 0)
     await redis.eval(_RESTORE, len(names), *names, *args)
+    await redis.sadd(keys.QUEUE_ACTIVE, request.event_id)
 
 
 def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> None:

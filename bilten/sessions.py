@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
 
-from bilten import keys
+from bilten import keys, pubsub
 from bilten.pubsub import Hub
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Revocations:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(keys.REVOKED_SESSIONS, dict.fromkeys(ids, until))
             pipe.zremrangebyscore(keys.REVOKED_SESSIONS, "-inf", time.time())
-            pipe.publish(keys.REVOKED_CHANNEL, " ".join(ids))
+            pubsub.publish(pipe, keys.REVOKED_CHANNEL, " ".join(ids))
             await pipe.execute()
         self._add(ids, until)
 

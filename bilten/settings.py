@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bilten import redisurl
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ROLES = frozenset({"api", "realtime", "workers"})
 
@@ -178,6 +180,19 @@ def _url(env: Mapping[str, str], names: tuple[str, ...], schemes: tuple[str, ...
     return ""
 
 
+def _redis_url(env: Mapping[str, str]) -> str:
+    """One server, a cluster or a Sentinel-watched primary (:mod:`bilten.redisurl`)."""
+    names = ("BILTEN_REDIS_URL", "REDIS_URL")
+    url = _url(env, names, redisurl.SCHEMES)
+    if url:
+        try:
+            redisurl.parse(url)
+        except ValueError as exc:
+            name = next(n for n in names if env.get(n, "").strip())
+            raise SettingsError(f"{name}: {exc}") from None
+    return url
+
+
 def _rate(env: Mapping[str, str], name: str, default: Rate) -> Rate:
     raw = env.get(name, "").strip()
     if not raw:
@@ -257,7 +272,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         )
     settings = Settings(
         database_url=_url(env, ("BILTEN_DATABASE_URL", "DATABASE_URL"), ("postgres", "postgresql")),
-        redis_url=_url(env, ("BILTEN_REDIS_URL", "REDIS_URL"), ("redis", "rediss", "unix")),
+        redis_url=_redis_url(env),
         db_pool_min=pool_min,
         db_pool_max=pool_max,
         redis_pool_max=_int(env, "BILTEN_REDIS_POOL_MAX", 50, minimum=1),

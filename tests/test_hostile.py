@@ -145,7 +145,7 @@ async def poisoned(c, auth, event_id, seat):
     """A request for ``seat`` the database will refuse (NUL in its token), as an older door
     might have queued it."""
     return queue.Request(
-        id=str(uuid.uuid4()),
+        id=queue.new_request_id(event_id),
         user_id=(await c.get("/auth/me", headers=auth)).json()["id"],
         event_id=event_id,
         key="poison",

@@ -232,7 +232,7 @@ async def _book(request: Request, default_wait: float) -> Response:
         if unknown:
             raise holds.not_seats_of_event(unknown)
     entry = queue.Request(
-        id=str(uuid.uuid4()),
+        id=queue.new_request_id(event_id),
         user_id=who.user_id,
         event_id=event_id,
         key=key,

@@ -18,7 +18,7 @@ from typing import Any, cast
 import msgspec
 from redis.asyncio.client import Pipeline
 
-from bilten import bookings, keys, metrics, notifications, outbox, payments, refunds
+from bilten import bookings, keys, metrics, notifications, outbox, payments, pubsub, refunds
 from bilten.db import Connection
 from bilten.errors import ApiError
 from bilten.sagas.finish import finish
@@ -202,7 +202,7 @@ def add_announcements(pipe: Pipeline, outcomes: list[Outcome]) -> None:
         if status != "processing":
             ended.append(request_id.encode() + b" " + done)  # JSON has no raw newline
     if ended:
-        pipe.publish(keys.BOOKING_DONE, b"\n".join(ended))
+        pubsub.publish(pipe, keys.BOOKING_DONE, b"\n".join(ended))
 
 
 _encode_done = msgspec.json.Encoder().encode

@@ -1,0 +1,409 @@
+"""Bilten on a real Redis Cluster (three primaries) and behind a real Sentinel, started here.
+
+The cluster: the booking flow (hold, book through the queue, confirmation, status polling, an
+Idempotency-Key replayed) and the realtime flow (a hold on one instance reaches a WebSocket on
+another) run on two ``bilten serve`` processes. Sentinel: a booking, then the primary killed
+(``kill -9``) and started again empty on its port: Bilten pauses, and finishes what it had
+accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from bilten import keys, queue, redisconn, redisurl
+from bilten.settings import Settings
+from tests.catalog_helpers import register
+from tests.conftest import ROOT, TEST_SECRET, Server, server_env, wait_ready
+from tests.test_bookings import book, buyer, published_event
+from tests.test_catalog import running
+from tests.test_realtime import FAST, receive_until, seat_statuses, socket_to, subscribe
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("redis-server") and shutil.which("redis-cli")),
+    reason="redis-server and redis-cli are needed to start a Redis Cluster and a Sentinel "
+    "(Debian: apt-get install redis-server)",
+)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_ports(count: int, start: int, bus: bool = False) -> list[int]:
+    """``count`` free ports from ``start`` on (with ``bus``, their cluster bus ports too)."""
+    found: list[int] = []
+    port = start
+    while len(found) < count:
+        if _free(port) and (not bus or _free(port + 10000)):
+            found.append(port)
+        port += 1
+    return found
+
+
+def redis_server(folder: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """A private redis-server on ``port``: no snapshots, no append-only file."""
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+    with open(folder / f"redis-{port}.log", "ab") as log:
+        return subprocess.Popen(
+            [*command, "--save", "", "--appendonly", "no", *options],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def cli(port: int, *args: str) -> str:
+    found = subprocess.run(
+        ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10
+    )
+    return found.stdout
+
+
+def wait_for(check, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[list[int]]:
+    """Three primaries, no replicas, slots spread by ``redis-cli --cluster create``."""
+    folder = tmp_path_factory.mktemp("cluster")
+    ports = free_ports(3, 17000, bus=True)
+    nodes = [
+        redis_server(
+            folder,
+            port,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{port}.conf",
+            "--cluster-node-timeout",
+            "2000",
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            wait_for(lambda port=port: cli(port, "ping").strip() == "PONG", f"node {port}")
+        created = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+        for port in ports:
+            wait_for(
+                lambda port=port: "cluster_state:ok" in cli(port, "cluster", "info"),
+                f"cluster state on {port}",
+            )
+        yield ports
+    finally:
+        stop(nodes)
+
+
+@pytest.fixture(scope="module")
+def cluster_url(cluster) -> str:
+    return f"redis+cluster://127.0.0.1:{cluster[0]},127.0.0.1:{cluster[1]}"
+
+
+@pytest.fixture
+async def cluster_redis(cluster_url) -> Iterator[aioredis.Redis]:
+    client = redisconn.client(cluster_url)
+    await client.flushdb()  # on every primary
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def cluster_servers(database_url, cluster_url, cluster_redis, tmp_path) -> Iterator[list[Server]]:
+    """Two ``bilten serve`` processes on the cluster."""
+    settings = Settings(database_url=database_url, redis_url=cluster_url, secret_key=TEST_SECRET)
+    started: list[Server] = []
+    for name in ("a", "b"):
+        port = free_ports(1, 18000 + 100 * len(started))[0]
+        log_path = tmp_path / f"{name}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bilten", "serve", "--port", str(port)],
+                env=server_env(settings, **FAST),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        started.append(Server(f"http://127.0.0.1:{port}", proc, log_path))
+    try:
+        for server in started:
+            try:
+                wait_ready(server.url, server.process)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{server.log}") from None
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def test_the_urls_of_a_cluster_and_a_sentinel_are_read_and_bad_ones_refused():
+    target = redisurl.parse("redis+cluster://10.0.0.1:7000,10.0.0.2")
+    assert target.kind == "cluster"
+    assert target.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379))
+    target = redisurl.parse("rediss+sentinel://u:p%40ss@s1:26380,s2/mymaster/2")
+    assert (target.kind, target.service, target.db, target.tls) == ("sentinel", "mymaster", 2, True)
+    assert (target.username, target.password) == ("u", "p@ss")
+    assert target.nodes == (("s1", 26380), ("s2", 26379))
+    assert redisurl.where("redis+sentinel://:secret@s1:1/mymaster") == "s1:1/mymaster"
+    for bad in (
+        "redis+cluster://h:port",
+        "redis+cluster://h:7000/3",
+        "redis+cluster://",
+        "redis+sentinel://h:26379",
+        "redis+sentinel://h/mymaster/x",
+        "redis+cluster://h1,,h2",
+    ):
+        with pytest.raises(ValueError):
+            redisurl.parse(bad)
+
+
+def test_a_bad_redis_url_stops_serve_with_one_clear_line(tmp_path):
+    env = server_env(
+        Settings(database_url="postgresql://x@127.0.0.1/x", redis_url="", secret_key="x" * 64),
+        BILTEN_REDIS_URL="redis+sentinel://127.0.0.1:26379",
+    )
+    found = subprocess.run(
+        [sys.executable, "-m", "bilten", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert found.returncode != 0
+    assert "BILTEN_REDIS_URL: redis+sentinel://host:port" in found.stderr + found.stdout
+
+
+async def test_an_events_keys_and_its_requests_share_one_slot(cluster_redis):
+    event_id = "6f1c1f7e-6d0e-4a8e-9a59-0d7a4a2b9c11"
+    request_id = queue.new_request_id(event_id)
+    names = [
+        keys.queue(event_id),
+        keys.queue_ticket(event_id),
+        keys.queue_served(event_id),
+        keys.queue_lease(event_id),
+        keys.seat_claims(event_id),
+        keys.idempotency(event_id, "user", "key"),
+        keys.booking_request(request_id),
+    ]
+    slots = {await cluster_redis.cluster_keyslot(name) for name in names}
+    assert len(slots) == 1
+    assert (
+        len({await cluster_redis.cluster_keyslot(k) for k in (keys.INSTANCES, keys.instance("i"))})
+        == 1
+    )
+
+
+async def test_booking_and_realtime_on_a_three_node_cluster(cluster_servers, cluster_redis):
+    a, b = cluster_servers
+    async with httpx.AsyncClient(base_url=a.url, timeout=15) as http:
+        event_id, seats, _, _ = await published_event(http)
+        auth = await buyer(http)
+        # Realtime: a watcher on B sees a hold made on A.
+        async with socket_to(b) as watcher:
+            await subscribe(watcher, event_id)
+            hold = await http.post(
+                "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:2]}
+            )
+            assert hold.status_code == 201, hold.text
+            delta = await receive_until(watcher, "seats", timeout=3.0)
+            assert seat_statuses(delta) == {seats[0]: "held", seats[1]: "held"}
+
+            # The hold booked through the queue, and confirmed.
+            body = {"event_id": event_id, "hold_id": hold.json()["id"]}
+            booked = await book(http, auth, body, key="cluster-1")
+            assert booked.status_code == 201, booked.text
+            booking = booked.json()["booking"]
+            assert booking["status"] == "confirmed" and len(booking["tickets"]) == 2
+            delta = await receive_until(watcher, "seats", timeout=3.0)
+            assert set(seat_statuses(delta).values()) == {"sold"}
+
+        # The same key and body again: the same booking.
+        again = await book(http, auth, body, key="cluster-1")
+        assert again.status_code == 201, again.text
+        assert again.json()["booking"]["id"] == booking["id"]
+        other = await book(http, auth, {"event_id": event_id, "seat_ids": seats[5:6]}, "cluster-1")
+        assert other.status_code == 422
+        assert other.json()["error"]["code"] == "idempotency_mismatch"
+
+        # Queued without waiting, then polled (on the other instance) until confirmed.
+        queued = await book(http, auth, {"event_id": event_id, "seat_ids": seats[2:3]}, headers={})
+        assert queued.status_code == 202, queued.text
+        request_id = queued.json()["request_id"]
+        assert request_id[: keys.TAG_LENGTH] == keys.event_tag(event_id)
+        async with httpx.AsyncClient(base_url=b.url, timeout=15) as other_http:
+            deadline = time.monotonic() + 10
+            while True:
+                status = await other_http.get(f"/bookings/requests/{request_id}", headers=auth)
+                assert status.status_code == 200, status.text
+                if status.json()["status"] == "confirmed":
+                    break
+                assert time.monotonic() < deadline, status.json()
+                await asyncio.sleep(0.05)
+            replay = await book(
+                other_http, auth, {"event_id": event_id, "seat_ids": seats[2:3]}, headers={}
+            )
+        # A replay without its key is a new request for a sold seat: refused at the door.
+        assert replay.status_code == 409
+        # The event's keys are where the tags put them: one node holds them all.
+        slot = await cluster_redis.cluster_keyslot(keys.queue(event_id))
+        assert await cluster_redis.cluster_keyslot(keys.booking_request(request_id)) == slot
+        assert await cluster_redis.exists(keys.booking_request(request_id))
+    for server in cluster_servers:
+        assert "Traceback" not in server.log, server.log
+
+
+# --- Sentinel ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel(tmp_path) -> Iterator[tuple[int, int, list[subprocess.Popen[bytes]]]]:
+    """A primary and one Sentinel watching it as ``mymaster``: (primary port, Sentinel port,
+    the processes, the primary first)."""
+    primary_port, sentinel_port = free_ports(2, 26390)
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {primary_port} 1\n"
+        "sentinel down-after-milliseconds mymaster 1000\n"
+    )
+    processes = [redis_server(tmp_path, primary_port)]
+    try:
+        wait_for(lambda: cli(primary_port, "ping").strip() == "PONG", "the primary")
+        with open(tmp_path / "sentinel.log", "ab") as log:
+            processes.append(
+                subprocess.Popen(
+                    ["redis-server", str(config), "--sentinel"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        wait_for(
+            lambda: (
+                str(primary_port)
+                in cli(sentinel_port, "sentinel", "get-master-addr-by-name", "mymaster")
+            ),
+            "the sentinel",
+        )
+        yield primary_port, sentinel_port, processes
+    finally:
+        stop(processes)
+
+
+async def final_states(db, ids: list[str], timeout: float = 30.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await db.fetch(
+            "SELECT id::text, saga_state FROM bookings WHERE id = ANY ($1::uuid[])", ids
+        )
+        states = {r["id"]: r["saga_state"] for r in rows}
+        done = all(s in ("CONFIRMED", "FAILED", "CANCELLED") for s in states.values())
+        if (len(states) == len(ids) and done) or time.monotonic() > deadline:
+            return states
+        await asyncio.sleep(0.1)
+
+
+async def test_through_sentinel_a_restart_of_the_primary_pauses_bookings_and_loses_none(
+    settings, sentinel, tmp_path
+):
+    primary_port, sentinel_port, processes = sentinel
+    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
+    async with running(settings.replace(redis_url=url)) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        first = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+        assert first.status_code == 201, first.text
+        buyers = [(await register(c, f"s{n}@x.com"))[0] for n in range(10)]
+
+        # Ten requests accepted; the primary killed at once, whatever of them is done.
+        answers = await asyncio.gather(
+            *(
+                book(c, who, {"event_id": event_id, "seat_ids": [seats[n + 1]]}, headers={})
+                for n, who in enumerate(buyers)
+            )
+        )
+        assert [a.status_code for a in answers] == [202] * 10
+        accepted = [a.json()["request_id"] for a in answers]
+        processes[0].kill()
+        processes[0].wait()
+        killed = time.monotonic()
+        during = await book(c, auth, {"event_id": event_id, "seat_ids": seats[20:21]}, headers={})
+        assert during.status_code == 503, during.text
+        assert during.headers["retry-after"]
+        await asyncio.sleep(1.0)
+        processes[0] = redis_server(tmp_path, primary_port)  # empty: it kept nothing
+        wait_for(lambda: cli(primary_port, "ping").strip() == "PONG", "the primary again")
+        restarted = time.monotonic()
+
+        # New bookings are taken again...
+        while True:
+            after = await book(c, auth, {"event_id": event_id, "seat_ids": seats[21:22]})
+            if after.status_code != 503:
+                break
+            assert time.monotonic() - restarted < 10, after.text
+            await asyncio.sleep(0.05)
+        back = time.monotonic() - restarted
+        assert after.status_code == 201, after.text
+        # ...and what was accepted before the restart ends confirmed, once.
+        states = await final_states(instance.state.db, accepted)
+        finished = time.monotonic() - restarted
+        assert states == dict.fromkeys(accepted, "CONFIRMED")
+        sold = await instance.state.db.fetchval(
+            "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'sold'", event_id
+        )
+        assert sold == 12
+        for who, request_id in zip(buyers, accepted, strict=True):
+            status = await c.get(f"/bookings/requests/{request_id}", headers=who)
+            assert status.json()["status"] == "confirmed", status.text
+        print(
+            f"primary down {restarted - killed:.2f} s; bookings taken again "
+            f"{back:.2f} s after its restart; the accepted ones all confirmed {finished:.2f} s "
+            "after it"
+        )
