@@ -28,7 +28,14 @@ from tests.catalog_helpers import register
 from tests.conftest import ROOT, TEST_SECRET, Server, server_env, wait_ready
 from tests.test_bookings import book, buyer, published_event
 from tests.test_catalog import running
-from tests.test_realtime import FAST, receive_until, seat_statuses, socket_to, subscribe
+from tests.test_realtime import (
+    FAST,
+    receive_until,
+    seat_statuses,
+    socket_to,
+    subscribe,
+    token_of,
+)
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("redis-server") and shutil.which("redis-cli")),
@@ -273,12 +280,22 @@ async def test_booking_and_realtime_on_a_three_node_cluster(cluster_servers, clu
         assert other.status_code == 422
         assert other.json()["error"]["code"] == "idempotency_mismatch"
 
-        # Queued without waiting, then polled (on the other instance) until confirmed.
-        queued = await book(http, auth, {"event_id": event_id, "seat_ids": seats[2:3]}, headers={})
-        assert queued.status_code == 202, queued.text
-        request_id = queued.json()["request_id"]
-        assert request_id[: keys.TAG_LENGTH] == keys.event_tag(event_id)
-        async with httpx.AsyncClient(base_url=b.url, timeout=15) as other_http:
+        # Queued without waiting, then polled (on the other instance) until confirmed; its
+        # owner's socket on B hears its place (published by the door's script) and its
+        # outcome, a watcher of the event the served counter move.
+        async with (
+            httpx.AsyncClient(base_url=b.url, timeout=15) as other_http,
+            socket_to(b, token_of(auth)) as mine,
+            socket_to(b) as watcher,
+        ):
+            await subscribe(watcher, event_id)
+            body = {"event_id": event_id, "seat_ids": seats[2:3]}
+            queued = await book(http, auth, body, headers={})
+            assert queued.status_code == 202, queued.text
+            request_id = queued.json()["request_id"]
+            assert request_id[: keys.TAG_LENGTH] == keys.event_tag(event_id)
+            position = await receive_until(mine, "queue.position", timeout=3.0)
+            assert position["request_id"] == request_id and position["position"] >= 1
             deadline = time.monotonic() + 10
             while True:
                 status = await other_http.get(f"/bookings/requests/{request_id}", headers=auth)
@@ -287,9 +304,10 @@ async def test_booking_and_realtime_on_a_three_node_cluster(cluster_servers, clu
                     break
                 assert time.monotonic() < deadline, status.json()
                 await asyncio.sleep(0.05)
-            replay = await book(
-                other_http, auth, {"event_id": event_id, "seat_ids": seats[2:3]}, headers={}
-            )
+            await receive_until(mine, "booking.result", timeout=3.0, request_id=request_id)
+            served = await receive_until(watcher, "queue.served", timeout=3.0)
+            assert served["event_id"] == event_id and served["served"] >= 1
+            replay = await book(other_http, auth, body, headers={})
         # A replay without its key is a new request for a sold seat: refused at the door.
         assert replay.status_code == 409
         # The event's keys are where the tags put them: one node holds them all.
@@ -351,7 +369,7 @@ async def final_states(db, ids: list[str], timeout: float = 30.0) -> dict[str, s
 
 
 async def test_through_sentinel_a_restart_of_the_primary_pauses_bookings_and_loses_none(
-    settings, sentinel, tmp_path
+    settings, sentinel, tmp_path, caplog
 ):
     primary_port, sentinel_port, processes = sentinel
     url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
@@ -402,8 +420,9 @@ async def test_through_sentinel_a_restart_of_the_primary_pauses_bookings_and_los
         for who, request_id in zip(buyers, accepted, strict=True):
             status = await c.get(f"/bookings/requests/{request_id}", headers=who)
             assert status.json()["status"] == "confirmed", status.text
+        again = [r.getMessage() for r in caplog.records if "Redis had lost them" in r.getMessage()]
         print(
             f"primary down {restarted - killed:.2f} s; bookings taken again "
             f"{back:.2f} s after its restart; the accepted ones all confirmed {finished:.2f} s "
-            "after it"
+            f"after it; recovery: {again or 'nothing lost'}"
         )
