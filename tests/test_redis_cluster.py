@@ -37,11 +37,14 @@ from tests.test_realtime import (
     token_of,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("redis-server") and shutil.which("redis-cli")),
-    reason="redis-server and redis-cli are needed to start a Redis Cluster and a Sentinel "
-    "(Debian: apt-get install redis-server)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (shutil.which("redis-server") and shutil.which("redis-cli")),
+        reason="redis-server and redis-cli are needed to start a Redis Cluster and a Sentinel "
+        "(Debian: apt-get install redis-server)",
+    ),
+]
 
 
 def _free(port: int) -> bool:
