@@ -96,6 +96,12 @@ def seat_claims(event_id: str) -> str:
     return f"{_event(event_id)}:q:{event_id}:claims"
 
 
+def units_left(event_id: str) -> str:
+    """Hash: ticket type id -> "<units left> <until, unix ms>", what the event's worker found
+    left of a ticket type that could not cover a request (the door refuses more until then)."""
+    return f"{_event(event_id)}:q:{event_id}:units-left"
+
+
 def idempotency(event_id: str, user_id: str, key: str) -> str:
     """The request a user's Idempotency-Key was first used for, for this event: "<request id>
     <body hash>". In the event's slot, so the door checks it in the script that queues; a key

@@ -35,29 +35,42 @@ log = logging.getLogger(__name__)
 
 CLAIM_TTL_MS = 180_000  # a queued request's seats: longer than its wait plus its payment
 SOLD_TTL_MS = 600_000  # a sold seat: refused at the door for 10 minutes, then by the database
+# What the worker last found left of a ticket type when it could not cover a request: for this
+# long the door refuses requests for more (409 sold_out) instead of queueing them to fail.
+UNITS_LEFT_TTL_MS = 3_000
 
 # KEYS (all in the event's slot): idempotency key, seat claims, ticket, served, stream, request
-# status. ARGV: request id, event id, maximum, user id, body hash, request (JSON), now (unix ms),
-# claim ttl (ms), the user's channel, seat ids...
-# Returns {'known', "<request id> <body hash>"}, {'full', depth}, {'taken', {seat ids}} or
-# {'queued', position, depth}. The active-events set is another slot's: the caller adds the
-# event to it once the request is queued.
+# status, units left. ARGV: request id, event id, maximum, user id, body hash, request (JSON),
+# now (unix ms), claim ttl (ms), the user's channel, ticket type id ('' for seats), quantity,
+# seat ids...
+# Returns {'known', "<request id> <body hash>"}, {'sold_out', units left}, {'full', depth},
+# {'taken', {seat ids}} or {'queued', position, depth}. The active-events set is another slot's:
+# the caller adds the event to it once the request is queued.
 _SUBMIT = """
 local known = redis.call('GET', KEYS[1])
 if known then return {'known', known} end
+local now = tonumber(ARGV[7])
+if ARGV[10] ~= '' then
+  local left = redis.call('HGET', KEYS[7], ARGV[10])
+  if left then
+    local n, untl = string.match(left, '(%d+) (%d+)')
+    if tonumber(untl) > now and tonumber(ARGV[11]) > tonumber(n) then
+      return {'sold_out', tonumber(n)}
+    end
+  end
+end
 local served = tonumber(redis.call('GET', KEYS[4]) or '0')
 local waiting = tonumber(redis.call('GET', KEYS[3]) or '0') - served
 if waiting >= tonumber(ARGV[3]) then return {'full', waiting} end
-local now = tonumber(ARGV[7])
 local taken = {}
-for i = 10, #ARGV do
+for i = 12, #ARGV do
   local claimed = redis.call('HGET', KEYS[2], ARGV[i])
   if claimed and tonumber(claimed) > now then taken[#taken + 1] = ARGV[i] end
 end
 if #taken > 0 then return {'taken', taken} end
-if #ARGV >= 10 then
+if #ARGV >= 12 then
   local expiry = now + tonumber(ARGV[8])
-  for i = 10, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 12, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400)
@@ -129,6 +142,7 @@ def _script_args(
         keys.queue_served(request.event_id),
         keys.queue(request.event_id),
         keys.booking_request(request.id),
+        keys.units_left(request.event_id),
     )
     args: tuple[str | int | bytes, ...] = (
         request.id,
@@ -140,6 +154,8 @@ def _script_args(
         int(time.time() * 1000),
         CLAIM_TTL_MS,
         keys.user_channel(request.user_id),
+        request.request.get("ticket_type_id") or "",
+        int(request.request.get("quantity") or 0),
         *seat_ids,
     )
     return names, args
@@ -158,9 +174,11 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
 
     Unless its Idempotency-Key was used before (:class:`Known`), the request is refused with
     409 ``seat_unavailable`` when a seat it wants is claimed (another queued request wants it,
-    or it was sold), and with 503 when the queue is full; a refused request leaves nothing
-    behind. Otherwise its seats are claimed, its key remembered and its status set. Claims are a
-    pre-check that keeps doomed requests out of the queue; the database still decides.
+    or it was sold), with 409 ``sold_out`` when it wants more units of a ticket type than the
+    event's worker found left a moment ago (:data:`UNITS_LEFT_TTL_MS`), and with 503 when the
+    queue is full; a refused request leaves nothing behind. Otherwise its seats are claimed,
+    its key remembered and its status set. Claims and units left are a pre-check that keeps
+    doomed requests out of the queue; the database still decides.
     """
     names, args = _script_args(request, maximum)
     answer: Any = await redis.script(_SUBMIT, _SUBMIT_SHA, names, args)
@@ -174,6 +192,13 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
         return Known(request_id, digest)
     if kind == "taken":
         raise holds.seat_unavailable([s.decode() for s in answer[1]])
+    if kind == "sold_out":
+        type_id = str(request.request.get("ticket_type_id"))
+        raise ApiError(
+            "sold_out",
+            f"Only {answer[1]} left of this ticket type.",
+            {"ticket_type_id": type_id, "remaining": answer[1]},
+        )
     metrics.QUEUE_DEPTH.set(answer[-1])
     if kind == "full":
         raise ApiError(
@@ -190,9 +215,9 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
 # status. KEYS and ARGV as for _SUBMIT, less the maximum, the time check and the publish.
 _RESTORE = """
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400, 'NX')
-if #ARGV >= 10 then
+if #ARGV >= 12 then
   local expiry = tonumber(ARGV[7]) + tonumber(ARGV[8])
-  for i = 10, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 12, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 local ticket = redis.call('INCR', KEYS[3])
@@ -213,12 +238,27 @@ async def restore(redis: Redis, request: Request) -> None:
 
 def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> None:
     """After a batch, on the caller's pipeline: a failed request's seats are free to claim
-    again, a sold seat stays claimed for :data:`SOLD_TTL_MS`."""
+    again, a sold seat stays claimed for :data:`SOLD_TTL_MS`; what was left of a ticket type
+    that could not cover a request is told to the door for :data:`UNITS_LEFT_TTL_MS`, unless
+    units of that type came back in the batch."""
     sold: dict[str, list[str]] = {}
     freed: dict[str, list[str]] = {}
+    units_left: dict[tuple[str, str], int] = {}
+    units_back: set[tuple[str, str]] = set()
     for entry, outcome in zip(entries, outcomes, strict=True):
-        seat_ids = entry.request.request.get("seat_ids") if entry.request else None
-        if not seat_ids or outcome is None or entry.request is None:
+        if outcome is None or entry.request is None:
+            continue
+        type_id = entry.request.request.get("ticket_type_id")
+        if type_id and outcome.state in ("FAILED", "CANCELLED"):
+            kind = (entry.request.event_id, type_id)
+            error = outcome.error
+            if error is not None and error.code == "sold_out":
+                left = int((error.details or {}).get("remaining", 0))
+                units_left[kind] = min(left, units_left.get(kind, left))
+            else:
+                units_back.add(kind)
+        seat_ids = entry.request.request.get("seat_ids")
+        if not seat_ids:
             continue
         if outcome.state == "CONFIRMED":
             sold.setdefault(entry.request.event_id, []).extend(seat_ids)
@@ -229,6 +269,13 @@ def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> 
         pipe.hset(keys.seat_claims(event_id), mapping=dict.fromkeys(seats, until))
     for event_id, seats in freed.items():
         pipe.hdel(keys.seat_claims(event_id), *seats)
+    until = int(time.time() * 1000) + UNITS_LEFT_TTL_MS
+    for (event_id, type_id), left in units_left.items():
+        if (event_id, type_id) not in units_back:
+            pipe.hset(keys.units_left(event_id), type_id, f"{left} {until}")
+            pipe.pexpire(keys.units_left(event_id), UNITS_LEFT_TTL_MS)
+    for event_id, type_id in units_back:
+        pipe.hdel(keys.units_left(event_id), type_id)
 
 
 async def release_claims(redis: Redis, event_id: str, seat_ids: list[str]) -> None:

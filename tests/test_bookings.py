@@ -1104,3 +1104,40 @@ async def test_a_hung_charge_holds_up_only_its_own_booking(settings):
                 if ended["status"] not in ("queued", "processing"):
                     break
             assert ended["status"] == "failed", ended
+
+
+async def test_the_door_refuses_units_the_worker_found_gone(client, settings, monkeypatch):
+    """Once the worker could not cover a request for units, the door refuses requests for more
+    than it found left (409 ``sold_out``, nothing queued or written) for a moment; requests
+    within what is left still queue and win; after the moment they queue again."""
+    from bilten import queue
+
+    monkeypatch.setattr(queue, "UNITS_LEFT_TTL_MS", 1500)
+    event_id, _, standing, _ = await published_event(client, capacity=3)
+
+    async def units(n):
+        auth = await buyer(client)
+        body = {"event_id": event_id, "ticket_type_id": standing, "quantity": n}
+        return await book(client, auth, body)
+
+    assert (await units(2)).status_code == 201
+    late = await units(2)  # queued, refused by the worker: one left
+    assert late.status_code == 409 and late.json()["error"]["details"]["remaining"] == 1
+    conn = await db.connect(settings.database_url)
+    try:
+        before = await conn.fetchval("SELECT count(*) FROM bookings")
+        door = await units(2)  # refused at the door
+        assert door.status_code == 409, door.text
+        assert door.json()["error"] == {
+            "code": "sold_out",
+            "message": "Only 1 left of this ticket type.",
+            "details": {"ticket_type_id": standing, "remaining": 1},
+        }
+        assert await conn.fetchval("SELECT count(*) FROM bookings") == before
+        assert (await units(1)).status_code == 201  # within what is left: queued, and it wins
+        await asyncio.sleep(1.6)
+        again = await units(1)  # the door forgot: queued, refused by the worker
+        assert again.status_code == 409 and again.json()["error"]["details"]["remaining"] == 0
+        assert await conn.fetchval("SELECT count(*) FROM bookings") == before + 2
+    finally:
+        await conn.close()

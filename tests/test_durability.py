@@ -189,9 +189,10 @@ async def test_records_of_finished_requests_are_forgotten_a_window_at_a_time(set
         await conn.execute("DELETE FROM accepted_requests")
         await conn.execute(
             """INSERT INTO accepted_requests (id, accepted_at, request)
-               SELECT id, created_at, decode('00', 'hex') FROM bookings
+               SELECT id, created_at, decode('00', 'hex') FROM bookings WHERE event_id = $2
                UNION ALL SELECT $1, now() - interval '1 hour', decode('00', 'hex')""",
             uuid.uuid4(),  # the oldest: a request still waiting, no booking yet
+            event_id,
         )
         assert await recovery.forget_finished(conn, window=2, windows=2) == 3
         assert await recovery.forget_finished(conn, window=2, windows=2) == 2
