@@ -62,7 +62,9 @@ summed up. A run in which Redis lost the queue (its counter went back; ``FLUSHAL
 counted too: a shared Redis may be flushed by someone else's tests) says so: its checks still
 hold, its timings and order figures are not an undisturbed run's.
 
-**Checks.** Every buyer got a place (202), every request ended; in PostgreSQL exactly
+**Checks.** Every buyer got a place (202) or, once the worker had found the tickets gone, was
+answered 409 ``sold_out`` at the door at once (no place, nothing written); every placed
+request ended; in PostgreSQL exactly
 ``--seats`` tickets sold (the ticket type's counter, the confirmed bookings' items, the valid
 tickets) and the invariants of ``bench/flash_sale.py``'s ``verify``. **Order**: a request's
 place is its ticket, the queue counter it drew at the door (kept in Redis with its status);
@@ -876,11 +878,14 @@ def report(
         and ga["sold"] == ga["items"] == ga["tickets"] == seats
         and ga["held"] == 0
     )
-    everyone = load.placed == buyers and load.finals == buyers
+    # Once the worker found the tickets gone, the door answers later buyers 409 sold_out at
+    # once (bilten.queue.UNITS_LEFT_TTL_MS): told their outcome without a place.
+    at_door = load.refused.get("409 sold_out", 0)
+    everyone = load.placed + at_door == buyers and load.finals == load.placed
     print(f"\nheadline: {buyers:,} buyers, {seats:,} tickets, {layout.describe()} behind nginx")
     print(
         f"  places   {load.placed:,}/{buyers:,} buyers got a place (202) in {placed_in:.1f} s"
-        f"{'' if load.placed == buyers else '  NOT EVERY BUYER'}; refused "
+        f"{'' if load.placed + at_door == buyers else '  NOT EVERY BUYER'}; refused "
         + (", ".join(f"{k} {v}" for k, v in load.refused.items()) or "none")
     )
     print(
@@ -908,7 +913,8 @@ def report(
         f"{max((a - b for a, b in zip(series.tickets, series.served, strict=True)), default=0):,}"
     )
     print(
-        f"  told     {load.finals:,}/{buyers:,} buyers their outcome: "
+        f"  told     {load.finals + at_door:,}/{buyers:,} buyers their outcome"
+        f" ({at_door:,} sold out at the door): "
         + ", ".join(f"{k} {v:,}" for k, v in load.outcomes.most_common())
         + (
             f"; opening -> outcome p50 {percentile(load.to_final, 0.5) / 1000:.1f} s, "
@@ -1016,7 +1022,8 @@ def report(
         "buyers": buyers,
         "seats": seats,
         "placed": load.placed,
-        "told": load.finals,
+        "told": load.finals + at_door,
+        "sold_out_at_door": at_door,
         "placed_in_s": round(placed_in, 3),
         "enqueue_p50_ms": round(percentile(load.enqueue_wire, 0.5), 2)
         if load.enqueue_wire
