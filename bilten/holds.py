@@ -108,25 +108,32 @@ async def tickets_per_person(
     return {r["user_id"]: int(r["n"]) for r in counts}
 
 
-async def claim_units(
-    conn: Connection, event_id: str, ticket_type_id: str, quantity: int
-) -> list[Item]:
-    """Hold ``quantity`` units of a ticket type, or raise ``sold_out``."""
-    kind = await conn.fetchrow(_RECLAIM_UNITS, ticket_type_id, event_id)
-    if kind is None:
-        raise unknown_ticket_type()
-    if await conn.fetchval(_CLAIM_UNITS, ticket_type_id, quantity) is not None:
-        await outbox.catalog_changed(conn, event_id)
-    else:
-        raise ApiError(
-            "sold_out",
-            f"Only {kind['remaining']} left of {kind['name']}.",
-            {"ticket_type_id": ticket_type_id, "remaining": kind["remaining"]},
-        )
-    return [
-        Item(ticket_type_id=ticket_type_id, label=kind["name"], price_cents=kind["price_cents"])
-        for _ in range(quantity)
-    ]
+async def reclaim_units(conn: Connection, event_id: str, ticket_type_id: str) -> Any:
+    """A ticket type's row (``name``, ``price_cents``, units ``remaining``) after its expired
+    unit holds gave their units back, locked until the transaction ends; None when it is not a
+    ticket type of the event."""
+    return await conn.fetchrow(_RECLAIM_UNITS, ticket_type_id, event_id)
+
+
+def too_few_units(kind: Any, ticket_type_id: str, left: int) -> ApiError:
+    """409: fewer units left of a ticket type (its :func:`reclaim_units` row) than asked."""
+    return ApiError(
+        "sold_out",
+        f"Only {left} left of {kind['name']}.",
+        {"ticket_type_id": ticket_type_id, "remaining": left},
+    )
+
+
+def unit_items(kind: Any, ticket_type_id: str, quantity: int) -> list[Item]:
+    item = Item(ticket_type_id=ticket_type_id, label=kind["name"], price_cents=kind["price_cents"])
+    return [item] * quantity
+
+
+async def take_units(conn: Connection, ticket_type_id: str, quantity: int) -> None:
+    """Hold ``quantity`` units the caller counted on its :func:`reclaim_units` row, which is
+    locked since: they are there."""
+    held = await conn.fetchval(_CLAIM_UNITS, ticket_type_id, quantity)
+    assert held is not None
 
 
 async def event_for_sale(conn: Connection, event_id: str) -> Any:
@@ -316,7 +323,7 @@ async def _lock(conn: Connection, wants: list[Want], events: dict[str, Any]) -> 
     for type_id, event_id in sorted(
         {(str(w.ticket_type_id), w.event_id) for w in wants if not w.seat_ids}
     ):
-        kinds[(type_id, event_id)] = await conn.fetchrow(_RECLAIM_UNITS, type_id, event_id)
+        kinds[(type_id, event_id)] = await reclaim_units(conn, event_id, type_id)
     units = {k: kind["remaining"] for k, kind in kinds.items() if kind is not None}
     pairs = [(w.event_id, s) for w in wants for s in w.seat_ids]
     locked = await conn.fetch(_LOCK_SEATS, [e for e, _ in pairs], [s for _, s in pairs])
@@ -344,11 +351,7 @@ def _judge(want: Want, left: _Left) -> ApiError | None:
     elif left.kinds[kind_key] is None:
         return unknown_ticket_type()
     elif want.quantity > left.units[kind_key]:
-        return ApiError(
-            "sold_out",
-            f"Only {left.units[kind_key]} left of {left.kinds[kind_key]['name']}.",
-            {"ticket_type_id": kind_key[0], "remaining": left.units[kind_key]},
-        )
+        return too_few_units(left.kinds[kind_key], kind_key[0], left.units[kind_key])
     else:
         left.units[kind_key] -= want.quantity
     left.counts[person] += want.quantity
@@ -363,17 +366,11 @@ async def _write(conn: Connection, wants: list[Want], left: _Left) -> list[Hold]
     for (type_id, event_id), kind in left.kinds.items():
         taken = 0 if kind is None else kind["remaining"] - left.units[(type_id, event_id)]
         if taken:
-            claimed = await conn.fetchval(_CLAIM_UNITS, type_id, taken)
-            assert claimed is not None
+            await take_units(conn, type_id, taken)
     for n, want in enumerate(wants):
         kind = left.kinds.get((str(want.ticket_type_id), want.event_id))
         if not want.seat_ids and kind is not None:
-            unit = Item(
-                ticket_type_id=want.ticket_type_id,
-                label=kind["name"],
-                price_cents=kind["price_cents"],
-            )
-            items[n] = [unit] * want.quantity
+            items[n] = unit_items(kind, str(want.ticket_type_id), want.quantity)
     taking = [(n, s) for n, want in enumerate(wants) for s in want.seat_ids]
     changes: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
     if taking:

@@ -166,6 +166,10 @@ async def _reserve_event(
             unit_types,
         )
     await lock_types(conn, unit_types)
+    # Each ticket type asked for: its expired unit holds reclaimed once, its units left counted
+    # down here in arrival order, and what was won taken in one statement at the end.
+    kinds = {t: await holds.reclaim_units(conn, event_id, t) for t in unit_types}
+    units_left = {t: kind["remaining"] for t, kind in kinds.items() if kind is not None}
     expires_at = await conn.fetchval(
         "SELECT now() + $1::interval", timedelta(seconds=PAYMENT_WINDOW)
     )
@@ -230,14 +234,22 @@ async def _reserve_event(
                     winners.append((s, hold_id))
             else:
                 assert ticket_type_id is not None
-                # A refused claim writes nothing (what it reclaims had expired anyway).
-                items = await holds.claim_units(conn, event_id, ticket_type_id, quantity)
-                units_changed = True
+                kind = kinds[ticket_type_id]
+                if kind is None:
+                    raise holds.unknown_ticket_type()
+                if quantity > units_left[ticket_type_id]:
+                    raise holds.too_few_units(kind, ticket_type_id, units_left[ticket_type_id])
+                units_left[ticket_type_id] -= quantity
+                items = holds.unit_items(kind, ticket_type_id, quantity)
         except ApiError as error:
             failed.append((row, error))
             continue
         room[row["user_id"]] = room.get(row["user_id"], 0) + quantity
         reserved.append(Reserved(row, hold_id, items, False, seat_ids, ticket_type_id))
+    for type_id, kind in kinds.items():
+        if kind is not None and units_left[type_id] < kind["remaining"]:
+            await holds.take_units(conn, type_id, kind["remaining"] - units_left[type_id])
+            units_changed = True
     if winners:
         claimed = await conn.fetch(
             """UPDATE event_seats es
