@@ -6,20 +6,20 @@
 Runs, each as its own process with its output shown as it comes (indented) and a progress
 line before and after: ``http_ops`` and ``read_path`` (wrk, 5 s per measurement),
 ``holds`` (1,000 buyers, 2 rounds), ``flash_sale --split-roles --defer-mail`` (5,000 seats,
-2,000 buyers, with its SQL-only baselines), ``ws_fanout`` (2,000 sockets, 50 deltas at 10/s,
-a burst of 50), ``headline_small`` (10,000 buyers, 1,000 tickets), ``scaling`` (layouts
-1, 1+1, 2, 2+1, 3; 3,000 seats) and ``headline``, the headline run itself (100,000 buyers,
-5,000 tickets, bounded at 8 minutes). About 7.5 minutes on 2 cores, half of it the headline
-run; ``--quick`` leaves that out (about 4 minutes). A bench that fails is
-recorded with its exit status and the suite goes on; the suite's exit status is 1 if any
-failed. Needs wrk and nginx (Debian packages); PostgreSQL and Redis as every bench takes them
-(``BILTEN_DATABASE_URL`` / ``BILTEN_REDIS_URL``, else embedded).
+2,000 buyers, with its SQL-only baselines), ``ws_fanout`` (10,000 sockets, 100 changes at
+10/s made by HTTP holds, a burst of 100), ``headline_small`` (10,000 buyers, 1,000 tickets),
+``scaling`` (layouts 1, 1+1, 2, 2+1, 3; 3,000 seats) and ``headline``, the headline run
+itself (100,000 buyers, 5,000 tickets, bounded at 8 minutes). About 8 minutes on 2 cores,
+half of it the headline run; ``--quick`` leaves that out (about 4.5 minutes). A bench
+that fails is recorded with its exit status and the suite goes on; the suite's exit status
+is 1 if any failed. Needs wrk and nginx (Debian packages); PostgreSQL and Redis as every
+bench takes them (``BILTEN_DATABASE_URL`` / ``BILTEN_REDIS_URL``, else embedded).
 
 Writes ``<out>/<date>-<name>.json`` (the schema below), ``<out>/<date>-<name>.log`` (every
 bench's output) and the plots of the latest run, ``<out>/<name>-*.png`` (overwritten by the
 next run): bookings per second over time, latency percentiles, queue depth over time, memory
-per process, the scaling curve, and the WebSocket delta latency histogram when ws_fanout
-reports its samples (``--json``; without it, its summary figures are read from its output).
+per process, the scaling curve, and the WebSocket delta latency histogram (ws_fanout's
+deliveries, as they reached the sockets and as its clients read them).
 ``--plots-only FILE`` draws the plots of a results file again.
 
 JSON schema (version 1)::
@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -84,8 +83,18 @@ STEPS = (
     Step(
         "ws_fanout",
         "ws_fanout.py",
-        ("--connections", "2000", "--changes", "50", "--rate", "10", "--burst", "50"),
-        json=False,  # decided at run time: only if its --help offers --json
+        (
+            "--connections",
+            "10000",
+            "--changes",
+            "100",
+            "--rate",
+            "10",
+            "--burst",
+            "100",
+            "--source",
+            "holds",
+        ),
     ),
     Step("headline_small", "headline.py", ("--buyers", "10000", "--seats", "1000")),
     Step("scaling", "scaling.py", ("--seats", "3000", "--buyers", "1500")),
@@ -93,26 +102,17 @@ STEPS = (
 )
 
 
-def offers_json(script: str) -> bool:
-    found = subprocess.run(
-        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True
-    )
-    return "--json" in found.stdout
-
-
 def run_step(step: Step, index: int, total: int, log: Any) -> dict[str, Any]:
     """Run one bench, its output shown indented and kept in the log; its record."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        takes_json = step.json or offers_json(step.script)
         command = [sys.executable, str(BENCH / step.script), *step.args]
-        if takes_json:
+        if step.json:
             command += ["--json", str(out)]
         shown = ["python", f"bench/{step.script}", *step.args]
         print(f"[{index}/{total}] {step.name}: {' '.join(shown)}", flush=True)
         log.write(f"\n=== {step.name}: {' '.join(shown)}\n")
         began = time.monotonic()
-        lines: list[str] = []
         with subprocess.Popen(
             command,
             cwd=ROOT,
@@ -127,14 +127,11 @@ def run_step(step: Step, index: int, total: int, log: Any) -> dict[str, Any]:
                 log.write(line + "\n")
                 if line.startswith('{"ts"'):
                     continue  # a server's log line: kept in the log, not shown
-                lines.append(line)
                 print(f"    {line}", flush=True)
         seconds = time.monotonic() - began
         result: dict[str, Any] | None = None
         if out.exists():
             result = json.loads(out.read_text())
-        elif step.script == "ws_fanout.py":
-            result = ws_fanout_figures(lines)
         status = proc.returncode
         print(
             f"[{index}/{total}] {step.name}: {'ok' if status == 0 else f'FAILED ({status})'} "
@@ -148,29 +145,6 @@ def run_step(step: Step, index: int, total: int, log: Any) -> dict[str, Any]:
             "exit_status": status,
             "result": result,
         }
-
-
-def _number(pattern: str, text: str) -> float | None:
-    found = re.search(pattern, text)
-    return float(found.group(1).replace(",", "")) if found else None
-
-
-def ws_fanout_figures(lines: list[str]) -> dict[str, Any] | None:
-    """ws_fanout's summary figures, read from its output (it has no --json of its own)."""
-    text = "\n".join(lines)
-    figures = {
-        "connections": _number(r"connections\s+(\d+) open", text),
-        "kib_per_connection": _number(r"([\d.]+) KiB per idle connection", text),
-        "delivery_p50_ms": _number(r"per delivery p50 ([\d.]+) ms", text),
-        "delivery_p99_ms": _number(r"per delivery p50 [\d.]+ ms, p99 ([\d.]+) ms", text),
-        "to_all_p50_ms": _number(r"to all\s+p50 ([\d.]+) ms", text),
-        "to_all_p99_ms": _number(r"to all\s+p50 [\d.]+ ms, p99 ([\d.]+)", text),
-        "to_all_max_ms": _number(r"max ([\d.]+) ms", text),
-        "burst_messages_per_s": _number(r"= ([\d,]+) messages/s", text),
-    }
-    if all(v is None for v in figures.values()):
-        return None
-    return {"bench": "ws_fanout", "figures": figures, "source": "its printed summary"}
 
 
 # --- plots --------------------------------------------------------------------------------------
@@ -340,17 +314,34 @@ def plot(document: dict[str, Any], out: Path, name: str) -> list[Path]:
     # The sockets' delta latency histogram.
     ws = _result(document, "ws_fanout")
     histograms = (ws or {}).get("histograms", {})
-    chosen = next(iter(histograms.values()), None) if histograms else None
-    if chosen:
-        edges, counts = chosen["edges_ms"], chosen["counts"]
-        fig, ax = plt.subplots(figsize=(6, 3))
-        lefts = [edges[0] / 2, *edges[:-1], edges[-1]]
-        widths = [b - a for a, b in zip(lefts, [*edges, edges[-1] * 2], strict=True)]
-        ax.bar(lefts, counts, width=widths, align="edge")
+    if histograms:
+        figures = ws["figures"] if ws else {}
+        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        for key, label, p99 in (
+            ("delivery_at_socket", "at the socket (kernel receive time)", "delivery_p99_ms"),
+            ("delivery_read", "as read by the clients", "read_p99_ms"),
+        ):
+            found = histograms.get(key)
+            if not found:
+                continue
+            edges, counts = found["edges_ms"], found["counts"]
+            # counts[0] is below the first edge, counts[-1] at or above the last.
+            bounds = [edges[0] / 2, *edges, edges[-1] * 2]
+            line = ax.stairs(counts, bounds, label=label, lw=1.2)
+            if figures.get(p99) is not None:
+                ax.axvline(figures[p99], color=line.get_edgecolor(), lw=0.8, ls=":")
+        goal = figures.get("goal_p99_ms")
+        if goal:
+            ax.axvline(goal, color="black", lw=0.8, ls="--", label=f"goal: p99 < {goal:g} ms")
         ax.set_xscale("log")
-        ax.set_xlabel("ms from the change to the socket")
+        ax.set_xlabel("ms from the change (HTTP hold sent) to the socket; dotted: p99")
         ax.set_ylabel("deliveries")
-        ax.set_title("ws_fanout: seat-delta latency")
+        cfg = (ws or {}).get("config", {})
+        ax.set_title(
+            f"ws_fanout: seat-delta latency, {figures.get('connections', 0):,} sockets, "
+            f"{cfg.get('rate', 0):g} changes/s ({cfg.get('source', '')})"
+        )
+        ax.legend(fontsize=7)
         save(fig, "ws-latency")
     return written
 

@@ -2,12 +2,12 @@
 
     python bench/ws_fanout.py [--connections 5000] [--changes 100] [--rate 10] [--burst 100]
                               [--processes 2] [--seats 50] [--source redis|holds] [--auth]
-                              [--idle-only] [--trace]
+                              [--idle-only] [--trace] [--json FILE]
 
 One ``bilten serve`` process; client processes open the connections (raw WebSocket framing on
-uvloop, so the clients cost little next to the server) and subscribe to one room, each taking
-the seat-map snapshot; with ``--auth`` each connects with an access token of its own user (so
-each also has a personal channel, as a signed-in browser does). Then:
+non-blocking sockets, so the clients cost little next to the server) and subscribe to one
+room, each taking the seat-map snapshot; with ``--auth`` each connects with an access token of
+its own user (so each also has a personal channel, as a signed-in browser does). Then:
 
 * ``--changes`` seat changes at ``--rate`` a second: latency from each change to each socket
   (p50, p99 over all deliveries) and to the last socket of each change ("to all", p50, p99,
@@ -15,15 +15,23 @@ each also has a personal channel, as a signed-in browser does). Then:
   publishes them (the hub alone); ``--source holds`` makes them through the HTTP API, one
   user's ``POST /holds`` of a seat, or ``DELETE`` of its oldest hold once it holds four, each
   timed from the moment its request is sent: the API, the commit, the outbox relay, Redis and
-  the hub, the whole way;
+  the hub, the whole way (and how long each request took to be answered);
 * ``--burst`` deltas at once, published in one pipeline as the relay publishes a pass:
   messages delivered per second to all sockets together.
+
+A delivery is timed when it reached its socket, by the kernel's receive timestamp
+(``SO_TIMESTAMPNS``), and also when its client read it: the clients share the machine with the
+server, and what they are late reading is their own backlog, not the server's. The clients
+look at their sockets every millisecond rather than sleeping in ``epoll_wait``, so that the
+server's writes do not wake them one message at a time. The CPU line gives the server's and
+the clients' shares of a core.
 
 Memory per idle connection is the server's RSS growth while the connections were opened,
 divided by N (``--idle-only`` stops there). ``--trace`` runs the server under tracemalloc and
 lists what the idle connections hold, per connection, by package and by allocation site, then
 stops (tracemalloc slows the server down and adds to its RSS). The server's fd limit is raised
-to its hard limit (10,000 connections need more than the usual 1,024).
+to its hard limit (10,000 connections need more than the usual 1,024). ``--json FILE`` writes
+the figures and the latency histograms (at the socket, and as read) for ``bench/suite.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import contextlib
 import gc
 import json
@@ -38,7 +47,10 @@ import multiprocessing
 import os
 import resource
 import secrets
+import select
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -46,6 +58,7 @@ import tracemalloc
 import uuid
 from array import array
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
@@ -68,11 +81,6 @@ BASE_VERSION = 1 << 40  # above any real seat version, so deltas are new to ever
 OPEN_HOLDS = 4
 
 
-class Head(msgspec.Struct):
-    type: str
-    version: int | None = None
-
-
 class Change(msgspec.Struct):
     seat_id: str
     status: str
@@ -80,10 +88,10 @@ class Change(msgspec.Struct):
 
 class Delta(msgspec.Struct):
     type: str
+    version: int | None = None
     changes: list[Change] = []
 
 
-_head = msgspec.json.Decoder(Head)
 _delta = msgspec.json.Decoder(Delta)
 
 
@@ -101,29 +109,68 @@ def _control(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + key + masked
 
 
-class Client(asyncio.Protocol):
-    """The least a WebSocket client can do: handshake, subscribe, time each seat delta."""
+# A socket option Python's socket module does not name (Linux, asm-generic): the kernel
+# stamps each read with the time (CLOCK_REALTIME) its last data reached the socket.
+SO_TIMESTAMPNS = 35
+STAMP = struct.Struct("qq")  # struct timespec
+STAMP_SPACE = socket.CMSG_SPACE(STAMP.size)
+READ_SIZE = 65536
+POLL = 0.001  # seconds between looks at the client sockets
+POLL_EVENTS = 4096
 
-    def __init__(self, swarm: Swarm) -> None:
+
+class Client:
+    """The least a WebSocket client can do: handshake, subscribe, time each seat delta.
+
+    Read with ``recvmsg`` to get the kernel's receive time of what it reads, besides the time
+    it reads it: the difference is this process's own backlog (the clients share the CPU with
+    the server), which says nothing of the server's.
+    """
+
+    __slots__ = ("open", "rest", "sock", "swarm")
+
+    def __init__(self, swarm: Swarm, sock: socket.socket) -> None:
         self.swarm = swarm
+        self.sock = sock
         self.rest = b""  # the start of a frame not yet complete
         self.open = False
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+    def start(self) -> None:
         key = base64.b64encode(secrets.token_bytes(16)).decode()
-        path = self.swarm.path()
-        transport.write(
+        self.sock.send(
             (
-                f"GET {path} HTTP/1.1\r\nHost: {self.swarm.host}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
+                f"GET {self.swarm.path()} HTTP/1.1\r\nHost: {self.swarm.host}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
         )
+        self.swarm.watch(self)
 
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
+    def close(self) -> None:
+        self.swarm.unwatch(self)
+        self.sock.close()
+
+    def readable(self) -> None:
+        swarm = self.swarm
+        try:
+            size, ancillary, _, _ = self.sock.recvmsg_into(swarm.buffers, STAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            size, ancillary = 0, []
+        now = time.time()
+        if not size:
+            self.close()
+            swarm.lost(self)
+            return
+        stamp = now
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = STAMP.unpack_from(raw)
+                stamp = seconds + nanoseconds * 1e-9
+        self.received(bytes(swarm.buffers[0][:size]), stamp, now)
+
+    def received(self, data: bytes, stamp: float, now: float) -> None:
         if self.rest:
             data = self.rest + data
             self.rest = b""
@@ -137,8 +184,7 @@ class Client(asyncio.Protocol):
                 return
             data = data[end + 4 :]
             self.open = True
-            assert self.transport is not None
-            self.transport.write(self.swarm.subscribe)
+            self.sock.send(self.swarm.subscribe)
         at = 0
         size = len(data)
         message = self.swarm.message
@@ -160,18 +206,15 @@ class Client(asyncio.Protocol):
                 break
             opcode = data[at] & 0x0F
             if opcode == 1:
-                message(data[start:end], now)
-            elif opcode == 9 and self.transport is not None:
-                self.transport.write(_control(0xA, data[start:end]))
+                message(data[start:end], stamp, now)
+            elif opcode == 9:
+                self.sock.send(_control(0xA, data[start:end]))
             elif opcode == 8:
                 code = int.from_bytes(data[start : start + 2], "big") if length >= 2 else 1005
                 self.swarm.closed_by_server(code)
             at = end
         if at < size:
             self.rest = data[at:]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.swarm.lost(self)
 
 
 class Swarm:
@@ -195,40 +238,100 @@ class Swarm:
         self.errors: list[str] = []
         self.close_codes: dict[int, int] = {}
         self.lost_count = 0
-        self.arrivals: dict[int | str, array[float]] = {}
+        # By delta, as received (the same bytes reach every socket, so each is decoded once):
+        # when it reached each socket (the kernel's stamp), and when it was read.
+        self.arrivals: dict[bytes, tuple[array[float], array[float]]] = {}
+        self.changes: dict[bytes, list[int | str]] = {}  # what each delta tells
         self.deltas = 0
+        self.buffer = bytearray(READ_SIZE)  # every socket reads into it (one thread)
+        self.buffers = [memoryview(self.buffer)]
+        # The sockets are looked at every POLL seconds, not waited on: a client asleep
+        # between looks is not woken by each write, which would cost the server (whose write
+        # does the waking) and this process a switch per message on a shared CPU. What is
+        # measured is unchanged: the kernel stamps each arrival.
+        self.poller = select.epoll()
+        self.by_fd: dict[int, Client] = {}
+
+    def watch(self, client: Client) -> None:
+        fd = client.sock.fileno()
+        self.by_fd[fd] = client
+        self.poller.register(fd, select.EPOLLIN)
+
+    def unwatch(self, client: Client) -> None:
+        fd = client.sock.fileno()
+        if self.by_fd.get(fd) is client:
+            del self.by_fd[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.poller.unregister(fd)
+
+    async def pump(self) -> None:
+        """Read every socket that has something, every POLL seconds."""
+        poll = self.poller.poll
+        by_fd = self.by_fd
+        while True:
+            while True:
+                ready = poll(0, POLL_EVENTS)
+                for fd, _ in ready:
+                    client = by_fd.get(fd)
+                    if client is None:
+                        continue
+                    try:
+                        client.readable()
+                    except Exception as exc:  # one socket's trouble, not every socket's
+                        self.errors.append(repr(exc))
+                        client.close()
+                if len(ready) < POLL_EVENTS:
+                    break
+            await asyncio.sleep(POLL)
 
     def path(self) -> str:
         if self.signer is None:
             return "/ws"
         return "/ws?token=" + self.signer.issue(str(uuid.uuid4()), "attendee", uuid.uuid4().hex)
 
-    def arrived(self, key: int | str, now: float) -> None:
-        times = self.arrivals.get(key)
-        if times is None:
-            times = self.arrivals[key] = array("d")
-        times.append(now)
-        self.deltas += 1
+    def report(self) -> dict[int | str, tuple[bytes, bytes]]:
+        """Arrival times by change ("seat status") or by version (and forget them)."""
+        merged: dict[int | str, tuple[array[float], array[float]]] = {}
+        for payload, (stamps, reads) in self.arrivals.items():
+            for key in self.changes[payload]:
+                into = merged.setdefault(key, (array("d"), array("d")))
+                into[0].extend(stamps)
+                into[1].extend(reads)
+        self.arrivals.clear()
+        return {key: (s.tobytes(), r.tobytes()) for key, (s, r) in merged.items()}
 
-    def message(self, payload: bytes, now: float) -> None:
-        head = _head.decode(payload)
+    def message(self, payload: bytes, stamp: float, now: float) -> None:
+        times = self.arrivals.get(payload)
+        if times is not None:
+            times[0].append(stamp)
+            times[1].append(now)
+            self.deltas += len(self.changes[payload])
+            return
+        head = _delta.decode(payload)
         if head.type == "seats" and head.version is not None:
-            if self.by_seat:
-                for change in _delta.decode(payload).changes:
-                    self.arrived(f"{change.seat_id} {change.status}", now)
-            else:
-                self.arrived(head.version, now)
+            if payload not in self.changes:
+                self.changes[payload] = (
+                    [f"{change.seat_id} {change.status}" for change in head.changes]
+                    if self.by_seat
+                    else [head.version]
+                )
+            self.arrivals[payload] = (array("d", [stamp]), array("d", [now]))
+            self.deltas += len(self.changes[payload])
         elif head.type == "subscribed":
-            self.ready += 1
-            if self.ready >= self.expected:
-                self.subscribed.set()
+            self.settle()
         elif head.type == "error":
             self.errors.append(payload[:200].decode())
 
+    def settle(self) -> None:
+        """One more socket subscribed, or given up on."""
+        self.ready += 1
+        if self.ready >= self.expected:
+            self.subscribed.set()
+
     def failed(self, client: Client, answer: bytes) -> None:
         self.errors.append(answer.decode(errors="replace"))
-        if client.transport is not None:
-            client.transport.close()
+        client.close()
+        self.settle()
 
     def closed_by_server(self, code: int) -> None:
         self.close_codes[code] = self.close_codes.get(code, 0) + 1
@@ -243,13 +346,25 @@ class Swarm:
 
         async def one() -> None:
             async with gate:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 try:
-                    _, client = await loop.create_connection(lambda: Client(self), *self.address)
+                    await loop.sock_connect(sock, self.address)
                 except OSError as exc:
+                    sock.close()
                     self.errors.append(repr(exc))
-                    self.ready += 1
+                    self.settle()
                     return
+                client = Client(self, sock)
                 self.clients.append(client)
+                try:
+                    client.start()
+                except OSError as exc:
+                    client.close()
+                    self.errors.append(repr(exc))
+                    self.settle()
 
         await asyncio.gather(*(one() for _ in range(count)))
         await asyncio.wait_for(self.subscribed.wait(), 120)
@@ -268,7 +383,11 @@ def client_process(
 
     async def main() -> None:
         swarm = Swarm(host, port, event_id, by_seat, secret)
-        await swarm.connect(count)
+        pump = asyncio.ensure_future(swarm.pump())
+        try:
+            await swarm.connect(count)
+        except TimeoutError:
+            swarm.errors.insert(0, f"{count - swarm.ready} sockets not subscribed in time")
         gc.collect()
         pipe.send(("ready", len(swarm.clients), swarm.errors[:5]))
         loop = asyncio.get_running_loop()
@@ -277,13 +396,21 @@ def client_process(
             if command == "count":
                 pipe.send(swarm.deltas)
             elif command == "report":
-                arrivals = {v: t.tobytes() for v, t in swarm.arrivals.items()}
-                pipe.send((arrivals, swarm.close_codes, swarm.lost_count, swarm.errors[:5]))
-                swarm.arrivals.clear()
+                arrivals = swarm.report()
+                cpu = resource.getrusage(resource.RUSAGE_SELF)
+                pipe.send(
+                    (
+                        arrivals,
+                        swarm.close_codes,
+                        swarm.lost_count,
+                        swarm.errors[:5],
+                        (cpu.ru_utime, cpu.ru_stime),
+                    )
+                )
             elif command == "quit":
+                pump.cancel()
                 for client in swarm.clients:
-                    if client.transport is not None:
-                        client.transport.close()
+                    client.close()
                 await asyncio.sleep(0.5)
                 return
 
@@ -347,6 +474,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass
+class Collected:
+    """Arrival times by version or change: when each reached a socket (the kernel's stamp)
+    and when its client read it; close codes; sockets lost; errors; the clients' CPU seconds
+    so far (all their processes together)."""
+
+    stamps: dict[Any, array[float]] = field(default_factory=dict)
+    reads: dict[Any, array[float]] = field(default_factory=dict)
+    codes: dict[int, int] = field(default_factory=dict)
+    lost: int = 0
+    errors: list[str] = field(default_factory=list)
+    cpu: float = 0.0
+    cpu_kernel: float = 0.0
+
+
 class Clients:
     """The client processes, driven over pipes."""
 
@@ -385,26 +527,25 @@ class Clients:
                 return
             time.sleep(0.1)
 
-    def collect(self) -> tuple[dict[Any, array[float]], dict[int, int], int, list[str]]:
-        """Arrival times by version or change (and forget them), close codes, sockets lost,
-        errors."""
-        merged: dict[Any, array[float]] = {}
-        codes: dict[int, int] = {}
-        lost = 0
-        errors: list[str] = []
+    def collect(self) -> Collected:
+        """What the sockets saw since the last time (and forget it)."""
+        got = Collected()
         for pipe in self.pipes:
             pipe.send("report")
         for pipe in self.pipes:
-            arrivals, close_codes, lost_count, failed = pipe.recv()
-            for version, raw in arrivals.items():
-                times = array("d")
-                times.frombytes(raw)
-                merged.setdefault(version, array("d")).extend(times)
+            arrivals, close_codes, lost_count, failed, cpu = pipe.recv()
+            for key, (stamps, reads) in arrivals.items():
+                for raw, into in ((stamps, got.stamps), (reads, got.reads)):
+                    times = array("d")
+                    times.frombytes(raw)
+                    into.setdefault(key, array("d")).extend(times)
             for code, n in close_codes.items():
-                codes[code] = codes.get(code, 0) + n
-            lost += lost_count
-            errors += failed
-        return merged, codes, lost, errors
+                got.codes[code] = got.codes.get(code, 0) + n
+            got.lost += lost_count
+            got.errors += failed
+            got.cpu += sum(cpu)
+            got.cpu_kernel += cpu[1]
+        return got
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -540,13 +681,23 @@ async def hold_user(database_url: str) -> str:
         await conn.close()
 
 
-def report_latency(
-    what: str,
-    sent: dict[Any, float],
-    arrivals: dict[Any, array[float]],
-    total: int,
-    cpu: tuple[float, float],
-) -> None:
+# Histogram bucket edges (ms), as bench/suite.py plots them: ten a decade, 1 ms to 10 s.
+EDGES_MS = [round(10 ** (k / 10), 3) for k in range(41)]
+
+
+def histogram(values: list[float]) -> dict[str, list[float] | list[int]]:
+    """Latencies (seconds) counted in EDGES_MS buckets (``counts`` has one more: below the
+    first edge, and at or above the last)."""
+    counts = [0] * (len(EDGES_MS) + 1)
+    for value in values:
+        counts[bisect.bisect_right(EDGES_MS, value * 1000.0)] += 1
+    return {"edges_ms": EDGES_MS, "counts": counts}
+
+
+def latency(
+    sent: dict[Any, float], arrivals: dict[Any, array[float]], total: int
+) -> tuple[list[float], list[float], list[float], int]:
+    """Per delivery, to the last socket of each change, to the first; deliveries missing."""
     each: list[float] = []
     to_all: list[float] = []
     to_first: list[float] = []
@@ -558,15 +709,70 @@ def report_latency(
             each.extend(t - at for t in times)
             to_all.append(max(times) - at)
             to_first.append(min(times) - at)
+    return each, to_all, to_first, missing
+
+
+def report_latency(
+    what: str,
+    sent: dict[Any, float],
+    got: Collected,
+    total: int,
+    cpu: tuple[float, float],
+    seconds: float,
+    figures: dict[str, Any],
+    histograms: dict[str, Any],
+) -> None:
+    """Print the latency phase's figures, and keep them for --json.
+
+    At the socket: the kernel's receive time of each delivery, what the server is measured
+    by; read: when the client process read it, which adds its own backlog.
+    """
     ms = 1000.0
+    each, to_all, to_first, missing = latency(sent, got.stamps, total)
+    read, read_all, _, _ = latency(sent, got.reads, total)
     print(
-        f"latency          {what} to {total} sockets: per delivery p50 "
+        f"latency          {what} to {total} sockets, at the socket: per delivery p50 "
         f"{percentile(each, 0.5) * ms:.1f} ms, p99 {percentile(each, 0.99) * ms:.1f} ms; to all "
         f"p50 {percentile(to_all, 0.5) * ms:.1f} ms, p99 {percentile(to_all, 0.99) * ms:.1f} "
         f"ms, max {max(to_all, default=0) * ms:.1f} ms; to the first p50 "
-        f"{percentile(to_first, 0.5) * ms:.1f} ms; missing {missing}; " + cpu_text(cpu, len(each)),
+        f"{percentile(to_first, 0.5) * ms:.1f} ms; missing {missing}",
         flush=True,
     )
+    print(
+        f"                 as read by the clients: per delivery p50 "
+        f"{percentile(read, 0.5) * ms:.1f} ms, p99 {percentile(read, 0.99) * ms:.1f} ms; to all "
+        f"p99 {percentile(read_all, 0.99) * ms:.1f} ms",
+        flush=True,
+    )
+    print(
+        f"cpu              {cpu_text(cpu, len(each))}; server {sum(cpu) / seconds:.0%} of a core, "
+        f"clients {got.cpu / seconds:.0%} ({got.cpu_kernel / max(got.cpu, 1e-9):.0%} in the "
+        f"kernel; over {seconds:.1f} s)",
+        flush=True,
+    )
+    figures.update(
+        {
+            "delivery_p50_ms": round(percentile(each, 0.5) * ms, 2),
+            "delivery_p90_ms": round(percentile(each, 0.9) * ms, 2),
+            "delivery_p99_ms": round(percentile(each, 0.99) * ms, 2),
+            "to_all_p50_ms": round(percentile(to_all, 0.5) * ms, 2),
+            "to_all_p99_ms": round(percentile(to_all, 0.99) * ms, 2),
+            "to_all_max_ms": round(max(to_all, default=0) * ms, 2),
+            "to_first_p50_ms": round(percentile(to_first, 0.5) * ms, 2),
+            "read_p50_ms": round(percentile(read, 0.5) * ms, 2),
+            "read_p99_ms": round(percentile(read, 0.99) * ms, 2),
+            "read_to_all_p99_ms": round(percentile(read_all, 0.99) * ms, 2),
+            "missing": missing,
+            "server_us_per_delivery": round(sum(cpu) / max(len(each), 1) * 1e6, 2),
+            "server_kernel_share": round(cpu[1] / max(sum(cpu), 1e-9), 3),
+            "server_cpu_share": round(sum(cpu) / seconds, 3),
+            "clients_cpu_share": round(got.cpu / seconds, 3),
+            "goal_p99_ms": 250.0,
+            "goal_met": percentile(each, 0.99) * ms < 250.0,
+        }
+    )
+    histograms["delivery_at_socket"] = histogram(each)
+    histograms["delivery_read"] = histogram(read)
 
 
 def main() -> None:
@@ -586,6 +792,7 @@ def main() -> None:
     parser.add_argument("--auth", action="store_true", help="each socket signed in as its user")
     parser.add_argument("--idle-only", action="store_true", help="stop after the memory figure")
     parser.add_argument("--trace", action="store_true", help="tracemalloc breakdown, then stop")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     n = args.connections
     holds = args.source == "holds"
@@ -627,6 +834,12 @@ def main() -> None:
             time.sleep(2.0)
             after = proc_status(server.pid, "VmRSS")
             total = clients.sockets
+            figures: dict[str, Any] = {
+                "connections": total,
+                "connect_seconds": round(opened, 2),
+                "kib_per_connection": round((after - before) / (total - 1), 2),
+            }
+            histograms: dict[str, Any] = {}
             print(
                 f"connections      {total} open and subscribed (snapshot each) in {opened:.1f} s, "
                 f"{args.processes} client processes"
@@ -644,12 +857,17 @@ def main() -> None:
                 shutil.rmtree(tracer.folder, ignore_errors=True)
             if args.idle_only or tracer is not None:
                 clients.close()
+                if args.json:
+                    write_json(args.json, args, figures, histograms)
                 return
 
-            # Latency: changes at a steady rate, each timed from its start.
+            # Latency: changes at a steady rate, each timed from its start (wall-clock time,
+            # as the kernel stamps what reaches the sockets).
+            baseline = clients.collect()
             cpu = cpu_seconds(server.pid)
             start = time.monotonic()
             sent: dict[Any, float] = {}
+            answered: list[float] = []  # how long each hold or release took to be answered
             version = BASE_VERSION
             publisher = redis.Redis.from_url(redis_url)
             channel = keys.seats_channel(event_id)
@@ -666,29 +884,42 @@ def main() -> None:
                     time.sleep(pause)
                 if not holds:
                     version += 1
-                    sent[version] = time.monotonic()
+                    sent[version] = time.time()
                     publisher.publish(
                         channel, delta(event_id, version, seats[i % len(seats)], "held")
                     )
                 elif len(held) < OPEN_HOLDS:
                     seat = next(fresh)
-                    sent[f"{seat} held"] = time.monotonic()
+                    sent[f"{seat} held"] = time.time()
                     made = api.post("/holds", json={"event_id": event_id, "seat_ids": [seat]})
+                    answered.append(time.time() - sent[f"{seat} held"])
                     if made.status_code != 201:
                         raise SystemExit(f"POST /holds answered {made.status_code}: {made.text}")
                     held.append((made.json()["id"], seat))
                 else:
                     hold_id, seat = held.popleft()
-                    sent[f"{seat} available"] = time.monotonic()
+                    sent[f"{seat} available"] = time.time()
                     gone = api.delete(f"/holds/{hold_id}")
+                    answered.append(time.time() - sent[f"{seat} available"])
                     if gone.status_code != 204:
                         raise SystemExit(f"DELETE /holds answered {gone.status_code}: {gone.text}")
             clients.wait_for(args.changes * total, timeout=60)
             cpu = cpu_since(server.pid, cpu)
-            arrivals, codes, lost, errors = clients.collect()
+            seconds = time.monotonic() - start
+            got = clients.collect()
+            got.cpu -= baseline.cpu
+            got.cpu_kernel -= baseline.cpu_kernel
             kind = "holds and releases" if holds else "deltas"
             what = f"{args.changes} {kind} at {args.rate:g}/s"
-            report_latency(what, sent, arrivals, total, cpu)
+            report_latency(what, sent, got, total, cpu, seconds, figures, histograms)
+            if answered:
+                figures["hold_answered_p50_ms"] = round(percentile(answered, 0.5) * 1000, 2)
+                figures["hold_answered_p99_ms"] = round(percentile(answered, 0.99) * 1000, 2)
+                print(
+                    f"holds            answered p50 {figures['hold_answered_p50_ms']:.1f} ms, "
+                    f"p99 {figures['hold_answered_p99_ms']:.1f} ms (201 or 204)",
+                    flush=True,
+                )
 
             # Throughput: a burst in one pipeline, as the relay publishes a batch.
             burst_seats = seats[: max(1, len(seats) - 1)]
@@ -700,29 +931,71 @@ def main() -> None:
                     seat = burst_seats[i % len(burst_seats)]
                     pipe.publish(channel, delta(event_id, version, seat, f"sold{i}"))
                     keys_sent.append(f"{seat} sold{i}" if holds else version)
-                first = time.monotonic()
+                first = time.time()
                 pipe.execute()
             clients.wait_for(args.changes * total + args.burst * total, timeout=120)
             cpu = cpu_since(server.pid, cpu)
-            arrivals, codes2, lost2, errors2 = clients.collect()
-            delivered = sum(len(arrivals.get(k, ())) for k in keys_sent)
-            last = max((max(arrivals[k]) for k in keys_sent if arrivals.get(k)), default=first)
+            burst = clients.collect()
+            delivered = sum(len(burst.stamps.get(k, ())) for k in keys_sent)
+            last = max(
+                (max(burst.stamps[k]) for k in keys_sent if burst.stamps.get(k)), default=first
+            )
+            rate = delivered / max(last - first, 1e-9)
             print(
                 f"throughput       {args.burst} deltas at once to {total} sockets: {delivered} "
-                f"delivered in {(last - first) * 1000:.0f} ms = "
-                f"{delivered / max(last - first, 1e-9):,.0f} messages/s; "
+                f"delivered in {(last - first) * 1000:.0f} ms = {rate:,.0f} messages/s; "
                 f"missing {args.burst * total - delivered}; " + cpu_text(cpu, delivered),
                 flush=True,
             )
-            for code, count in sorted({**codes, **codes2}.items()):
+            figures["burst_messages_per_s"] = round(rate)
+            figures["burst_missing"] = args.burst * total - delivered
+            figures["burst_server_us_per_delivery"] = round(sum(cpu) / max(delivered, 1) * 1e6, 3)
+            codes = dict(Counter(got.codes) + Counter(burst.codes))
+            for code, count in sorted(codes.items()):
                 print(f"closed           {count} sockets by the server with {code}", flush=True)
-            if lost or lost2 or errors or errors2:
-                print(f"trouble          lost {lost + lost2}; {(errors + errors2)[:3]}", flush=True)
-            print(
-                f"server peak      {proc_status(server.pid, 'VmHWM') / 1024:.0f} MiB RSS",
-                flush=True,
+            trouble = got.errors + burst.errors
+            if got.lost or burst.lost or trouble:
+                print(f"trouble          lost {got.lost + burst.lost}; {trouble[:3]}", flush=True)
+            peak = proc_status(server.pid, "VmHWM") / 1024
+            print(f"server peak      {peak:.0f} MiB RSS", flush=True)
+            figures.update(
+                server_peak_mib=round(peak),
+                closed={str(code): count for code, count in codes.items()},
+                lost=got.lost + burst.lost,
             )
             clients.close()
+    if args.json:
+        write_json(args.json, args, figures, histograms)
+
+
+def write_json(
+    path: str, args: argparse.Namespace, figures: dict[str, Any], histograms: dict[str, Any]
+) -> None:
+    """The figures as bench/suite.py reads them (its BENCH schema)."""
+    document = {
+        "bench": "ws_fanout",
+        "config": {
+            "connections": args.connections,
+            "changes": args.changes,
+            "rate": args.rate,
+            "burst": args.burst,
+            "processes": args.processes,
+            "source": args.source,
+            "auth": args.auth,
+        },
+        "figures": figures,
+        "histograms": histograms,
+        "latency_ms": {
+            name: {
+                "p50": figures[f"{prefix}_p50_ms"],
+                "p90": figures.get(f"{prefix}_p90_ms"),
+                "p99": figures[f"{prefix}_p99_ms"],
+            }
+            for name, prefix in (("delta at the socket", "delivery"), ("delta read", "read"))
+            if f"{prefix}_p50_ms" in figures
+        },
+    }
+    Path(path).write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -721,6 +721,59 @@ async def test_a_burst_goes_to_each_socket_in_one_write():
     assert sent == [f.event for f in frames] and counters.sent == 6
 
 
+async def test_a_room_delivers_in_steps_and_a_change_during_a_pass_rides_along(monkeypatch):
+    from bilten.realtime import rooms
+
+    monkeypatch.setattr(rooms, "PASS_STEP", 0.0)  # one socket written a step
+
+    class Member:  # what a room calls on a connection
+        def __init__(self, room):
+            self.room = room
+            self.writes: list[list[str]] = []
+
+        def offer(self, f):
+            self.writes.append([f.event["text"]])
+            return True
+
+        def offer_all(self, frames, joined):
+            assert joined == b"".join(f.wire for f in frames)
+            self.writes.append([f.event["text"] for f in frames])
+            return True
+
+    room = rooms.Room(str(uuid.uuid4()), 8)
+    members = [Member(room) for _ in range(5)]
+    for member in members:
+        room.join(member)
+    room.broadcast(frame("1"))
+    assert not any(m.writes for m in members)  # nothing is written by the broadcast itself
+    await asyncio.sleep(0)  # one step, then the loop serves others
+    await asyncio.sleep(0)
+    assert [len(m.writes) for m in members] == [1, 1, 0, 0, 0]
+
+    # A change during the pass: the sockets not yet visited get both in one write, the
+    # others get it in a second pass; a newcomer only what follows its snapshot; a member
+    # that leaves gets nothing more.
+    room.broadcast(frame("2"))
+    room.leave(members[4])
+    newcomer = Member(room)
+    room.join(newcomer)
+    for _ in range(8):
+        await asyncio.sleep(0)
+    assert [m.writes for m in members] == [
+        [["1"], ["2"]],
+        [["1"], ["2"]],
+        [["1", "2"]],
+        [["1", "2"]],
+        [],
+    ]
+    assert newcomer.writes == [] and room.sending is None and room.pending == []
+    room.broadcast(frame("3"))
+    for _ in range(8):
+        await asyncio.sleep(0)
+    assert newcomer.writes == [["3"]] and members[0].writes[-1] == ["3"]
+    assert room.pending == [] and room.sending is None
+
+
 async def test_the_lean_protocols_inbox_and_flag():
     from bilten.realtime.protocol import Flag, Inbox
 

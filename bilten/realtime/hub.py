@@ -271,8 +271,7 @@ class Realtime:
             return
         if not connection.open:
             return
-        # From here on nothing awaits: what is queued and membership agree.
-        room.flush()  # what is in flight reaches the members first, not the newcomer twice
+        # From here on nothing awaits: what it is given and membership agree.
         since = request.version
         if since is not None and room.history.reaches(since):
             frames = room.history.after(since)
@@ -284,7 +283,7 @@ class Realtime:
             if not connection.offer(frame):
                 return
         version = max(version, room.history.latest or 0)
-        room.members.add(connection)
+        room.join(connection)
         if room.event_id not in connection.rooms:
             connection.rooms.append(room.event_id)
         connection.offer(
@@ -296,7 +295,7 @@ class Realtime:
             connection.rooms.remove(event_id)
         room = self.rooms.get(event_id)
         if room is not None:
-            room.members.discard(connection)
+            room.leave(connection)
             if room.empty:
                 self._vacate(room)
 
