@@ -330,6 +330,16 @@ def plot(document: dict[str, Any], out: Path, name: str) -> list[Path]:
             line = ax.stairs(counts, bounds, label=label, lw=1.2)
             if figures.get(p99) is not None:
                 ax.axvline(figures[p99], color=line.get_edgecolor(), lw=0.8, ls=":")
+        counted = [
+            bound
+            for found in histograms.values()
+            for bound, count in zip(
+                [found["edges_ms"][0] / 2, *found["edges_ms"]], found["counts"], strict=False
+            )
+            if count
+        ]
+        if counted:
+            ax.set_xlim(min(counted) / 2, max(counted) * 4)
         goal = figures.get("goal_p99_ms")
         if goal:
             ax.axvline(goal, color="black", lw=0.8, ls="--", label=f"goal: p99 < {goal:g} ms")

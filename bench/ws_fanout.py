@@ -941,13 +941,19 @@ def main() -> None:
                 (max(burst.stamps[k]) for k in keys_sent if burst.stamps.get(k)), default=first
             )
             rate = delivered / max(last - first, 1e-9)
+            read = max(
+                (max(burst.reads[k]) for k in keys_sent if burst.reads.get(k)), default=first
+            )
+            read_rate = delivered / max(read - first, 1e-9)
             print(
                 f"throughput       {args.burst} deltas at once to {total} sockets: {delivered} "
-                f"delivered in {(last - first) * 1000:.0f} ms = {rate:,.0f} messages/s; "
+                f"delivered in {(last - first) * 1000:.0f} ms = {rate:,.0f} messages/s "
+                f"(read by the clients in {(read - first) * 1000:.0f} ms = {read_rate:,.0f}/s); "
                 f"missing {args.burst * total - delivered}; " + cpu_text(cpu, delivered),
                 flush=True,
             )
             figures["burst_messages_per_s"] = round(rate)
+            figures["burst_read_messages_per_s"] = round(read_rate)
             figures["burst_missing"] = args.burst * total - delivered
             figures["burst_server_us_per_delivery"] = round(sum(cpu) / max(delivered, 1) * 1e6, 3)
             codes = dict(Counter(got.codes) + Counter(burst.codes))
