@@ -1,10 +1,11 @@
-"""Bilten on a real Redis Cluster (three primaries) and behind a real Sentinel, started here.
+"""Bilten on a real Redis Cluster and behind a real Sentinel, started here.
 
-The cluster: the booking flow (hold, book through the queue, confirmation, status polling, an
-Idempotency-Key replayed) and the realtime flow (a hold on one instance reaches a WebSocket on
-another) run on two ``bilten serve`` processes. Sentinel: a booking, then the primary killed
-(``kill -9``), and started again empty on its port or replaced by its replica: Bilten pauses,
-and finishes what it had accepted.
+The cluster (three primaries): the booking flow (hold, book through the queue, confirmation,
+status polling, an Idempotency-Key replayed) and the realtime flow (a hold on one instance
+reaches a WebSocket on another) run on two ``bilten serve`` processes; with a replica each, the
+primary of an event's slot is killed and its replica takes over. Sentinel: a booking, then the
+primary killed (``kill -9``), and started again empty on its port or replaced by its replica.
+Each time Bilten pauses, and finishes what it had accepted.
 """
 
 from __future__ import annotations
