@@ -212,6 +212,34 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+@contextlib.contextmanager
+def serving(folder: Path, servers: list[tuple[str, int, dict[str, str]]]) -> Iterator[list[Server]]:
+    """``bilten serve`` processes started side by side, one per (name, port, environment),
+    each logging to ``folder/<name>.log``; ready when yielded, stopped on the way out."""
+    started: list[Server] = []
+    try:
+        for name, port, env in servers:
+            log_path = folder / f"{name}.log"
+            with open(log_path, "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bilten", "serve", "--port", str(port)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            started.append(Server(f"http://127.0.0.1:{port}", proc, log_path))
+        for server in started:
+            try:
+                wait_ready(server.url, server.process)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{server.log}") from None
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
 @pytest.fixture
 def spawn_server(settings: Settings, tmp_path: Path) -> Iterator:
     """Start real ``bilten serve`` processes: ``spawn_server(**env)`` returns a :class:`Server`."""

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from bilten import keys, queue, redisconn, redisurl
 from bilten.settings import Settings
-from tests.conftest import ROOT, TEST_SECRET, Server, server_env, wait_ready
+from tests.conftest import ROOT, TEST_SECRET, Server, server_env, serving
 from tests.test_bookings import book, buyer, published_event
 from tests.test_catalog import running
 from tests.test_realtime import (
@@ -187,29 +187,10 @@ async def cluster_redis(cluster_url) -> Iterator[aioredis.Redis]:
 def cluster_servers(database_url, cluster_url, cluster_redis, tmp_path) -> Iterator[list[Server]]:
     """Two ``bilten serve`` processes on the cluster."""
     settings = Settings(database_url=database_url, redis_url=cluster_url, secret_key=TEST_SECRET)
-    started: list[Server] = []
-    for name in ("a", "b"):
-        port = free_ports(1, 18000 + 100 * len(started))[0]
-        log_path = tmp_path / f"{name}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bilten", "serve", "--port", str(port)],
-                env=server_env(settings, **FAST),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        started.append(Server(f"http://127.0.0.1:{port}", proc, log_path))
-    try:
-        for server in started:
-            try:
-                wait_ready(server.url, server.process)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{server.log}") from None
+    env = server_env(settings, **FAST)
+    ports = [free_ports(1, 18000 + 100 * n)[0] for n in range(2)]
+    with serving(tmp_path, [("a", ports[0], env), ("b", ports[1], env)]) as started:
         yield started
-    finally:
-        for server in started:
-            server.stop()
 
 
 def test_the_urls_of_a_cluster_and_a_sentinel_are_read_and_bad_ones_refused():
@@ -340,6 +321,27 @@ async def test_booking_and_realtime_on_a_three_node_cluster(cluster_servers, clu
         assert "Traceback" not in server.log, server.log
 
 
+async def one_booked_ten_queued(
+    c: httpx.AsyncClient,
+) -> tuple[str, list[str], Any, list[Any], list[str]]:
+    """A published event, one booking confirmed through the Redis in use, then ten more asked
+    for at once by ten other buyers and accepted (202): the event, its seats, the first buyer,
+    the ten others and their request ids."""
+    event_id, seats, _, _ = await published_event(c)
+    auth = await buyer(c)
+    first = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
+    assert first.status_code == 201, first.text
+    buyers = [await buyer(c) for _ in range(10)]
+    answers = await asyncio.gather(
+        *(
+            book(c, who, {"event_id": event_id, "seat_ids": [seats[n + 1]]}, headers={})
+            for n, who in enumerate(buyers)
+        )
+    )
+    assert [a.status_code for a in answers] == [202] * 10
+    return event_id, seats, auth, buyers, [a.json()["request_id"] for a in answers]
+
+
 async def test_on_a_cluster_a_primarys_failover_pauses_its_events_and_loses_nothing(
     settings, tmp_path, caplog
 ):
@@ -349,19 +351,7 @@ async def test_on_a_cluster_a_primarys_failover_pauses_its_events_and_loses_noth
     with redis_cluster(tmp_path, replicas=1) as (ports, nodes):
         url = f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
         async with running(settings.replace(redis_url=url)) as (instance, c):
-            event_id, seats, _, _ = await published_event(c)
-            auth = await buyer(c)
-            first = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
-            assert first.status_code == 201, first.text
-            buyers = [await buyer(c) for _ in range(10)]
-            answers = await asyncio.gather(
-                *(
-                    book(c, who, {"event_id": event_id, "seat_ids": [seats[n + 1]]}, headers={})
-                    for n, who in enumerate(buyers)
-                )
-            )
-            assert [a.status_code for a in answers] == [202] * 10
-            accepted = [a.json()["request_id"] for a in answers]
+            event_id, seats, auth, buyers, accepted = await one_booked_ten_queued(c)
             owner = cast(Any, instance.state.redis).get_node_from_key(keys.queue(event_id))
             nodes[ports.index(owner.port)].kill()
             killed = time.monotonic()
@@ -479,21 +469,8 @@ async def restart_or_failover(settings, folder, caplog, ports, processes) -> Non
     replica = len(ports) == 3
     url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
     async with running(settings.replace(redis_url=url)) as (instance, c):
-        event_id, seats, _, _ = await published_event(c)
-        auth = await buyer(c)
-        first = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
-        assert first.status_code == 201, first.text
-        buyers = [await buyer(c) for _ in range(10)]
-
         # Ten requests accepted; the primary killed at once, whatever of them is done.
-        answers = await asyncio.gather(
-            *(
-                book(c, who, {"event_id": event_id, "seat_ids": [seats[n + 1]]}, headers={})
-                for n, who in enumerate(buyers)
-            )
-        )
-        assert [a.status_code for a in answers] == [202] * 10
-        accepted = [a.json()["request_id"] for a in answers]
+        event_id, seats, auth, buyers, accepted = await one_booked_ten_queued(c)
         processes[0].kill()
         processes[0].wait()
         killed = time.monotonic()
