@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import time
 import uuid
 
@@ -24,7 +22,7 @@ from bilten.realtime.history import History
 from bilten.realtime.messages import frame
 from bilten.settings import Settings
 from tests.catalog_helpers import admin_signed_in, register
-from tests.conftest import ROOT, TEST_SECRET, Server, free_port, server_env, wait_ready
+from tests.conftest import TEST_SECRET, Server, free_port, server_env, serving
 from tests.test_bookings import book, buyer, draft_event, published_event
 
 pytestmark = pytest.mark.slow
@@ -63,29 +61,12 @@ def module_settings(database_url, services) -> Settings:
 def servers(module_settings, tmp_path_factory):
     """A, B and C, started side by side."""
     folder = tmp_path_factory.mktemp("realtime")
-    started: list[Server] = []
-    for name, extra in (("a", {}), ("b", {}), ("c", TIGHT)):
-        port = free_port()
-        log_path = folder / f"{name}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bilten", "serve", "--port", str(port)],
-                env=server_env(module_settings, **FAST, **extra),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        started.append(Server(f"http://127.0.0.1:{port}", proc, log_path))
-    try:
-        for server in started:
-            try:
-                wait_ready(server.url, server.process)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{server.log}") from None
+    named = [
+        (name, free_port(), server_env(module_settings, **FAST, **extra))
+        for name, extra in (("a", {}), ("b", {}), ("c", TIGHT))
+    ]
+    with serving(folder, named) as started:
         yield started
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture
