@@ -7,6 +7,9 @@ import uuid
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from bilten import db
 from bilten.app import create_app
@@ -1141,3 +1144,39 @@ async def test_the_door_refuses_units_the_worker_found_gone(client, settings, mo
         assert await conn.fetchval("SELECT count(*) FROM bookings") == before + 2
     finally:
         await conn.close()
+
+
+@hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    capacity=st.integers(1, 10),
+    waves=st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=6), min_size=1, max_size=4),
+)
+async def test_units_are_never_oversold_and_a_refusal_always_asked_for_too_many(
+    client, settings, capacity, waves
+):
+    """Waves of concurrent buyers ask for units (each wave once the one before was answered,
+    so the door has the worker's findings): never more sold than the capacity, and a buyer
+    refused ``sold_out``, at the door or by the worker, asked for more than was left at the end
+    (units only go: every card is accepted)."""
+    event_id, _, standing, _ = await published_event(client, capacity=capacity, max_per_order=4)
+
+    async def units(n):
+        body = {"event_id": event_id, "ticket_type_id": standing, "quantity": n}
+        return n, await book(client, await buyer(client), body)
+
+    answers = []
+    for wave in waves:
+        answers += await asyncio.gather(*(units(n) for n in wave))
+    sold = sum(n for n, a in answers if a.status_code == 201)
+    refused = [n for n, a in answers if a.status_code == 409]
+    assert all(a.status_code in (201, 409) for _, a in answers), [a.text for _, a in answers]
+    assert all(a.json()["error"]["code"] == "sold_out" for _, a in answers if a.status_code == 409)
+    conn = await db.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT sold, held, capacity FROM ticket_types WHERE id = $1", standing
+        )
+    finally:
+        await conn.close()
+    assert row["sold"] == sold <= capacity and row["held"] == 0
+    assert all(n > capacity - sold for n in refused)
