@@ -1,9 +1,11 @@
-"""Redis script calls from many concurrent requests, sent together as one pipeline.
+"""Redis calls from many concurrent requests (the door's script, status reads), sent together
+as one pipeline.
 
 The calls made in one turn of the event loop go out as one pipeline on one connection
 (:mod:`bilten.batching`): one round trip for all of them, while each caller still gets its own
-reply or error. On a Redis Cluster the pipeline is split by node (each script's keys share one
-slot), one round trip per node, sent at once.
+reply or error; a burst of a thousand requests needs one pooled connection, not a thousand.
+On a Redis Cluster the pipeline is split by node (each script's keys share one slot), one
+round trip per node, sent at once.
 """
 
 from __future__ import annotations

@@ -284,8 +284,9 @@ async def release_claims(redis: Redis, event_id: str, seat_ids: list[str]) -> No
         await redis.hdel(keys.seat_claims(event_id), *seat_ids)
 
 
-async def position(redis: Redis, event_id: str, ticket: int) -> int:
-    served = await redis.get(keys.queue_served(event_id))
+async def position(redis: AutoPipeline, event_id: str, ticket: int) -> int:
+    """A queued request's place (1 = next), read with the other reads of this loop turn."""
+    served = await redis.command("GET", keys.queue_served(event_id))
     return max(0, ticket - int(served or 0))
 
 

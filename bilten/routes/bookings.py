@@ -147,7 +147,7 @@ _decode_done = msgspec.json.Decoder(bookings.Done).decode
 async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> Response:
     """The request's answer as far as it is known: its outcome (from its status, or from the
     database when the outcome's message was missed), else 202 with its place in the queue."""
-    raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
+    raw: Any = await app.pipeline.command("HGETALL", keys.booking_request(request_id))
     if b"result" in raw:
         answer = await _answer_from(app, raw[b"result"], user_id, request_id)
     else:
@@ -157,7 +157,7 @@ async def _queued(app: State, request_id: str, event_id: str, user_id: str) -> R
         return answer
     status = raw.get(b"status", b"queued").decode()
     ticket = int(raw.get(b"ticket", 0))
-    position = await queue.position(app.redis, event_id, ticket) if ticket else 0
+    position = await queue.position(app.pipeline, event_id, ticket) if ticket else 0
     return JSONResponse(
         Queued(
             request_id=request_id,
@@ -273,7 +273,8 @@ async def _repeat(
     """A request made again with its Idempotency-Key: the first one's answer, when known."""
     future = app.waiters.register(request_id) if wait > 0 else None
     try:
-        finished = b"result" in await app.redis.hgetall(keys.booking_request(request_id))
+        status = await app.pipeline.command("HGETALL", keys.booking_request(request_id))
+        finished = b"result" in status
         if future is not None and not finished:
             with contextlib.suppress(TimeoutError):
                 outcome = await asyncio.wait_for(asyncio.shield(future), wait)
@@ -337,7 +338,7 @@ async def request_status(request: Request) -> Response:
     who = security.authenticate(request)
     request_id = str(request.path_params["request_id"])
     app = state(request)
-    raw: Any = await app.redis.hgetall(keys.booking_request(request_id))
+    raw: Any = await app.pipeline.command("HGETALL", keys.booking_request(request_id))
     booking_id = raw.get(b"booking_id", request_id.encode()).decode()
     owner = raw.get(b"user_id", b"").decode()
     if not owner:  # its status expired, or was rewritten without it: the record decides
@@ -364,7 +365,7 @@ async def request_status(request: Request) -> Response:
             RequestStatus(
                 request_id=request_id,
                 status="queued" if status == "queued" else "processing",
-                position=await queue.position(app.redis, event_id, ticket),
+                position=await queue.position(app.pipeline, event_id, ticket),
             )
         )
     async with app.db.acquire() as conn:
