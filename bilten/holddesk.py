@@ -43,8 +43,12 @@ class HoldDesk(Batcher[holds.Want, holds.Hold]):
         async with self.pool.acquire() as conn:
             refused = await self._refuse_taken(conn, wants)
             rest = [w for n, w in enumerate(wants) if n not in refused]
-            made = iter(await self._create(conn, rest) if rest else [])
-        results = [refused[n] if n in refused else next(made) for n in range(len(wants))]
+            try:
+                made = await self._create(conn, rest) if rest else []
+            except UNAVAILABLE as exc:  # PostgreSQL went away: 503 for those not yet refused
+                made = [exc] * len(rest)
+        answers = iter(made)
+        results = [refused[n] if n in refused else next(answers) for n in range(len(wants))]
         for event_id in sorted({r.event_id for r in results if isinstance(r, holds.Hold)}):
             await cache.changed(self.redis, self.caches, event_id)
         return results
@@ -66,10 +70,10 @@ class HoldDesk(Batcher[holds.Want, holds.Hold]):
             async with conn.transaction():
                 return list(await holds.create_many(conn, wants, self.ttl))
         except UNAVAILABLE:
-            raise  # PostgreSQL is away: every hold of the batch gets 503
-        except Exception:
+            raise
+        except Exception as exc:
             if len(wants) == 1:
-                raise
+                return [exc]
             log.exception("a batch of %d holds failed; each is tried alone", len(wants))
         results: list[holds.Hold | Exception] = []
         for want in wants:

@@ -197,3 +197,27 @@ async def test_a_taken_seat_is_refused_without_waiting_for_its_lock(client, sett
         "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[:1]}
     )
     assert late.status_code == 409 and late.json()["error"]["code"] == "conflict"
+
+
+async def test_a_refused_click_keeps_its_answer_when_the_rest_of_its_batch_fails(
+    client, settings, redis
+):
+    """A click on a taken seat, refused before the batch's transaction, is answered 409 even
+    when the one other request of its batch breaks that transaction."""
+    event_id, seats, _, _ = await published_event(client)
+    ann, bob = await user_id(client), await user_id(client)
+    pool = await db.create_pool(settings)
+    desk = HoldDesk(pool, redis, cache.Caches(), 600)
+    try:
+        assert isinstance(
+            await desk.hold(holds.Want(ann, event_id, seats[:1], None, 1)), holds.Hold
+        )
+        results = await asyncio.gather(
+            desk.hold(holds.Want(bob, event_id, seats[:1], None, 1)),  # taken
+            desk.hold(holds.Want(bob, event_id, [], "not-a-uuid", 1)),  # breaks its statements
+            return_exceptions=True,
+        )
+    finally:
+        await pool.close()
+    assert isinstance(results[0], ApiError) and results[0].code == "seat_unavailable"
+    assert isinstance(results[1], Exception) and not isinstance(results[1], ApiError)
