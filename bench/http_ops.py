@@ -46,9 +46,10 @@ def write_json(path: str, bench: str, results: dict[str, Result]) -> None:
         figures[f"{name}_p50_ms"] = result.p50_ms
         figures[f"{name}_p99_ms"] = result.p99_ms
         figures[f"{name}_errors"] = result.errors
-    baseline = results.get("hello")
     for name, result in results.items():
-        if baseline is not None and name != "hello":
+        # Against the yardstick measured beside it (``hello_<name>``), else the one ``hello``.
+        baseline = results.get(f"hello_{name}", results.get("hello"))
+        if baseline is not None and not name.startswith("hello"):
             figures[f"{name}_ratio"] = round(
                 result.requests_per_second / baseline.requests_per_second, 3
             )

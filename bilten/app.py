@@ -26,18 +26,19 @@ from bilten import (
     redisconn,
     routes,
     sealing,
+    seatmap,
     tokens,
 )
 from bilten.budget import Budget
 from bilten.holddesk import HoldDesk
 from bilten.intake import Recorder
 from bilten.media import LocalStorage
-from bilten.middleware import ApiBudget, RequestContext
+from bilten.middleware import ApiBudget, App
 from bilten.pacing import Pacer
 from bilten.pipelining import AutoPipeline
 from bilten.pubsub import Hub
 from bilten.realtime import Realtime
-from bilten.routes.realtime import Shortcut
+from bilten.routes import realtime as realtime_routes
 from bilten.sagas import batch, booking, recovery
 from bilten.sessions import Revocations
 from bilten.settings import Settings
@@ -100,7 +101,7 @@ async def lifespan(
         redis = redis_client(settings)
         try:
             hub = Hub(redis)
-            caches = cache.Caches()
+            caches = cache.Caches(seat_heads=seatmap.Heads(pool))
             app = State(
                 settings=settings,
                 db=pool,
@@ -150,7 +151,6 @@ async def lifespan(
 
 
 def create_app(settings: Settings) -> Starlette:
-    shortcut = [Middleware(Shortcut)] if "realtime" in settings.roles else []
     # Other sites' pages may call the API only when named (BILTEN_CORS_ORIGINS); bearer tokens,
     # not cookies, so no credentials are allowed.
     cors = (
@@ -167,14 +167,12 @@ def create_app(settings: Settings) -> Starlette:
         if settings.cors_origins
         else []
     )
-    return Starlette(
+    return App(
         routes=routes.build(settings.roles),
-        middleware=[
-            *shortcut,
-            Middleware(RequestContext, hsts=settings.public_url.startswith("https://")),
-            *cors,
-            Middleware(ApiBudget),
-        ],
+        middleware=[*cors, Middleware(ApiBudget)],
         exception_handlers=errors.HANDLERS,
         lifespan=lambda app: lifespan(settings, app),
+        # Idle sockets by the ten thousand: each keeps only the frames of what it passed.
+        sockets=realtime_routes.sockets if "realtime" in settings.roles else None,
+        hsts=settings.public_url.startswith("https://"),
     )

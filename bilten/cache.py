@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 
 from bilten import keys
+from bilten.batching import Batcher
 from bilten.pubsub import Hub
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class Caches:
     seat_ids: LocalCache[frozenset[str]] = field(
         default_factory=lambda: LocalCache(SEATS_MAX_AGE, max_entries=100)
     )
+    # Every seat-map answer reads its map's current version; the reads of one loop turn go
+    # together (bilten.seatmap.Heads, given by the app, which owns the pool).
+    seat_heads: Batcher[str, Any] | None = None
 
     def drop(self, event_id: str) -> None:
         self.details.drop(event_id)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -11,23 +14,80 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the output and nobody reads them
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-HTTP_REQUESTS = Counter(
-    "bilten_http_requests_total",
-    "HTTP requests answered, by method, route template and status.",
-    ("method", "route", "status"),
-)
-HTTP_LATENCY = Histogram(
-    "bilten_http_request_duration_seconds",
-    "Time to answer an HTTP request, by method and route template.",
-    ("method", "route"),
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-HTTP_IN_FLIGHT = Gauge("bilten_http_requests_in_flight", "HTTP requests being answered.")
+
+class HttpFigures:
+    """HTTP requests answered (by method, route template and status), their durations, and those
+    being answered.
+
+    Counted in plain dicts and made into Prometheus series only when scraped: prometheus_client's
+    own metrics take a lock and a few calls per update, three updates a request, which a cached
+    read (some 60 µs in all) notices. Updated only from the event loop.
+    """
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.answered: dict[tuple[str, str, int], int] = {}
+        # Per method and route: a count per bucket (the last one +Inf), then the sum.
+        self.durations: dict[tuple[str, str], list[float]] = {}
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self.answered[key] = self.answered.get(key, 0) + 1
+        series = self.durations.get((method, route))
+        if series is None:
+            series = self.durations[(method, route)] = [0.0] * (len(self.BUCKETS) + 2)
+        series[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+        series[-1] += seconds
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(True)
+
+    def _families(self, filled: bool) -> Iterator[Metric]:
+        answered = CounterMetricFamily(
+            "bilten_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            labels=("method", "route", "status"),
+        )
+        durations = HistogramMetricFamily(
+            "bilten_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template.",
+            labels=("method", "route"),
+        )
+        bounds = [*(repr(float(b)) for b in self.BUCKETS), "+Inf"]
+        for (method, route, status), count in list(self.answered.items()) if filled else ():
+            answered.add_metric((method, route, str(status)), count)
+        for labels, series in list(self.durations.items()) if filled else ():
+            cumulative = [float(c) for c in series[:-1]]
+            for n in range(1, len(cumulative)):
+                cumulative[n] += cumulative[n - 1]
+            durations.add_metric(labels, list(zip(bounds, cumulative, strict=True)), series[-1])
+        yield answered
+        yield durations
+        yield GaugeMetricFamily(
+            "bilten_http_requests_in_flight",
+            "HTTP requests being answered.",
+            value=self.in_flight if filled else None,
+        )
+
+
+HTTP = HttpFigures()
+REGISTRY.register(HTTP)
 WORKER_RESTARTS = Counter(
     "bilten_worker_restarts_total", "Background coroutines restarted after a crash.", ("worker",)
 )

@@ -1,20 +1,23 @@
 """Seat maps and event details, served from caches.
 
 A seat map is encoded once per version: the bytes live in this process (checked against the
-event's current version, one indexed lookup) and in Redis under a key naming the version, so
-another instance never re-encodes what one has built. Event details are cached in-process only
-and dropped on change (see :mod:`bilten.cache`).
+event's current version, one indexed lookup shared by the requests of one loop turn) and in
+Redis under a key naming the version, so another instance never re-encodes what one has built.
+Event details are cached in-process only and dropped on change (see :mod:`bilten.cache`). Both
+keep their response headers beside the body, made once.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import msgspec
 
-from bilten import events, keys
-from bilten.db import Connection
+from bilten import events, keys, wire
+from bilten.batching import Batcher
+from bilten.db import Connection, Pool
 from bilten.state import State
 
 SeatStatus = Literal["available", "held", "sold"]
@@ -52,12 +55,12 @@ SEAT_STATUS = """CASE WHEN es.status = 'held' AND es.hold_expires_at <= now() TH
 # on event_seats record it, migration 0015); ``commits`` rises with every committed change even
 # when changes commit out of version order (see migration 0010), so the pair identifies the
 # map's content: it keys the caches and makes the ETag.
-_HEAD = """SELECT e.status, e.organizer_id::text AS organizer_id,
-                  coalesce((SELECT max(version) FROM seat_map_commits
-                            WHERE event_id = e.id), 0) AS version,
-                  coalesce((SELECT sum(weight) FROM seat_map_commits
-                            WHERE event_id = e.id), 0)::bigint AS commits
-           FROM events e WHERE e.id = $1"""
+_HEADS = """SELECT e.id::text AS id, e.status, e.organizer_id::text AS organizer_id,
+                   coalesce((SELECT max(version) FROM seat_map_commits
+                             WHERE event_id = e.id), 0) AS version,
+                   coalesce((SELECT sum(weight) FROM seat_map_commits
+                             WHERE event_id = e.id), 0)::bigint AS commits
+            FROM events e WHERE e.id = ANY($1::uuid[])"""
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,39 @@ class Encoded:
     def etag(self) -> str:
         return f'"{self.tag}"'
 
+    @functools.cached_property
+    def tag_headers(self) -> wire.RawHeaders:
+        """Of a 304 as well as a 200; clients must ask again (with If-None-Match) every time."""
+        return [(b"etag", self.etag.encode()), (b"cache-control", b"no-cache")]
+
+    @functools.cached_property
+    def headers(self) -> wire.RawHeaders:
+        return [*wire.body_headers(self.body), *self.tag_headers]
+
+
+class Heads(Batcher[str, Any]):
+    """The heads of the seat maps asked for in one turn of the event loop, read in one statement.
+
+    Every request reads its map's head (version, commits, status) after it came, so a change
+    committed before it is always seen; the requests of one turn share that read instead of
+    each taking a pooled connection and a round trip of its own.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    async def handle(self, calls: list[str]) -> list[Any]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_HEADS, list(set(calls)))
+        found = {row["id"]: row for row in rows}
+        return [found.get(event_id) for event_id in calls]
+
 
 async def _build(conn: Connection, event_id: str) -> Encoded | None:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        head = await conn.fetchrow(_HEAD, event_id)
-        if head is None:
+        heads = await conn.fetch(_HEADS, [event_id])
+        if not heads:
             return None
         rows = await conn.fetch(
             f"""SELECT s.id::text AS id, sec.name AS section, s.row_label AS row, s.number,
@@ -94,6 +125,7 @@ async def _build(conn: Connection, event_id: str) -> Encoded | None:
                 ORDER BY sec.position, s.row_index, s.number""",
             event_id,
         )
+    head = heads[0]
     seat_map = SeatMap(
         event_id=event_id, version=head["version"], seats=[Seat(**dict(r)) for r in rows]
     )
@@ -107,26 +139,29 @@ async def _build(conn: Connection, event_id: str) -> Encoded | None:
 
 
 async def seat_map(app: State, event_id: str) -> Encoded | None:
-    """The event's encoded seat map at its current version; None when there is no such event."""
-    async with app.db.acquire() as conn:
-        head = await conn.fetchrow(_HEAD, event_id)
-        if head is None:
-            return None
-        tag = f"{head['version']}.{head['commits']}"
-        cached: Encoded | None = app.caches.seat_maps.get(event_id)
-        if cached is not None and cached.tag == tag:
-            return cached
-        shared = cast(bytes | None, await app.redis.get(keys.seat_map(event_id, tag)))
-        if shared is not None:
-            found = Encoded(
-                head["version"], head["commits"], shared, head["status"], head["organizer_id"]
-            )
-        else:
+    """The event's encoded seat map at its current version; None when there is no such event.
+    ``event_id`` is a UUID in its canonical text form."""
+    heads = app.caches.seat_heads
+    assert heads is not None, "the app gives its caches a Heads (cache.Caches(seat_heads=...))"
+    head = await heads.call(event_id)
+    if head is None:
+        return None
+    tag = f"{head['version']}.{head['commits']}"
+    cached: Encoded | None = app.caches.seat_maps.get(event_id)
+    if cached is not None and cached.tag == tag:
+        return cached
+    shared = cast(bytes | None, await app.redis.get(keys.seat_map(event_id, tag)))
+    if shared is not None:
+        found = Encoded(
+            head["version"], head["commits"], shared, head["status"], head["organizer_id"]
+        )
+    else:
+        async with app.db.acquire() as conn:
             built = await _build(conn, event_id)
-            if built is None:
-                return None
-            found = built
-            await app.redis.set(keys.seat_map(event_id, found.tag), found.body, ex=REDIS_TTL)
+        if built is None:
+            return None
+        found = built
+        await app.redis.set(keys.seat_map(event_id, found.tag), found.body, ex=REDIS_TTL)
     app.caches.seat_maps.put(event_id, found)
     return found
 
@@ -136,6 +171,10 @@ class Detail:
     body: bytes
     status: str
     organizer_id: str
+
+    @functools.cached_property
+    def headers(self) -> wire.RawHeaders:
+        return wire.body_headers(self.body)
 
 
 async def detail(app: State, event_id: str) -> Detail | None:

@@ -143,6 +143,25 @@ def encode(data: Any) -> bytes:
     return _encoder.encode(data)
 
 
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def body_headers(body: bytes, media_type: bytes = b"application/json") -> RawHeaders:
+    return [(b"content-length", str(len(body)).encode()), (b"content-type", media_type)]
+
+
+class Ready(Response):
+    """A body encoded once and answered many times, with its headers made once as well: a
+    cached read spends nothing on either. Each answer has its own copy of the headers, as a
+    layer on the way out may add to them."""
+
+    def __init__(self, body: bytes, headers: RawHeaders, status_code: int = 200) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        self.raw_headers = list(headers)
+
+
 class JSONResponse(Response):
     media_type = "application/json"
 

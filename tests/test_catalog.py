@@ -728,6 +728,35 @@ async def test_seat_maps_are_served_from_the_caches(settings, redis):
         assert (await client.get(url)).content == marked
 
 
+async def test_seat_map_reads_of_one_loop_turn_share_one_statement(settings, database_url):
+    async with running(settings) as (instance, client):
+        auth = await signed_in(client, "org@example.com", "organizer")
+        venue = await new_venue(client, auth)
+        event = await new_event(client, auth, venue["id"], publish=True)
+        url = f"/events/{event['id']}/seats"
+        first = await client.get(url)
+        heads = instance.state.caches.seat_heads
+        batches: list[list[str]] = []
+        handle = heads.handle
+
+        async def counted(calls):
+            batches.append(calls)
+            return await handle(calls)
+
+        heads.handle = counted
+        answers = await asyncio.gather(*(client.get(url) for _ in range(20)))
+        assert all(a.content == first.content for a in answers)
+        assert len(batches) < 20 and sum(len(b) for b in batches) == 20
+        # A change committed before a request came is seen by it, whatever the batch.
+        seat = first.json()["seats"][0]["id"]
+        async with sql(database_url) as conn:
+            await conn.execute(HOLD, event["id"], seat, timedelta(minutes=10))
+        answers = await asyncio.gather(*(client.get(url) for _ in range(5)))
+        for answer in answers:
+            assert answer.headers["etag"] != first.headers["etag"]
+            assert answer.json()["seats"][0]["status"] == "held"
+
+
 # --- event detail and its caches ------------------------------------------------------------
 
 

@@ -248,3 +248,50 @@ async def test_cors_is_off_unless_origins_are_named(settings):
         )
         assert "access-control-allow-origin" not in other.headers
         assert "access-control-allow-credentials" not in opened.headers
+
+
+async def test_routes_filed_by_first_segment_answer_as_starlette_does():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+
+    from bilten import errors
+    from bilten.middleware import App
+
+    def endpoint(name):
+        async def answer(request):
+            return PlainTextResponse(f"{name} {dict(request.path_params)}")
+
+        return answer
+
+    table = [
+        Route("/a", endpoint("post a"), methods=["POST"]),
+        Route("/{x}/b", endpoint("any b")),  # a first segment that is not fixed: tried for all
+        Route("/a/b", endpoint("a b")),
+        Route("/a/{n:int}", endpoint("a n")),
+        Route("/c/", endpoint("c slash")),
+        Route("/", endpoint("root")),
+    ]
+    plain = Starlette(routes=table, exception_handlers=errors.HANDLERS)
+    filed = App(routes=table, lifespan=None, exception_handlers=errors.HANDLERS)
+    asked = [
+        ("GET", p)
+        for p in ("/", "/a", "/a/b", "/z/b", "/a/7", "/a/x", "/c", "/c/", "/nowhere", "/a/")
+    ] + [("POST", "/a"), ("DELETE", "/a/b"), ("POST", "/")]
+
+    async def answers(app):
+        found = []
+        async with AsyncClient(transport=ASGITransport(app=app), base_url="http://t") as c:
+            for method, path in asked:
+                answer = await c.request(method, path)
+                found.append((answer.status_code, answer.headers.get("location"), answer.text))
+        return found
+
+    served = await answers(filed)
+    assert served == await answers(plain)
+    assert served[2][2] == "any b {'x': 'a'}"  # the earlier route wins, as in Starlette
+    assert {status for status, _, _ in served} == {200, 307, 404, 405}
+
+    # Routes added once the app serves are filed too.
+    filed.router.routes.append(Route("/late", endpoint("late")))
+    async with AsyncClient(transport=ASGITransport(app=filed), base_url="http://t") as c:
+        assert (await c.get("/late")).text == "late {}"

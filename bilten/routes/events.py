@@ -20,7 +20,7 @@ from bilten.errors import ApiError
 from bilten.events import Event, EventSummary
 from bilten.seatmap import SeatMap
 from bilten.state import State, state
-from bilten.wire import JSONResponse, Struct, read_body, read_json, read_query
+from bilten.wire import JSONResponse, Ready, Struct, read_body, read_json, read_query
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Category = Annotated[str, msgspec.Meta(min_length=1, max_length=50)]
@@ -266,7 +266,7 @@ async def get_event(request: Request) -> Response:
     found = await seatmap.detail(state(request), str(request.path_params["event_id"]))
     if found is None or not _visible(request, found.status, found.organizer_id):
         raise _not_found()
-    return Response(found.body, media_type="application/json")
+    return Ready(found.body, found.headers)
 
 
 def _not_modified(if_none_match: str, etag: str) -> bool:
@@ -288,10 +288,9 @@ async def get_seats(request: Request) -> Response:
     found = await seatmap.seat_map(state(request), str(request.path_params["event_id"]))
     if found is None or not _visible(request, found.status, found.organizer_id):
         raise _not_found()
-    headers = {"ETag": found.etag, "Cache-Control": "no-cache"}
     if _not_modified(request.headers.get("if-none-match", ""), found.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(found.body, media_type="application/json", headers=headers)
+        return Ready(b"", found.tag_headers, 304)
+    return Ready(found.body, found.headers)
 
 
 async def _uploaded_file(request: Request) -> bytes:

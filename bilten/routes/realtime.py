@@ -1,8 +1,8 @@
 """The WebSocket endpoint of the realtime hub, and its figures across instances.
 
 Tens of thousands of sockets stay open for hours, so each one's resting cost counts: the
-:class:`Shortcut` middleware takes ``/ws`` straight to the hub, past the HTTP middleware and
-the router (whose coroutines would otherwise stay suspended under every idle connection).
+outermost middleware takes ``/ws`` straight to the hub (:data:`sockets`), past the router
+(whose coroutines would otherwise stay suspended under every idle connection).
 """
 
 from __future__ import annotations
@@ -79,19 +79,6 @@ class SocketEndpoint:
         await _socket(scope, receive, send)
 
 
-class Shortcut:
-    """Outermost middleware of an instance with the realtime role: ``/ws`` to the hub at once."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == PATH:
-            await _socket(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-
 @openapi.endpoint(
     summary="WebSocket figures of every live instance (admins).",
     tag="realtime",
@@ -106,5 +93,8 @@ async def realtime_stats(request: Request) -> Response:
     return JSONResponse(stats.collect(entries, hub(request)))
 
 
-socket_routes = [WebSocketRoute(PATH, SocketEndpoint())]  # documented; Shortcut serves it
+# Served by the outermost middleware of an instance with the realtime role (bilten.middleware);
+# the route documents it.
+sockets: dict[str, ASGIApp] = {PATH: _socket}
+socket_routes = [WebSocketRoute(PATH, SocketEndpoint())]
 routes = [Route("/realtime/stats", realtime_stats, methods=["GET"])]
