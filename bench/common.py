@@ -198,8 +198,9 @@ def wrk(url: str, *, duration: int, connections: int, threads: int = 1) -> Resul
         timeout=duration + 30,
     ).stdout
     rps = float(_found(r"Requests/sec:\s+([\d.]+)", out))
-    p50 = _ms(_found(r"50%\s+(\S+)", out))
-    p99 = _ms(_found(r"99%\s+(\S+)", out))
+    # The distribution's own lines: a "+/- Stdev" column ending in 99% (say 95.99%) is not one.
+    p50 = _ms(_found(r"(?m)^\s+50%\s+(\S+)", out))
+    p99 = _ms(_found(r"(?m)^\s+99%\s+(\S+)", out))
     errors = 0
     for match in re.finditer(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out):
         if match.group(1):
