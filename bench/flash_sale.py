@@ -74,6 +74,8 @@ from bilten.workers import bookings as bookings_worker
 PER_ROW = 100
 GOAL_RATE = 1000.0
 GOAL_RATIO = 0.3
+GOAL_TAIL_RATIO = 0.8  # with --latency: the sale's body keeps this much of the zero-latency rate
+BODY = 0.99  # the sale's body: until this share of the seats is confirmed
 SWEEP_INTERVAL = 1.0  # bilten.sagas.recovery.INTERVAL
 GRACE = 5.0  # seconds allowed beyond a hold's expiry (sweep interval, clocks, commit lag)
 REQUEST_TIMEOUT = 45.0  # a booking answers within Prefer: wait=30 plus its own work
@@ -427,6 +429,7 @@ async def run_load(
     total = len(seat_ids)
     load = Load()
     sold_out = asyncio.Event()
+    sale = event_id[:8].encode()  # keys of their own in each sale of one run
     body_head = b'{"event_id":"%s","payment":{"method":"card","token":"tok_visa"},"seat_ids":' % (
         event_id.encode()
     )
@@ -475,7 +478,7 @@ async def run_load(
                 continue
             began = time.perf_counter()
             status, answer = await book(
-                http, auth + b"Idempotency-Key: b%d-%d\r\n" % (n, attempt), picks
+                http, auth + b"Idempotency-Key: %s-%d-%d\r\n" % (sale, n, attempt), picks
             )
             done = time.perf_counter()
             if status == 201:
@@ -995,6 +998,22 @@ def goal(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
+def body(load: Load, seats: int) -> tuple[float, float]:
+    """The sale's body: seconds from the first request until ``BODY`` of the seats were
+    confirmed, and the confirmed bookings per second over that time. The last seats wait for
+    the slowest charges: a hung one keeps its seats until its timeout, and only then are they
+    sold again, so the whole sale's figure measures the provider's tail more than the server."""
+    wanted = math.ceil(BODY * seats)
+    sold = bookings = 0
+    for when, count in sorted(load.confirmations):
+        sold += count
+        bookings += 1
+        if sold >= wanted:
+            window = when - load.started
+            return window, bookings / window if window > 0 else 0.0
+    return 0.0, 0.0
+
+
 def print_load(load: Load, seats: int) -> float:
     """The load's figures; returns confirmed bookings per second."""
     confirmed = load.outcomes["201 confirmed"]
@@ -1008,6 +1027,12 @@ def print_load(load: Load, seats: int) -> float:
         f"  confirmed bookings/s   {rate:9.1f}   (goal >= {GOAL_RATE:,.0f}: "
         f"{goal(rate >= GOAL_RATE)})"
     )
+    body_window, body_rate = body(load, seats)
+    if body_window:
+        print(
+            f"  to {BODY:.0%} of the seats  {body_rate:9.1f}   bookings/s in {body_window:.2f} s; "
+            f"the last {1 - BODY:.0%} took {window - body_window:.2f} s more"
+        )
     print(f"  seats sold/s           {load.seats_confirmed / window if window > 0 else 0:9.1f}")
     requests = sum(load.statuses.values())
     print(
@@ -1186,6 +1211,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the SQL-only baseline")
     parser.add_argument(
+        "--latency",
+        metavar="DIST",
+        help="then the same sale again on a fresh event, the test provider answering with this "
+        "latency (BILTEN_TEST_PAYMENT_LATENCY_MS, e.g. 150,2000,0.001), and the ratio of the "
+        "two",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="record each server with py-spy (raw format, FILE.PID) while the load runs",
@@ -1254,12 +1286,13 @@ def http_run(
     buyer_ids: list[str],
     per_person: int,
     data_dir: str,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[float, Load]:
     """Run the sale over HTTP and wait for it to settle; returns confirmed bookings per second
     and the load's record."""
     began = time.perf_counter()
     buyer_tokens = attendee_tokens(secret_key, buyer_ids)
-    env = server_env(args, data_dir)
+    env = {**server_env(args, data_dir), **(extra_env or {})}
     with contextlib.ExitStack() as stack:
         roles = {"BILTEN_ROLES": "api,realtime"} if args.split_roles else {}
         started = [
@@ -1318,6 +1351,66 @@ def http_run(
         print_writes(writes_before, asyncio.run(table_writes(database_url)), confirmed)
         profiler.finish()
     return rate, load
+
+
+async def forget_pending_mail(database_url: str) -> None:
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute("DELETE FROM mail_jobs WHERE status = 'pending'")
+    finally:
+        await conn.close()
+
+
+def latency_run(
+    args: argparse.Namespace,
+    database_url: str,
+    redis_url: str,
+    secret_key: str,
+    buyer_ids: list[str],
+    per_person: int,
+    data_dir: str,
+    load: Load,
+    rate: float,
+    events_made: list[str],
+) -> tuple[dict[str, Any], Verdict]:
+    """The same sale on a fresh event, the test provider answering with ``--latency``; prints
+    what the payment tail keeps of the zero-latency figures. Returns those figures and the
+    second sale's verdict."""
+    print(f"the same sale again, the payment provider's latency {args.latency} ms:", flush=True)
+    # The first sale's mail left pending would be sent by the new servers during this one.
+    asyncio.run(forget_pending_mail(database_url))
+    event_id, seat_ids = asyncio.run(make_event(database_url, args.seats, per_person))
+    events_made.append(event_id)
+    slow_rate, slow = http_run(
+        args,
+        database_url,
+        redis_url,
+        secret_key,
+        event_id,
+        seat_ids,
+        buyer_ids,
+        per_person,
+        data_dir,
+        {"BILTEN_TEST_PAYMENT_LATENCY_MS": args.latency},
+    )
+    verdict = asyncio.run(verify(database_url, event_id))
+    print_verdict(verdict, args.seats)
+    _, body_rate = body(load, args.seats)
+    _, slow_body = body(slow, args.seats)
+    body_ratio = slow_body / body_rate if body_rate else 0.0
+    whole_ratio = slow_rate / rate if rate else 0.0
+    print(
+        f"ratio with the payment latency / without, to {BODY:.0%} of the seats: "
+        f"{body_ratio:.2f}   (goal >= {GOAL_TAIL_RATIO}: {goal(body_ratio >= GOAL_TAIL_RATIO)}); "
+        f"to the last confirmation: {whole_ratio:.2f}"
+    )
+    return {
+        "latency_ms": args.latency,
+        "latency_bookings_per_s": round(slow_rate, 1),
+        "latency_body_bookings_per_s": round(slow_body, 1),
+        "latency_body_ratio": round(body_ratio, 2),
+        "latency_whole_ratio": round(whole_ratio, 2),
+    }, verdict
 
 
 async def forget_in_redis(redis_url: str, database_url: str, event_id: str) -> None:
@@ -1382,10 +1475,13 @@ def main() -> None:
         f"{'external' if os.environ.get('BILTEN_REDIS_URL') else 'embedded'}",
         flush=True,
     )
+    tail: dict[str, Any] = {}
     with services() as (database_url, redis_url), tempfile.TemporaryDirectory() as data_dir:
         event_id = ""
+        events_made: list[str] = []
         try:
             event_id, seat_ids = asyncio.run(make_event(database_url, args.seats, per_person))
+            events_made.append(event_id)
             buyer_ids = asyncio.run(make_buyers(database_url, args.buyers))
             rate, load = http_run(
                 args,
@@ -1436,18 +1532,33 @@ def main() -> None:
                     f"ratio HTTP path / SQL-only ({baseline.name}): {ratio:.2f}   "
                     f"(goal >= {GOAL_RATIO}: {goal(ratio >= GOAL_RATIO)})"
                 )
+            if args.latency:
+                tail, tail_verdict = latency_run(
+                    args,
+                    database_url,
+                    redis_url,
+                    secret_key,
+                    buyer_ids,
+                    per_person,
+                    data_dir,
+                    load,
+                    rate,
+                    events_made,
+                )
+                if not tail_verdict.ok:
+                    verdict = tail_verdict  # the summary and the exit status cover both sales
             print(
                 f"summary: {rate:.1f} confirmed bookings/s (goal >= {GOAL_RATE:,.0f}), "
                 f"oversold {verdict.oversold} (goal 0), "
                 f"checks {'passed' if verdict.ok else 'FAILED'}"
             )
         finally:
-            if event_id and os.environ.get("BILTEN_REDIS_URL"):
-                asyncio.run(forget_in_redis(redis_url, database_url, event_id))
+            for made in events_made if os.environ.get("BILTEN_REDIS_URL") else []:
+                asyncio.run(forget_in_redis(redis_url, database_url, made))
             if external:
                 asyncio.run(drop_database(database_url))
     if args.json:
-        write_json(args.json, args, rate, load, verdict, baselines)
+        write_json(args.json, args, rate, load, verdict, baselines, tail)
     if not verdict.ok:
         raise SystemExit(1)
 
@@ -1459,6 +1570,7 @@ def write_json(
     load: Load,
     verdict: Verdict,
     baselines: list[Baseline],
+    tail: dict[str, Any],
 ) -> None:
     """The figures, bookings and seats confirmed per half second, and the latency of each
     outcome as percentiles (the schema: bench/suite.py)."""
@@ -1478,6 +1590,10 @@ def write_json(
         "checks_ok": verdict.ok,
         "timed_out": load.timed_out,
     }
+    body_window, body_rate = body(load, args.seats)
+    figures["body_bookings_per_s"] = round(body_rate, 1)
+    figures["body_seconds"] = round(body_window, 2)
+    figures.update(tail)
     for baseline in baselines:
         figures[f"sql_only_per_s ({baseline.name})"] = round(baseline.rate, 1)
     latency = {

@@ -29,6 +29,7 @@ from bilten import (
     seatmap,
     tokens,
 )
+from bilten.batching import Gathered
 from bilten.budget import Budget
 from bilten.holddesk import HoldDesk
 from bilten.intake import Recorder
@@ -109,6 +110,7 @@ async def lifespan(
                 pipeline=AutoPipeline(redis),
                 intake=Recorder(pool),
                 holding=HoldDesk(pool, redis, caches, settings.hold_ttl),
+                finishing=Gathered(),
                 supervisor=Supervisor(),
                 signer=tokens.signer(settings),
                 keyring=sealing.keyring(settings),

@@ -11,7 +11,7 @@ already sent, it may still be carried out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +64,59 @@ class Batcher(Generic[T, R]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Gathered(Generic[K, V, R]):
+    """Handled one at a time, each time all that was handed in meanwhile: while one handling
+    runs, the dicts handed in are merged, and the next handling takes them together. Under load
+    the batches grow by themselves (one round of statements for what many callers brought);
+    alone, a call is handled at once. Each caller gets the results of its own keys (those the
+    handler returned); an exception the handler raises fails every call it was handling. A
+    caller that gives up (is cancelled) does not take its items back.
+
+    Every call hands the same ``handle``: it is passed in so that the gatherer can be made
+    before what it calls."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[dict[K, V], asyncio.Future[dict[K, R]]]] = []
+        self.runner: asyncio.Task[None] | None = None
+
+    async def call(
+        self, items: dict[K, V], handle: Callable[[dict[K, V]], Awaitable[dict[K, R]]]
+    ) -> dict[K, R]:
+        future: asyncio.Future[dict[K, R]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((items, future))
+        if self.runner is None:
+            self.runner = asyncio.ensure_future(self._run(handle))
+        return await future
+
+    async def _run(self, handle: Callable[[dict[K, V]], Awaitable[dict[K, R]]]) -> None:
+        try:
+            while self.waiting:
+                calls, self.waiting = self.waiting, []
+                merged: dict[K, V] = {}
+                for items, _ in calls:
+                    merged.update(items)
+                try:
+                    results = await handle(merged)
+                except Exception as exc:
+                    for _, future in calls:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException:
+                    for _, future in calls:
+                        future.cancel()
+                    raise
+                for items, future in calls:
+                    if not future.done():
+                        future.set_result({k: results[k] for k in items if k in results})
+        finally:
+            self.runner = None
+            for _, future in self.waiting:  # cancelled while calls were waiting
+                future.cancel()
+            self.waiting = []

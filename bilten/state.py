@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from bilten.batching import Gathered
 from bilten.budget import Budget
 from bilten.cache import Caches
 from bilten.db import Pool
@@ -35,6 +36,8 @@ class State:
     pipeline: AutoPipeline  # script calls of concurrent requests, one round trip for all
     intake: Recorder  # accepted booking requests, recorded in one statement per loop turn
     holding: HoldDesk  # holds asked for in one loop turn, made in one transaction
+    # Answered charges of every batch in flight, finished together (bilten.sagas.booking).
+    finishing: Gathered[str, Any, Any]
     supervisor: Supervisor
     signer: Signer
     keyring: Keyring  # seals secrets kept in the database (bilten.sealing)

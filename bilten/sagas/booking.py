@@ -9,6 +9,7 @@ booking id is the idempotency key, so charging again never charges twice) and fi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -97,10 +98,12 @@ async def pay_and_finish_waves(
     app: State, payable: dict[str, Payable], *, patience: float
 ) -> AsyncIterator[dict[str, Outcome]]:
     """The charges, concurrently; the bookings whose charges were answered are finished as
-    they come, a wave at a time (one transaction each: those answered within ``WAVE`` of the
-    first of them), so a slow charge holds up only its own booking. Charges still out when the
-    caller stops listening are cancelled; their bookings stay PAYMENT_PENDING for recovery,
-    which looks the payment up by its key."""
+    they come, a wave at a time (those answered within ``WAVE`` of the first of them), so a
+    slow charge holds up only its own booking. The waves of every batch in flight are finished
+    together (``app.finishing``): one transaction at a time, each taking all the waves that
+    came while the one before ran, instead of many small transactions side by side. Charges
+    still out when the caller stops listening are cancelled; their bookings stay
+    PAYMENT_PENDING for recovery, which looks the payment up by its key."""
     deadline = time.monotonic() + patience
     charging = {
         asyncio.ensure_future(_charge_patiently(app, b, due, deadline)): b
@@ -113,7 +116,7 @@ async def pay_and_finish_waves(
                 await asyncio.sleep(WAVE)  # fewer, larger finishes
                 done = {t for t in charging if t.done()}
             answered = {charging.pop(t): t.result() for t in done}
-            yield await finish(app, answered)
+            yield await app.finishing.call(answered, functools.partial(finish, app))
     finally:
         for task in charging:
             task.cancel()

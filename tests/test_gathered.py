@@ -1,0 +1,82 @@
+"""One handling at a time, each taking everything handed in while the one before ran."""
+
+import asyncio
+
+import pytest
+
+from bilten.batching import Gathered
+
+
+class Recorder:
+    """A handler that records what each handling got and holds it until released."""
+
+    def __init__(self) -> None:
+        self.handled: list[dict[str, int]] = []
+        self.release = asyncio.Event()
+        self.running = 0
+        self.most_running = 0
+
+    async def __call__(self, items: dict[str, int]) -> dict[str, int]:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        self.handled.append(dict(items))
+        await self.release.wait()
+        self.running -= 1
+        if "boom" in items:
+            raise RuntimeError("boom")
+        return {k: v * 10 for k, v in items.items() if k != "lost"}
+
+
+async def test_calls_made_while_one_runs_are_handled_together_next():
+    gathered: Gathered[str, int, int] = Gathered()
+    handle = Recorder()
+    first = asyncio.ensure_future(gathered.call({"a": 1}, handle))
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(gathered.call({k: n}, handle)) for n, k in enumerate("bcd")]
+    await asyncio.sleep(0.01)
+    assert handle.handled == [{"a": 1}]  # the others wait for the one running
+    handle.release.set()
+    assert await first == {"a": 10}
+    assert [await c for c in later] == [{"b": 0}, {"c": 10}, {"d": 20}]
+    assert handle.handled == [{"a": 1}, {"b": 0, "c": 1, "d": 2}]
+    assert handle.most_running == 1
+    assert gathered.runner is None and not gathered.waiting
+
+
+async def test_each_caller_gets_only_the_keys_the_handler_answered():
+    gathered: Gathered[str, int, int] = Gathered()
+    handle = Recorder()
+    handle.release.set()
+    assert await gathered.call({"x": 1, "lost": 2}, handle) == {"x": 10}
+
+
+async def test_a_failed_handling_fails_its_calls_and_not_the_next():
+    gathered: Gathered[str, int, int] = Gathered()
+    handle = Recorder()
+    first = asyncio.ensure_future(gathered.call({"a": 1}, handle))
+    await asyncio.sleep(0)
+    bad = asyncio.ensure_future(gathered.call({"boom": 1}, handle))
+    mate = asyncio.ensure_future(gathered.call({"b": 1}, handle))
+    await asyncio.sleep(0)
+    handle.release.set()
+    assert await first == {"a": 10}
+    with pytest.raises(RuntimeError):
+        await bad
+    with pytest.raises(RuntimeError):
+        await mate  # handled with the failing one
+    assert await gathered.call({"c": 3}, handle) == {"c": 30}
+
+
+async def test_a_caller_that_gives_up_leaves_the_others_answered():
+    gathered: Gathered[str, int, int] = Gathered()
+    handle = Recorder()
+    first = asyncio.ensure_future(gathered.call({"a": 1}, handle))
+    await asyncio.sleep(0)
+    quitter = asyncio.ensure_future(gathered.call({"b": 2}, handle))
+    stayer = asyncio.ensure_future(gathered.call({"c": 3}, handle))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    handle.release.set()
+    assert await first == {"a": 10}
+    assert await stayer == {"c": 30}
+    assert handle.handled[1] == {"b": 2, "c": 3}  # its items were still handled
