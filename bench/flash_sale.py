@@ -67,7 +67,7 @@ from redis.asyncio import Redis
 from bench.common import ROOT, attendee_tokens, bilten_process, services
 from bilten import bookings, db, events, keys, payments, queue, sealing, users, venues
 from bilten.sagas.finish import finish
-from bilten.sagas.reserve import reserve
+from bilten.sagas.reserve import reserve_new
 from bilten.settings import Settings
 from bilten.workers import bookings as bookings_worker
 
@@ -795,26 +795,21 @@ class Baseline:
 @dataclass
 class Orders:
     """Booking requests for every seat of an event, 1-4 seats each, buyers in turn within the
-    per-person limit; their rows made beforehand or by the baseline itself."""
+    per-person limit."""
 
     event_id: str
     ids: list[str]
     seats: list[list[str]]
     requests: list[queue.Request]
-    create_ms: float  # per booking row, when made beforehand
 
 
 async def make_orders(
-    pool: db.Pool,
     database_url: str,
     seats: int,
     buyer_ids: list[str],
     per_person: int,
-    *,
-    create: bool = True,
 ) -> Orders:
-    """The event's seats shuffled into orders of 1-4; with ``create``, their booking rows made
-    (one transaction each, as a request at a time would)."""
+    """The event's seats shuffled into orders of 1-4, as queued requests."""
     event_id, seat_ids = await make_event(database_url, seats, per_person)
     rng = random.Random(7)
     rng.shuffle(seat_ids)
@@ -846,15 +841,7 @@ async def make_orders(
         )
         for booking_id, order, owner in zip(ids, orders, owners, strict=True)
     ]
-    create_ms = 0.0
-    if create:
-        began = time.perf_counter()
-        async with pool.acquire() as conn:
-            for request in requests:
-                async with conn.transaction():
-                    await bookings.create_many(conn, [request])
-        create_ms = 1000 * (time.perf_counter() - began) / len(ids)
-    return Orders(event_id, ids, orders, requests, create_ms)
+    return Orders(event_id, ids, orders, requests)
 
 
 def _charge(booking_id: str, seats: int) -> payments.Charge:
@@ -891,14 +878,14 @@ async def sql_baseline(
     )
     reserve_time = confirm_time = 0.0
     try:
-        orders = await make_orders(pool, database_url, seats, buyer_ids, per_person)
-        work = iter(zip(orders.ids, orders.seats, strict=True))
+        orders = await make_orders(database_url, seats, buyer_ids, per_person)
+        work = iter(zip(orders.ids, orders.seats, orders.requests, strict=True))
 
         async def book() -> None:
             nonlocal reserve_time, confirm_time
-            for booking_id, wanted in work:
+            for booking_id, wanted, request in work:
                 began = time.perf_counter()
-                reserved = (await _reserve(app, [booking_id]))[booking_id]
+                reserved = (await _reserve(app, [request]))[booking_id]
                 if reserved is None or reserved.state != "PAYMENT_PENDING":
                     raise SystemExit(f"SQL-only baseline: reserve gave {reserved}")
                 middle = time.perf_counter()
@@ -921,15 +908,16 @@ async def sql_baseline(
         n,
         seconds,
         f"per booking: reserve {1000 * reserve_time / n:.2f} ms, confirm "
-        f"{1000 * confirm_time / n:.2f} ms; the request row, made beforehand, "
-        f"{orders.create_ms:.2f} ms",
+        f"{1000 * confirm_time / n:.2f} ms",
     )
 
 
-async def _reserve(app: Any, booking_ids: list[str]) -> dict[str, Any]:
-    """The saga's reserve step in a transaction of its own."""
+async def _reserve(app: Any, requests: list[queue.Request]) -> dict[str, Any]:
+    """The saga's first step for queued requests, in a transaction of its own, as a worker
+    runs it: their seats reserved and their bookings written."""
     async with app.db.acquire() as conn, conn.transaction():
-        outcomes, _ = await reserve(conn, booking_ids)
+        _, new, currencies = await bookings.standing(conn, requests)
+        outcomes, _ = await reserve_new(conn, new, currencies)
     return outcomes
 
 
@@ -941,7 +929,7 @@ async def sql_batch_baseline(
     size: int,
     secret_key: str,
 ) -> Baseline | None:
-    """The saga's batch transactions (the booking rows and ``reserve`` in one, ``finish``), one
+    """The saga's batch transactions (the seats reserved and the bookings written, ``finish``), one
     batch of ``size`` after another on one connection, as one event's queue worker runs them."""
     settings = Settings(
         database_url=database_url, db_pool_min=1, db_pool_max=1, secret_key=secret_key
@@ -952,15 +940,13 @@ async def sql_batch_baseline(
     )
     reserve_time = confirm_time = 0.0
     try:
-        orders = await make_orders(pool, database_url, seats, buyer_ids, per_person, create=False)
+        orders = await make_orders(database_url, seats, buyer_ids, per_person)
         wanted = dict(zip(orders.ids, orders.seats, strict=True))
         began = time.perf_counter()
         for start in range(0, len(orders.ids), size):
             chunk = orders.ids[start : start + size]
             t0 = time.perf_counter()
-            async with pool.acquire() as conn, conn.transaction():
-                await bookings.create_many(conn, orders.requests[start : start + size])
-            reserved = await _reserve(app, chunk)
+            reserved = await _reserve(app, orders.requests[start : start + size])
             if any(o is None or o.state != "PAYMENT_PENDING" for o in reserved.values()):
                 raise SystemExit(f"SQL-only batch baseline: reserve gave {reserved}")
             t1 = time.perf_counter()

@@ -83,48 +83,53 @@ def body_hash(request: msgspec.Struct) -> str:
     return hashlib.sha256(msgspec.json.encode(request, order="sorted")).hexdigest()
 
 
-async def create_many(conn: Connection, requests: list[Request]) -> dict[str, tuple[str, str, str]]:
-    """Make the PENDING booking rows of queued requests, in one statement.
+async def standing(
+    conn: Connection, requests: list[Request]
+) -> tuple[dict[str, tuple[str, str, str]], list[Request], dict[str, str]]:
+    """Sort queued requests out before any booking row is written.
 
     Returns, for each request, the booking that stands for it, its body hash and saga state:
-    its own new row; the same row when a request is handled again (its worker died); or an
-    earlier booking of the same user and Idempotency-Key. A request whose event or user is gone
-    is left out.
+    an earlier booking of the same user and Idempotency-Key (its own row when a request is
+    handled again after its worker died), or, for the first new request of each user and key,
+    the booking it is to make (``PENDING``: not written yet; a later request of the batch with
+    the same user and key stands for it). Also returns those requests to make bookings for, and
+    their events' currencies. A request whose event or user is gone is left out.
     """
     if not requests:
-        return {}
-    ordered = sorted(requests, key=lambda r: (r.user_id, r.key))  # one lock order for all
-    columns = list(
-        zip(
-            *(
-                (r.id, r.user_id, r.event_id, r.key, r.digest, r.request, r.provider, r.token)
-                for r in ordered
-            ),
-            strict=True,
-        )
-    )
-    await conn.execute(
-        """INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request,
-                                 currency, payment_provider, payment_token, history)
-           SELECT r.id, r.user_id, r.event_id, r.key, r.digest, r.request, e.currency,
-                  r.provider, r.token,
-                  jsonb_build_array(jsonb_build_object(
-                      'to', 'PENDING', 'reason', 'requested', 'at', now()))
-           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
-                       $6::jsonb[], $7::text[], $8::text[])
-                AS r(id, user_id, event_id, key, digest, request, provider, token)
-           JOIN events e ON e.id = r.event_id
-           JOIN users u ON u.id = r.user_id
-           ON CONFLICT DO NOTHING""",
-        *map(list, columns),
-    )
+        return {}, [], {}
+    found: dict[str, tuple[str, str, str]] = {}
     rows = await conn.fetch(
         """SELECT q.id::text AS request_id, b.id::text AS booking_id, b.body_hash, b.saga_state
            FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS q(id, user_id, key)
            JOIN bookings b ON b.user_id = q.user_id AND b.idempotency_key = q.key""",
-        *map(list, (columns[0], columns[1], columns[3])),
+        [r.id for r in requests],
+        [r.user_id for r in requests],
+        [r.key for r in requests],
     )
-    return {r["request_id"]: (r["booking_id"], r["body_hash"], r["saga_state"]) for r in rows}
+    for row in rows:
+        found[row["request_id"]] = (row["booking_id"], row["body_hash"], row["saga_state"])
+    known = await conn.fetchrow(
+        """SELECT (SELECT array_agg(id::text) FROM users WHERE id = ANY ($1::uuid[])) AS users,
+                  (SELECT jsonb_object_agg(id::text, currency) FROM events
+                   WHERE id = ANY ($2::uuid[])) AS events""",
+        sorted({r.user_id for r in requests}),
+        sorted({r.event_id for r in requests}),
+    )
+    users, currencies = set(known["users"] or ()), known["events"] or {}
+    new: list[Request] = []
+    first: dict[tuple[str, str], Request] = {}
+    for request in requests:  # arrival order: the first of a user and key makes the booking
+        if request.id in found or request.user_id not in users:
+            continue
+        if request.event_id not in currencies:
+            continue
+        earlier = first.get((request.user_id, request.key))
+        if earlier is None:
+            first[(request.user_id, request.key)] = request
+            new.append(request)
+            earlier = request
+        found[request.id] = (earlier.id, earlier.digest, "PENDING")
+    return found, new, {r.event_id: currencies[r.event_id] for r in new}
 
 
 async def get(conn: Connection, booking_id: str, viewer: str | None = None) -> Booking | None:

@@ -1180,3 +1180,53 @@ async def test_units_are_never_oversold_and_a_refusal_always_asked_for_too_many(
         await conn.close()
     assert row["sold"] == sold <= capacity and row["held"] == 0
     assert all(n > capacity - sold for n in refused)
+
+
+async def test_a_booking_of_the_same_key_written_meanwhile_is_found_and_nothing_is_left_held(
+    settings, database_url
+):
+    """The first step sorts requests out before it writes their bookings. A booking of the same
+    user and Idempotency-Key written meanwhile (by another event's worker) makes the step run
+    again: the request then finds that booking, and the seats it had reserved are not kept."""
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        other_event, _, _, _ = await published_event(c)
+        ann = await buyer(c)
+        me = (await c.get("/auth/me", headers=ann)).json()
+        request_id = (
+            await book(c, ann, {"event_id": event_id, "seat_ids": seats[:2]}, key="k1", headers={})
+        ).json()["request_id"]
+        [entry] = await queued(instance.state, event_id)
+        racer = await db.connect(database_url)
+        try:
+            writing = racer.transaction()
+            await writing.start()
+            await racer.execute(
+                """INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash,
+                                         request, currency, payment_provider, payment_token)
+                   VALUES (gen_random_uuid(), $1, $2, 'k1', 'another body', '{}', 'EUR',
+                           'test', 'tok_visa')""",
+                me["id"],
+                other_event,
+            )
+            running_batch = asyncio.ensure_future(batch.run_batch(instance.state, [entry]))
+            await asyncio.sleep(0.5)  # its insert waits for ours
+            assert not running_batch.done()
+            await writing.commit()
+            [outcome] = await asyncio.wait_for(running_batch, 10)
+        finally:
+            await racer.close()
+        assert outcome.state == "FAILED" and outcome.error.code == "idempotency_mismatch"
+        assert outcome.booking_id == request_id
+        statuses = await seat_statuses(c, event_id)
+        assert [statuses[s] for s in seats[:2]] == ["available", "available"]
+    conn = await db.connect(database_url)
+    try:
+        made = await conn.fetchval("SELECT count(*) FROM bookings WHERE user_id = $1", me["id"])
+        holds = await conn.fetchval("SELECT count(*) FROM holds WHERE user_id = $1", me["id"])
+    finally:
+        await conn.close()
+    assert (made, holds) == (1, 0)

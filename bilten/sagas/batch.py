@@ -1,7 +1,8 @@
 """The booking saga, a queue batch at a time: the queue's side of :mod:`bilten.sagas.booking`.
 
-The queue hands a worker many requests for one event at once. Their bookings are made (PENDING)
-in one statement and reserved in arrival order in the same transaction; the rest (the
+The queue hands a worker many requests for one event at once. Their seats are reserved in
+arrival order and their bookings written, already PAYMENT_PENDING or FAILED, in one
+transaction; the rest (the
 payments, concurrently, then the finish in one more transaction) runs while the next batch is
 begun. The steps are the saga's own, which take a list of bookings: a batch here is a list of
 up to 200, recovery or a webhook a list of one.
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from bilten import bookings, errors, metrics, queue
 from bilten.errors import ApiError
 from bilten.sagas import booking, steps
-from bilten.sagas.reserve import reserve
+from bilten.sagas.reserve import Raced, reserve, reserve_new
 from bilten.sagas.steps import BOOKING, Outcome
 from bilten.state import State
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 # Entries whose sagas ended (or that are someone else's to end), with their outcomes.
 Wave = list[tuple[queue.Entry, Outcome | None]]
 Rest = Callable[[], AsyncIterator[Wave]]
+
+# Runs of a batch's first step when a booking of one of its users and keys was written
+# meanwhile (by another event's worker); the next run finds it.
+RACED_TRIES = 3
 
 
 async def run_batch(app: State, entries: list[queue.Entry]) -> list[Outcome | None]:
@@ -41,8 +46,8 @@ async def run_batch(app: State, entries: list[queue.Entry]) -> list[Outcome | No
 
 
 async def begin_batch(app: State, entries: list[queue.Entry]) -> Rest:
-    """The first step of a queue batch, in one transaction: the bookings made (PENDING) and
-    their seats reserved in arrival order (PAYMENT_PENDING, or FAILED). Returns the rest, to be
+    """The first step of a queue batch, in one transaction: the seats reserved in arrival order
+    and the bookings written (PAYMENT_PENDING, or FAILED). Returns the rest, to be
     run when the caller likes (the queue starts the next batch meanwhile): the payments,
     concurrently, the bookings finished in waves as their charges are answered; it yields each
     wave's entries with their outcomes, those that ended at once first.
@@ -102,10 +107,14 @@ async def _fail_alone(app: State, entry: queue.Entry) -> Rest:
 
 async def _begin(app: State, entries: list[queue.Entry]) -> Rest:
     began = time.monotonic()
-    async with app.db.acquire() as conn, conn.transaction():
-        standing = await bookings.create_many(conn, _requests(entries))
-        booking_ids, early = _sort_out(entries, standing)
-        outcomes, payable = await reserve(conn, [b for b in booking_ids if b is not None])
+    for attempt in range(RACED_TRIES):
+        try:
+            booking_ids, early, outcomes, payable = await _first_step(app, entries)
+            break
+        except Raced:
+            if attempt == RACED_TRIES - 1:
+                raise
+            log.info("a booking of the batch was written meanwhile; the batch runs again")
 
     async def rest() -> AsyncIterator[Wave]:
         entries_of: dict[str, list[queue.Entry]] = {}
@@ -149,6 +158,23 @@ async def _begin(app: State, entries: list[queue.Entry]) -> Rest:
                 yield wave_of({booking_id: outcome})
 
     return rest
+
+
+async def _first_step(
+    app: State, entries: list[queue.Entry]
+) -> tuple[
+    list[str | None], list[Outcome | None], dict[str, Outcome | None], dict[str, steps.Payable]
+]:
+    async with app.db.acquire() as conn, conn.transaction():
+        standing, new, currencies = await bookings.standing(conn, _requests(entries))
+        booking_ids, early = _sort_out(entries, standing)
+        # Bookings written before (a batch handled again): the saga goes on from where it is.
+        fresh = {r.id for r in new}
+        outcomes, payable = await reserve(
+            conn, [b for b in booking_ids if b is not None and b not in fresh]
+        )
+        more, more_payable = await reserve_new(conn, new, currencies)
+    return booking_ids, early, {**outcomes, **more}, {**payable, **more_payable}
 
 
 async def _as_is(app: State, booking_id: str) -> Outcome | None:

@@ -6,6 +6,10 @@ come, first served); units are claimed by a conditional update that cannot pass 
 booking of a hold takes that hold over. Holds, items, states, transitions and outbox rows are
 then written in one statement each. PAYMENT_PENDING is committed before any provider call, so a
 crash leaves an outcome that recovery looks up instead of guessing.
+
+Queued requests (:func:`reserve_new`) have no booking row yet: theirs is written once, after
+the seats were given out, already PAYMENT_PENDING or FAILED. :func:`reserve` moves rows that
+exist (PENDING bookings written before this was so, a batch handled again).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from bilten import holds, outbox
+from bilten import holds, metrics, outbox
 from bilten.db import Connection
 from bilten.errors import ApiError
+from bilten.queue import Request
 from bilten.sagas.steps import (
     MANY_UNLESS_LOCKED,
     PAYMENT_WINDOW,
@@ -27,6 +32,7 @@ from bilten.sagas.steps import (
     fail_many,
     lock_types,
     outcome_of,
+    result_message,
 )
 
 # The transition, its history step included, in one statement (the seats were reserved: the
@@ -328,19 +334,7 @@ async def reserve(
         reserved += ok
         failed += bad
     if reserved:
-        items = [(r.row["id"], n, i) for r in reserved for n, i in enumerate(r.items)]
-        await conn.execute(
-            """INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id,
-                                          label, price_cents)
-               SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[],
-                                    $5::text[], $6::int[])""",
-            [b for b, _, _ in items],
-            [n for _, n, _ in items],
-            [i.seat_id for _, _, i in items],
-            [i.ticket_type_id for _, _, i in items],
-            [i.label for _, _, i in items],
-            [i.price_cents for _, _, i in items],
-        )
+        await _write_items(conn, reserved)
         # PAYMENT_PENDING is committed before any provider call: a crash leaves an
         # outcome that recovery looks up instead of guessing.
         await conn.execute(
@@ -351,6 +345,13 @@ async def reserve(
         )
     for outcome in await fail_many(conn, failed):
         outcomes[outcome.booking_id] = outcome
+    _reserved_outcomes(reserved, outcomes, payable)
+    return outcomes, payable
+
+
+def _reserved_outcomes(
+    reserved: list[Reserved], outcomes: dict[str, Outcome | None], payable: dict[str, Payable]
+) -> None:
     for r in reserved:
         outcomes[r.row["id"]] = Outcome(
             r.row["id"], r.row["user_id"], r.row["event_id"], "PAYMENT_PENDING"
@@ -358,4 +359,134 @@ async def reserve(
         payable[r.row["id"]] = Payable(
             sum(i.price_cents for i in r.items), r.row["currency"], r.row["payment_token"]
         )
+
+
+async def _write_items(conn: Connection, reserved: list[Reserved]) -> None:
+    items = [(r.row["id"], n, i) for r in reserved for n, i in enumerate(r.items)]
+    await conn.execute(
+        """INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id,
+                                      label, price_cents)
+           SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[],
+                                $5::text[], $6::int[])""",
+        [b for b, _, _ in items],
+        [n for _, n, _ in items],
+        [i.seat_id for _, _, i in items],
+        [i.ticket_type_id for _, _, i in items],
+        [i.label for _, _, i in items],
+        [i.price_cents for _, _, i in items],
+    )
+
+
+# New bookings written once, already past their first step: PAYMENT_PENDING with their hold
+# and total, or FAILED with the reason (its buyer's message in the same statement); their
+# history holds both steps. No row is written PENDING and moved at once.
+_INSERT_DECIDED = """
+WITH r AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[],
+                         $7::text[], $8::text[], $9::text[], $10::uuid[], $11::int[], $12::text[],
+                         $13::text[], $14::jsonb[], $15::jsonb[])
+        AS r(id, user_id, event_id, key, digest, request, currency, provider, token, hold_id,
+             total, code, message, details, note)),
+made AS (
+    INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request, currency,
+                          payment_provider, payment_token, hold_id, total_cents, saga_state,
+                          payment_status, failure_code, failure_message, failure_details,
+                          history)
+    SELECT r.id, r.user_id, r.event_id, r.key, r.digest, r.request, r.currency, r.provider,
+           CASE WHEN r.code IS NULL THEN r.token ELSE '' END, r.hold_id, r.total,
+           CASE WHEN r.code IS NULL THEN 'PAYMENT_PENDING' ELSE 'FAILED' END,
+           CASE WHEN r.code IS NULL THEN 'pending' ELSE 'failed' END,
+           r.code, r.message, r.details,
+           jsonb_build_array(
+               jsonb_build_object('to', 'PENDING', 'reason', 'requested', 'at', now()),
+               CASE WHEN r.code IS NULL
+                    THEN jsonb_build_object('from', 'PENDING', 'to', 'PAYMENT_PENDING',
+                                            'reason', 'seats_reserved', 'at', now())
+                    ELSE jsonb_build_object('from', 'PENDING', 'to', 'FAILED',
+                                            'reason', r.code, 'at', now()) END)
+    FROM r
+    ON CONFLICT DO NOTHING
+    RETURNING id),
+told AS (
+    INSERT INTO outbox (topic, payload)
+    SELECT 'user', r.note FROM r JOIN made USING (id) WHERE r.code IS NOT NULL)
+SELECT count(*) FROM made
+"""
+
+
+class Raced(Exception):
+    """A booking of the same user and Idempotency-Key was written meanwhile (by another
+    event's worker): the batch runs again, and finds it."""
+
+
+async def reserve_new(
+    conn: Connection, requests: list[Request], currencies: dict[str, str]
+) -> tuple[dict[str, Outcome | None], dict[str, Payable]]:
+    """The first step for queued requests that have no booking yet (``bookings.standing``):
+    their seats reserved in arrival order as :func:`reserve` does, and each booking then
+    written once, PAYMENT_PENDING or FAILED, in the caller's transaction. Returns the same as
+    :func:`reserve`."""
+    outcomes: dict[str, Outcome | None] = {}
+    payable: dict[str, Payable] = {}
+    if not requests:
+        return outcomes, payable
+    by_event: dict[str, list[Any]] = defaultdict(list)
+    of_row: dict[str, Request] = {}
+    for request in requests:  # arrival order
+        of_row[request.id] = request
+        by_event[request.event_id].append(
+            {
+                "id": request.id,
+                "user_id": request.user_id,
+                "event_id": request.event_id,
+                "request": request.request,
+                "saga_state": "PENDING",
+                "currency": currencies[request.event_id],
+                "payment_token": request.token,
+            }
+        )
+    reserved: list[Reserved] = []
+    failed: list[tuple[Any, ApiError]] = []
+    for event_id, event_rows in sorted(by_event.items()):  # events in one order too
+        ok, bad = await _reserve_event(conn, event_id, event_rows)
+        reserved += ok
+        failed += bad
+    hold_of = {r.row["id"]: r.hold_id for r in reserved}
+    total_of = {r.row["id"]: sum(i.price_cents for i in r.items) for r in reserved}
+    error_of = {row["id"]: error for row, error in failed}
+    ids = [r.id for r in requests if r.id in hold_of or r.id in error_of]
+    made = await conn.fetchval(
+        _INSERT_DECIDED,
+        ids,
+        [of_row[i].user_id for i in ids],
+        [of_row[i].event_id for i in ids],
+        [of_row[i].key for i in ids],
+        [of_row[i].digest for i in ids],
+        [of_row[i].request for i in ids],
+        [currencies[of_row[i].event_id] for i in ids],
+        [of_row[i].provider for i in ids],
+        [of_row[i].token for i in ids],
+        [hold_of.get(i) for i in ids],
+        [total_of.get(i, 0) for i in ids],
+        [error_of[i].code if i in error_of else None for i in ids],
+        [error_of[i].message if i in error_of else None for i in ids],
+        [(error_of[i].details or {}) if i in error_of else None for i in ids],
+        [
+            {
+                "user_id": of_row[i].user_id,
+                "message": result_message(i, "failed", error_of[i]),
+            }
+            if i in error_of
+            else None
+            for i in ids
+        ],
+    )
+    if made != len(ids):
+        raise Raced(f"{len(ids) - made} of {len(ids)} bookings were written meanwhile")
+    if reserved:
+        await _write_items(conn, reserved)
+    for row, error in failed:
+        metrics.BOOKINGS.labels("failed", error.code).inc()
+        outcomes[row["id"]] = Outcome(row["id"], row["user_id"], row["event_id"], "FAILED", error)
+    _reserved_outcomes(reserved, outcomes, payable)
     return outcomes, payable
