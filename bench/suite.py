@@ -6,8 +6,9 @@
 Runs, each as its own process with its output shown as it comes (indented) and a progress
 line before and after: ``http_ops`` and ``read_path`` (wrk, 5 s per measurement),
 ``holds`` (1,000 buyers, 2 rounds), ``flash_sale --split-roles --defer-mail`` (5,000 seats,
-2,000 buyers, with its SQL-only baselines), ``ws_fanout`` (10,000 sockets, 100 changes at
-10/s made by HTTP holds, a burst of 100), ``headline_small`` (10,000 buyers, 1,000 tickets),
+2,000 buyers, with its SQL-only baselines, then again with a payment provider's tail),
+``ws_fanout`` (10,000 sockets, 100 changes at 10/s made by HTTP holds, a burst of 100),
+``headline_small`` (10,000 buyers, 1,000 tickets),
 ``scaling`` (layouts 1, 1+1, 2, 2+1, 3; 3,000 seats) and ``headline``, the headline run
 itself (100,000 buyers, 5,000 tickets, bounded at 8 minutes). About 8 minutes on 2 cores,
 half of it the headline run; ``--quick`` leaves that out (about 4.5 minutes). A bench
@@ -78,7 +79,16 @@ STEPS = (
     Step(
         "flash_sale",
         "flash_sale.py",
-        ("--split-roles", "--defer-mail", "--seats", "5000", "--buyers", "2000"),
+        (
+            "--split-roles",
+            "--defer-mail",
+            "--seats",
+            "5000",
+            "--buyers",
+            "2000",
+            "--latency",
+            "150,2000,0.001",
+        ),
     ),
     Step(
         "ws_fanout",

@@ -98,23 +98,23 @@ async def standing(
     if not requests:
         return {}, [], {}
     found: dict[str, tuple[str, str, str]] = {}
-    rows = await conn.fetch(
-        """SELECT q.id::text AS request_id, b.id::text AS booking_id, b.body_hash, b.saga_state
-           FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS q(id, user_id, key)
-           JOIN bookings b ON b.user_id = q.user_id AND b.idempotency_key = q.key""",
+    # One round trip: the bookings of the same users and keys, the users, the events.
+    known = await conn.fetchrow(
+        """SELECT (SELECT array_agg(ARRAY[q.id::text, b.id::text, b.body_hash, b.saga_state])
+                   FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS q(id, user_id, key)
+                   JOIN bookings b ON b.user_id = q.user_id AND b.idempotency_key = q.key)
+                      AS standing,
+                  (SELECT array_agg(id::text) FROM users WHERE id = ANY ($4::uuid[])) AS users,
+                  (SELECT jsonb_object_agg(id::text, currency) FROM events
+                   WHERE id = ANY ($5::uuid[])) AS events""",
         [r.id for r in requests],
         [r.user_id for r in requests],
         [r.key for r in requests],
-    )
-    for row in rows:
-        found[row["request_id"]] = (row["booking_id"], row["body_hash"], row["saga_state"])
-    known = await conn.fetchrow(
-        """SELECT (SELECT array_agg(id::text) FROM users WHERE id = ANY ($1::uuid[])) AS users,
-                  (SELECT jsonb_object_agg(id::text, currency) FROM events
-                   WHERE id = ANY ($2::uuid[])) AS events""",
         sorted({r.user_id for r in requests}),
         sorted({r.event_id for r in requests}),
     )
+    for request_id, booking_id, body_hash, saga_state in known["standing"] or ():
+        found[request_id] = (booking_id, body_hash, saga_state)
     users, currencies = set(known["users"] or ()), known["events"] or {}
     new: list[Request] = []
     first: dict[tuple[str, str], Request] = {}

@@ -170,9 +170,8 @@ async def _first_step(
         booking_ids, early = _sort_out(entries, standing)
         # Bookings written before (a batch handled again): the saga goes on from where it is.
         fresh = {r.id for r in new}
-        outcomes, payable = await reserve(
-            conn, [b for b in booking_ids if b is not None and b not in fresh]
-        )
+        written = [b for b in booking_ids if b is not None and b not in fresh]
+        outcomes, payable = await reserve(conn, written) if written else ({}, {})
         more, more_payable = await reserve_new(conn, new, currencies)
     return booking_ids, early, {**outcomes, **more}, {**payable, **more_payable}
 
