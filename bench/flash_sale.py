@@ -589,6 +589,7 @@ def _cpu_sample(server_pids: list[int]) -> CpuSample:
         used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         if int(entry) in server_pids:
             groups["bilten"] += used
+            groups[f"bilten {entry}"] = used
         elif comm.startswith("postgres"):
             groups["postgresql"] += used
         elif comm.startswith("redis"):
@@ -1093,7 +1094,10 @@ def print_writes(before: Writes, after: Writes, confirmed: int) -> None:
     )
 
 
-def print_cpu(before: CpuSample | None, after: CpuSample | None, wall: float) -> None:
+def print_cpu(
+    before: CpuSample | None, after: CpuSample | None, wall: float, names: dict[int, str]
+) -> None:
+    """CPU used during the load by each group of processes; ``names``: the servers' roles."""
     if before is None or after is None or wall <= 0:
         return
     cores = os.cpu_count() or 1
@@ -1112,6 +1116,13 @@ def print_cpu(before: CpuSample | None, after: CpuSample | None, wall: float) ->
     busiest = [(n, t) for n, t in by_name.most_common(4) if t >= 0.05 * wall]
     if busiest:
         print("  other processes: " + ", ".join(f"{n} {t:.1f} s" for n, t in busiest))
+    if len(names) > 1:
+        print(
+            "  bilten by process: "
+            + ", ".join(
+                f"{name} {used.get(f'bilten {pid}', 0.0):.1f} s" for pid, name in names.items()
+            )
+        )
 
 
 def print_verdict(verdict: Verdict, seats: int) -> None:
@@ -1328,7 +1339,11 @@ def http_run(
             )
         cpu_after = cpu_snapshot(pids)
         rate = print_load(load, args.seats)
-        print_cpu(cpu_before, cpu_after, load.ended - load.started)
+        roles = [f"http {n + 1}" for n in range(args.instances)]
+        roles += ["workers"] if args.split_roles else []
+        print_cpu(
+            cpu_before, cpu_after, load.ended - load.started, dict(zip(pids, roles, strict=True))
+        )
         unfinished = asyncio.run(wait_until_settled(database_url, event_id, 60))
         if unfinished:
             print(f"  {unfinished} bookings still under way after 60 s")

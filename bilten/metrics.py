@@ -155,6 +155,10 @@ REFUNDS_WAITING = Gauge(
     "Refunds not confirmed yet, by state (pending: will be tried again; dead: given up).",
     ("state",),
 )
+SEAT_MAP_BUILDS = Counter(
+    "bilten_seat_map_builds_total",
+    "Seat maps read from PostgreSQL and encoded (a version no cache had yet).",
+)
 QUEUE_DEPTH = Gauge("bilten_booking_queue_depth", "Booking requests waiting, seen on enqueue.")
 
 CHECK_INS = Counter(

@@ -9,13 +9,14 @@ keep their response headers beside the body, made once.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import msgspec
 
-from bilten import events, keys, wire
+from bilten import events, keys, metrics, wire
 from bilten.batching import Batcher
 from bilten.db import Connection, Pool
 from bilten.state import State
@@ -150,6 +151,21 @@ async def seat_map(app: State, event_id: str) -> Encoded | None:
     cached: Encoded | None = app.caches.seat_maps.get(event_id)
     if cached is not None and cached.tag == tag:
         return cached
+    # The requests that find the same new version share one load: while a sale changes the map
+    # every moment, a crowd of browsers asking at once costs one build, not one each.
+    loading = app.caches.seat_maps.loading
+    key = f"{event_id} {tag}"
+    running = loading.get(key)
+    if running is None:
+        running = loading[key] = asyncio.ensure_future(_load(app, event_id, head, tag))
+        running.add_done_callback(lambda _: loading.pop(key, None))
+    found: Encoded | None = await asyncio.shield(running)
+    return found
+
+
+async def _load(app: State, event_id: str, head: Any, tag: str) -> Encoded | None:
+    """The map of ``tag`` from Redis (another instance built it), else built here (at least as
+    new as ``tag``) and shared there; kept in this process's cache."""
     shared = cast(bytes | None, await app.redis.get(keys.seat_map(event_id, tag)))
     if shared is not None:
         found = Encoded(
@@ -160,9 +176,12 @@ async def seat_map(app: State, event_id: str) -> Encoded | None:
             built = await _build(conn, event_id)
         if built is None:
             return None
+        metrics.SEAT_MAP_BUILDS.inc()
         found = built
         await app.redis.set(keys.seat_map(event_id, found.tag), found.body, ex=REDIS_TTL)
-    app.caches.seat_maps.put(event_id, found)
+    kept: Encoded | None = app.caches.seat_maps.get(event_id)
+    if kept is None or (kept.version, kept.commits) <= (found.version, found.commits):
+        app.caches.seat_maps.put(event_id, found)  # a slower load of an older one keeps out
     return found
 
 

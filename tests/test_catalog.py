@@ -12,7 +12,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from bilten import db, keys, venues
+from bilten import db, keys, metrics, venues
 from bilten.app import create_app
 from bilten.settings import Rate
 from tests.catalog_helpers import (
@@ -755,6 +755,26 @@ async def test_seat_map_reads_of_one_loop_turn_share_one_statement(settings, dat
         for answer in answers:
             assert answer.headers["etag"] != first.headers["etag"]
             assert answer.json()["seats"][0]["status"] == "held"
+
+
+async def test_a_crowd_asking_for_a_new_version_of_the_seat_map_costs_one_build(
+    settings, database_url
+):
+    async with running(settings) as (_, client):
+        auth = await signed_in(client, "org@example.com", "organizer")
+        venue = await new_venue(client, auth)
+        event = await new_event(client, auth, venue["id"], publish=True)
+        url = f"/events/{event['id']}/seats"
+        first = await client.get(url)
+        for n in range(3):  # each change a new version; each crowd asks for it at once
+            seat = first.json()["seats"][n]["id"]
+            async with sql(database_url) as conn:
+                await conn.execute(HOLD, event["id"], seat, timedelta(minutes=10))
+            builds = metrics.SEAT_MAP_BUILDS._value.get()
+            answers = await asyncio.gather(*(client.get(url) for _ in range(30)))
+            assert metrics.SEAT_MAP_BUILDS._value.get() - builds == 1
+            assert len({a.headers["etag"] for a in answers}) == 1
+            assert all(a.json()["seats"][n]["status"] == "held" for a in answers)
 
 
 # --- event detail and its caches ------------------------------------------------------------
