@@ -42,7 +42,7 @@ UNITS_LEFT_TTL_MS = 3_000
 # KEYS (all in the event's slot): idempotency key, seat claims, ticket, served, stream, request
 # status, units left. ARGV: request id, event id, maximum, user id, body hash, request (JSON),
 # now (unix ms), claim ttl (ms), the user's channel, ticket type id ('' for seats), quantity,
-# seat ids...
+# units left as the caller's catalog cache has them (-1: not known), seat ids...
 # Returns {'known', "<request id> <body hash>"}, {'sold_out', units left}, {'full', depth},
 # {'taken', {seat ids}} or {'queued', position, depth}. The active-events set is another slot's:
 # the caller adds the event to it once the request is queued.
@@ -51,6 +51,8 @@ local known = redis.call('GET', KEYS[1])
 if known then return {'known', known} end
 local now = tonumber(ARGV[7])
 if ARGV[10] ~= '' then
+  local cached = tonumber(ARGV[12])
+  if cached >= 0 and tonumber(ARGV[11]) > cached then return {'sold_out', cached} end
   local left = redis.call('HGET', KEYS[7], ARGV[10])
   if left then
     local n, untl = string.match(left, '(%d+) (%d+)')
@@ -63,14 +65,14 @@ local served = tonumber(redis.call('GET', KEYS[4]) or '0')
 local waiting = tonumber(redis.call('GET', KEYS[3]) or '0') - served
 if waiting >= tonumber(ARGV[3]) then return {'full', waiting} end
 local taken = {}
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   local claimed = redis.call('HGET', KEYS[2], ARGV[i])
   if claimed and tonumber(claimed) > now then taken[#taken + 1] = ARGV[i] end
 end
 if #taken > 0 then return {'taken', taken} end
-if #ARGV >= 12 then
+if #ARGV >= 13 then
   local expiry = now + tonumber(ARGV[8])
-  for i = 12, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 13, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400)
@@ -131,7 +133,7 @@ def decode_request(raw: bytes) -> Request:
 
 
 def _script_args(
-    request: Request, maximum: int
+    request: Request, maximum: int, units_left: int = -1
 ) -> tuple[tuple[str, ...], tuple[str | int | bytes, ...]]:
     """The KEYS and ARGV of :data:`_SUBMIT` and :data:`_RESTORE` for ``request``."""
     seat_ids: list[str] = request.request.get("seat_ids") or []
@@ -156,6 +158,7 @@ def _script_args(
         keys.user_channel(request.user_id),
         request.request.get("ticket_type_id") or "",
         int(request.request.get("quantity") or 0),
+        units_left,
         *seat_ids,
     )
     return names, args
@@ -169,18 +172,21 @@ def new_request_id(event_id: str) -> str:
     return str(uuid.UUID(hex=keys.event_tag(event_id) + rest))
 
 
-async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | Known:
+async def submit(
+    redis: AutoPipeline, request: Request, maximum: int, units_left: int = -1
+) -> int | Known:
     """Queue a request in one atomic step; returns its position (1 = next).
 
     Unless its Idempotency-Key was used before (:class:`Known`), the request is refused with
     409 ``seat_unavailable`` when a seat it wants is claimed (another queued request wants it,
-    or it was sold), with 409 ``sold_out`` when it wants more units of a ticket type than the
-    event's worker found left a moment ago (:data:`UNITS_LEFT_TTL_MS`), and with 503 when the
-    queue is full; a refused request leaves nothing behind. Otherwise its seats are claimed,
-    its key remembered and its status set. Claims and units left are a pre-check that keeps
-    doomed requests out of the queue; the database still decides.
+    or it was sold), with 409 ``sold_out`` when it wants more units of a ticket type than
+    ``units_left`` (what the caller's catalog cache has left; -1 when it does not know) or
+    than the event's worker found left a moment ago (:data:`UNITS_LEFT_TTL_MS`), and with 503
+    when the queue is full; a refused request leaves nothing behind. Otherwise its seats are
+    claimed, its key remembered and its status set. Claims and units left are a pre-check that
+    keeps doomed requests out of the queue; the database still decides.
     """
-    names, args = _script_args(request, maximum)
+    names, args = _script_args(request, maximum, units_left)
     answer: Any = await redis.script(_SUBMIT, _SUBMIT_SHA, names, args)
     kind = answer[0].decode()
     if kind == "queued":
@@ -215,9 +221,9 @@ async def submit(redis: AutoPipeline, request: Request, maximum: int) -> int | K
 # status. KEYS and ARGV as for _SUBMIT, less the maximum, the time check and the publish.
 _RESTORE = """
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400, 'NX')
-if #ARGV >= 12 then
+if #ARGV >= 13 then
   local expiry = tonumber(ARGV[7]) + tonumber(ARGV[8])
-  for i = 12, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 13, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 local ticket = redis.call('INCR', KEYS[3])

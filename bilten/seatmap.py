@@ -190,6 +190,7 @@ class Detail:
     body: bytes
     status: str
     organizer_id: str
+    units_left: dict[str, int]  # ticket type id: remaining (capacity - sold - held)
 
     @functools.cached_property
     def headers(self) -> wire.RawHeaders:
@@ -197,15 +198,28 @@ class Detail:
 
 
 async def detail(app: State, event_id: str) -> Detail | None:
-    """The encoded event detail, from this process's cache when it has a fresh copy."""
+    """The encoded event detail, from this process's cache when it has a fresh copy; the
+    requests that find none at the same moment share one load."""
     cached: Detail | None = app.caches.details.get(event_id)
     if cached is not None:
         return cached
+    found: Detail | None = await app.caches.details.get_or_load(
+        event_id, lambda: _load_detail(app, event_id)
+    )
+    return found
+
+
+async def _load_detail(app: State, event_id: str) -> Detail | None:
     token = app.caches.details.token(event_id)
     async with app.db.acquire() as conn:
         event = await events.get(conn, event_id)
     if event is None:
         return None
-    found = Detail(_encoder.encode(event), event.status, event.organizer_id)
+    found = Detail(
+        _encoder.encode(event),
+        event.status,
+        event.organizer_id,
+        {t.id: t.remaining for t in event.ticket_types},
+    )
     app.caches.details.put(event_id, found, token)
     return found

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import bookings, errors, holds, keys, openapi, queue, security
+from bilten import bookings, errors, holds, keys, openapi, queue, seatmap, security
 from bilten.bookings import Booking, Failure
 from bilten.errors import ApiError
 from bilten.payments import webhooks
@@ -203,6 +203,15 @@ async def _load_seat_ids(app: State, event_id: str) -> frozenset[str]:
     return ids
 
 
+async def _units_left(app: State, event_id: str, ticket_type_id: str) -> int:
+    """What is left of a ticket type as this process's catalog cache has it (-1: not known).
+    The cache is dropped whenever any instance changes the event's units (the outbox relay
+    announces it), so after a sell-out the door keeps refusing until units come back; the
+    worker still decides."""
+    found = await seatmap.detail(app, event_id)
+    return found.units_left.get(ticket_type_id, -1) if found is not None else -1
+
+
 async def _book(request: Request, default_wait: float) -> Response:
     who = security.authenticate(request)
     key = _idempotency_key(request)
@@ -226,11 +235,14 @@ async def _book(request: Request, default_wait: float) -> Response:
     # Refused here, it takes no seat and no place in the queue (a hold was limited when made).
     if body.hold_id is None and wanted["quantity"] > limit:
         raise holds.over_order_limit(limit, bool(wanted["seat_ids"]))
+    units_left = -1
     if wanted.get("seat_ids"):
         known = await _seat_ids(app, event_id)
         unknown = [s for s in wanted["seat_ids"] if s not in known]
         if unknown:
             raise holds.not_seats_of_event(unknown)
+    elif wanted.get("ticket_type_id"):
+        units_left = await _units_left(app, event_id, wanted["ticket_type_id"])
     entry = queue.Request(
         id=queue.new_request_id(event_id),
         user_id=who.user_id,
@@ -244,7 +256,7 @@ async def _book(request: Request, default_wait: float) -> Response:
     # Parked before the request is queued, so an outcome that comes quickly is not missed.
     future = app.waiters.register(entry.id) if wait > 0 else None
     try:
-        submitted = await queue.submit(app.pipeline, entry, app.settings.queue_max)
+        submitted = await queue.submit(app.pipeline, entry, app.settings.queue_max, units_left)
         if isinstance(submitted, queue.Known):
             if submitted.digest != entry.digest:
                 raise bookings.key_reused(key)
