@@ -11,8 +11,11 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from redis.exceptions import ClusterError as RedisClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import TryAgainError as RedisTryAgainError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -47,6 +50,9 @@ CODES: dict[str, int] = {
 UNAVAILABLE = (
     RedisConnectionError,
     RedisTimeoutError,
+    RedisClusterError,  # a cluster failing over: CLUSTERDOWN, its retries used up
+    RedisTryAgainError,  # a cluster moving slots
+    RedisReadOnlyError,  # a primary turned replica, until the client finds the new one
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # shutting down, starting up
     asyncpg.InsufficientResourcesError,  # too many connections, disk full

@@ -83,6 +83,31 @@ async def test_a_request_is_on_record_before_it_is_answered_and_refusals_are_not
         assert [r["id"] for r in on_record] == [answer.json()["request_id"]]
 
 
+async def test_a_request_asked_again_is_made_sure_of_as_the_first_time(settings):
+    """The first answer was 503 after the request was queued (PostgreSQL or Redis out of reach
+    for what came next): asked again with its key, it is put on record and among the active
+    queues before it is answered, so that a later loss of Redis's data cannot lose it."""
+    from bilten import keys, queue
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (door, c):
+        event_id, seats, _, _ = await published_event(c)
+        ann = await buyer(c)
+        body = {"event_id": event_id, "seat_ids": seats[:1]}
+        first = await book(c, ann, body, key="again", headers={})
+        assert first.status_code == 202
+        request_id = first.json()["request_id"]
+        # What an outage right after the queueing leaves: no record, the event not active.
+        await door.state.db.execute("DELETE FROM accepted_requests")
+        await door.state.redis.srem(keys.QUEUE_ACTIVE, event_id)
+        again = await book(c, ann, body, key="again", headers={})
+        assert again.status_code == 202 and again.json()["request_id"] == request_id
+        rows = await door.state.db.fetch("SELECT id::text, request FROM accepted_requests")
+        assert [r["id"] for r in rows] == [request_id]
+        [entry] = await queued(door.state, event_id)
+        assert queue.decode_request(bytes(rows[0]["request"])) == entry.request
+        assert await door.state.redis.sismember(keys.QUEUE_ACTIVE, event_id)
+
+
 async def test_recovery_unclaims_the_seats_of_a_booking_it_fails(settings):
     """A worker died after reserving (its entry gone with it): recovery finishes the booking;
     when that fails, the door's claims on its seats go too, so they sell again at once."""

@@ -260,7 +260,8 @@ async def _book(request: Request, default_wait: float) -> Response:
         if isinstance(submitted, queue.Known):
             if submitted.digest != entry.digest:
                 raise bookings.key_reused(key)
-            return await _repeat(app, who.user_id, submitted.request_id, event_id, wait)
+            first = msgspec.structs.replace(entry, id=submitted.request_id)
+            return await _repeat(app, who.user_id, first, wait)
         # On record in PostgreSQL before any answer: Redis alone may lose it. Should this fail
         # (503), the request may still be booked; a retry with its key finds it.
         await app.intake.record(entry.id, queue.encode_request(entry))
@@ -279,14 +280,19 @@ async def _book(request: Request, default_wait: float) -> Response:
             app.waiters.discard(entry.id, future)
 
 
-async def _repeat(
-    app: State, user_id: str, request_id: str, event_id: str, wait: float
-) -> Response:
-    """A request made again with its Idempotency-Key: the first one's answer, when known."""
+async def _repeat(app: State, user_id: str, known: queue.Request, wait: float) -> Response:
+    """A request made again with its Idempotency-Key (``known``: the first one, as it was
+    queued): the first one's answer, when known. Until then it is made sure of as the first
+    time: on record in PostgreSQL and its event among the active queues, in case what came
+    after its queueing failed then (an outage: the first answer was 503)."""
+    request_id, event_id = known.id, known.event_id
     future = app.waiters.register(request_id) if wait > 0 else None
     try:
         status = await app.pipeline.command("HGETALL", keys.booking_request(request_id))
         finished = b"result" in status
+        if not finished:
+            await app.intake.record(request_id, queue.encode_request(known))
+            await app.pipeline.command("SADD", keys.QUEUE_ACTIVE, event_id)
         if future is not None and not finished:
             with contextlib.suppress(TimeoutError):
                 outcome = await asyncio.wait_for(asyncio.shield(future), wait)

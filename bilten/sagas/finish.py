@@ -72,22 +72,27 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
             outcomes[row["id"]] = outcome_of(row)
         # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats.
         hold_ids = [r["hold_id"] for r in rows]
-        kinds = await conn.fetch(
-            "SELECT ticket_type_id::text FROM holds WHERE id = ANY ($1::uuid[])"
-            " ORDER BY id FOR UPDATE",
+        hold_rows = await conn.fetch(
+            """SELECT id::text, ticket_type_id::text, quantity, status FROM holds
+               WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE""",
             hold_ids,
         )
-        await lock_types(conn, [k["ticket_type_id"] for k in kinds if k["ticket_type_id"]])
-        await conn.execute(
-            f"SELECT 1 FROM event_seats es WHERE {holds.seats_of_holds('$1')}"
+        await lock_types(conn, [h["ticket_type_id"] for h in hold_rows if h["ticket_type_id"]])
+        held = await conn.fetch(
+            f"SELECT es.hold_id::text FROM event_seats es WHERE {holds.seats_of_holds('$1')}"
             " AND es.status = 'held' ORDER BY es.seat_id FOR UPDATE",
             hold_ids,
         )
+        # Each live hold, and how many of its seats it still holds (locked above).
+        live = {h["id"]: h for h in hold_rows if h["status"] == "active"}
+        seats_of: dict[str, int] = defaultdict(int)
+        for seat in held:
+            seats_of[seat["hold_id"]] += 1
         charges = {b: r for b, r in results.items() if isinstance(r, payments.Charge)}
         paid = [r for r in rows if r["id"] in charges and _matches(r, charges[r["id"]])]
         wrong = [r for r in rows if r["id"] in charges and not _matches(r, charges[r["id"]])]
         refused = [r for r in rows if r["id"] not in charges]
-        confirmed, lost_ids = await _confirm_many(app, conn, paid, results)
+        confirmed, lost_ids = await _confirm_many(app, conn, paid, results, live, seats_of)
         lost = [r for r in paid if r["id"] in set(lost_ids)]
         await holds.release_many(conn, [r["hold_id"] for r in refused + lost + wrong])
         declined = [
@@ -173,26 +178,18 @@ SELECT 'user', p.note FROM p JOIN moved USING (id)
 
 
 async def _confirm_many(
-    app: State, conn: Connection, rows: list[Any], results: dict[str, PaymentResult]
+    app: State,
+    conn: Connection,
+    rows: list[Any],
+    results: dict[str, PaymentResult],
+    live: dict[str, Any],
+    seats_of: dict[str, int],
 ) -> tuple[list[Outcome], list[str]]:
+    """Confirm the paid bookings whose holds are whole: ``live``, the active holds (locked),
+    and ``seats_of``, how many seats each still holds (locked); the others are returned as
+    lost."""
     if not rows:
         return [], []
-    hold_rows = await conn.fetch(
-        """SELECT id::text, ticket_type_id::text, quantity FROM holds
-           WHERE id = ANY ($1::uuid[]) AND status = 'active' ORDER BY id FOR UPDATE""",
-        [r["hold_id"] for r in rows],
-    )
-    live = {h["id"]: h for h in hold_rows}
-    # Seats still held by each hold (locked): a hold that lost any is settled one by one.
-    held = await conn.fetch(
-        f"""SELECT es.hold_id::text, es.event_id::text FROM event_seats es
-           WHERE {holds.seats_of_holds("$1")} AND es.status = 'held'
-           ORDER BY es.seat_id FOR UPDATE""",
-        [h for h in live if not live[h]["ticket_type_id"]],
-    )
-    seats_of: dict[str, int] = defaultdict(int)
-    for seat in held:
-        seats_of[seat["hold_id"]] += 1
     ok: list[Any] = []
     leftovers: list[Any] = []
     for row in rows:
