@@ -64,9 +64,6 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
     PAYMENT_PENDING keep their state and are reported as they are; a charge that comes for one
     that failed or was cancelled meanwhile is refunded."""
     outcomes: dict[str, Outcome] = {}
-    # Tickets are made for what was paid before the transaction: signing their codes is CPU
-    # work that need not hold the bookings', holds' and ticket types' locks.
-    tickets = await _tickets_for(app, [b for b, r in results.items() if _succeeded(r)])
     async with app.db.acquire() as conn, conn.transaction():
         locked = await conn.fetch(MANY_LOCKED, list(results))
         rows = [r for r in locked if r["saga_state"] == "PAYMENT_PENDING"]
@@ -95,7 +92,7 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
         paid = [r for r in rows if r["id"] in charges and _matches(r, charges[r["id"]])]
         wrong = [r for r in rows if r["id"] in charges and not _matches(r, charges[r["id"]])]
         refused = [r for r in rows if r["id"] not in charges]
-        confirmed, lost_ids = await _confirm_many(conn, paid, results, live, seats_of, tickets)
+        confirmed, lost_ids = await _confirm_many(app, conn, paid, results, live, seats_of)
         lost = [r for r in paid if r["id"] in set(lost_ids)]
         await holds.release_many(conn, [r["hold_id"] for r in refused + lost + wrong])
         declined = [
@@ -180,65 +177,17 @@ SELECT 'user', p.note FROM p JOIN moved USING (id)
 """
 
 
-def _succeeded(result: PaymentResult) -> bool:
-    return isinstance(result, payments.Charge) and result.status == "succeeded"
-
-
-# A ticket as it is inserted: id, booking, event, owner, seat, ticket type, label, code.
-TicketRow = tuple[str, str, str, str, str | None, str | None, str, str]
-
-
-async def _tickets_for(
-    app: State, booking_ids: list[str]
-) -> dict[str, tuple[list[Any], list[TicketRow]]]:
-    """Each booking's items and the tickets it gets if it is confirmed: one per item, its code
-    signed with the event's key. Items never change once the booking is reserved, so they are
-    read (and the codes signed) outside the finish's transaction; what is not confirmed there
-    is thrown away."""
-    if not booking_ids:
-        return {}
-    async with app.db.acquire() as conn:
-        items = await conn.fetch(
-            """SELECT i.booking_id::text, b.event_id::text, b.user_id::text, i.seat_id::text,
-                      i.ticket_type_id::text, i.label, i.price_cents
-               FROM booking_items i JOIN bookings b ON b.id = i.booking_id
-               WHERE i.booking_id = ANY ($1::uuid[]) ORDER BY i.booking_id, i.position""",
-            booking_ids,
-        )
-        events = {item["event_id"] for item in items}
-        signing = {e: await ticketcodes.private_key(conn, app.keyring, e) for e in events}
-    made: dict[str, tuple[list[Any], list[TicketRow]]] = {}
-    for item in items:
-        ticket_id = str(uuid.uuid4())
-        event_id = item["event_id"]
-        mine = made.setdefault(item["booking_id"], ([], []))
-        mine[0].append(item)
-        mine[1].append(
-            (
-                ticket_id,
-                item["booking_id"],
-                event_id,
-                item["user_id"],
-                item["seat_id"],
-                item["ticket_type_id"],
-                item["label"],
-                ticketcodes.sign(signing[event_id], ticket_id, event_id),
-            )
-        )
-    return made
-
-
 async def _confirm_many(
+    app: State,
     conn: Connection,
     rows: list[Any],
     results: dict[str, PaymentResult],
     live: dict[str, Any],
     seats_of: dict[str, int],
-    made: dict[str, tuple[list[Any], list[TicketRow]]],
 ) -> tuple[list[Outcome], list[str]]:
     """Confirm the paid bookings whose holds are whole: ``live``, the active holds (locked),
     and ``seats_of``, how many seats each still holds (locked); the others are returned as
-    lost. ``made``: each paid booking's items and tickets (:func:`_tickets_for`)."""
+    lost."""
     if not rows:
         return [], []
     ok: list[Any] = []
@@ -294,8 +243,31 @@ async def _confirm_many(
         "UPDATE holds SET status = 'booked' WHERE id = ANY ($1::uuid[])",
         [r["hold_id"] for r in ok],
     )
-    items = [item for i in ids for item in made[i][0]]
-    tickets = [ticket for i in ids for ticket in made[i][1]]
+    items = await conn.fetch(
+        """SELECT booking_id::text, seat_id::text, ticket_type_id::text, label, price_cents
+           FROM booking_items WHERE booking_id = ANY ($1::uuid[]) ORDER BY booking_id, position""",
+        ids,
+    )
+    by_booking = {r["id"]: r for r in ok}
+    events = {r["event_id"] for r in ok}
+    signing = {e: await ticketcodes.private_key(conn, app.keyring, e) for e in events}
+    tickets = []
+    for item in items:
+        booking = by_booking[item["booking_id"]]
+        ticket_id = str(uuid.uuid4())
+        code = ticketcodes.sign(signing[booking["event_id"]], ticket_id, booking["event_id"])
+        tickets.append(
+            (
+                ticket_id,
+                booking["id"],
+                booking["event_id"],
+                booking["user_id"],
+                item["seat_id"],
+                item["ticket_type_id"],
+                item["label"],
+                code,
+            )
+        )
     await conn.execute(
         """INSERT INTO tickets (id, booking_id, event_id, user_id, seat_id, ticket_type_id,
                                 label, code)
