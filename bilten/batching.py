@@ -75,8 +75,9 @@ class Gathered(Generic[K, V, R]):
     runs, the dicts handed in are merged, and the next handling takes them together. Under load
     the batches grow by themselves (one round of statements for what many callers brought);
     alone, a call is handled at once. Each caller gets the results of its own keys (those the
-    handler returned); an exception the handler raises fails every call it was handling. A
-    caller that gives up (is cancelled) does not take its items back.
+    handler returned). Should a handling of several calls raise, each of them is handled again
+    on its own, so that the error stays with the call that caused it. A caller that gives up
+    (is cancelled) does not take its items back.
 
     Every call hands the same ``handle``: it is passed in so that the gatherer can be made
     before what it calls."""
@@ -104,9 +105,17 @@ class Gathered(Generic[K, V, R]):
                 try:
                     results = await handle(merged)
                 except Exception as exc:
-                    for _, future in calls:
-                        if not future.done():
-                            future.set_exception(exc)
+                    if len(calls) == 1:
+                        if not calls[0][1].done():
+                            calls[0][1].set_exception(exc)
+                        continue
+                    try:
+                        for items, future in calls:  # each alone: the error stays with one
+                            await self._alone(handle, items, future)
+                    except BaseException:
+                        for _, future in calls:
+                            future.cancel()  # those not handled yet
+                        raise
                     continue
                 except BaseException:
                     for _, future in calls:
@@ -120,3 +129,18 @@ class Gathered(Generic[K, V, R]):
             for _, future in self.waiting:  # cancelled while calls were waiting
                 future.cancel()
             self.waiting = []
+
+    @staticmethod
+    async def _alone(
+        handle: Callable[[dict[K, V]], Awaitable[dict[K, R]]],
+        items: dict[K, V],
+        future: asyncio.Future[dict[K, R]],
+    ) -> None:
+        try:
+            results = await handle(items)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result({k: results[k] for k in items if k in results})

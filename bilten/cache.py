@@ -70,9 +70,15 @@ class LocalCache(Generic[V]):
         running = self.loading.get(key)
         if running is None:
             running = self.loading[key] = asyncio.ensure_future(load())
-            running.add_done_callback(lambda _: self.loading.pop(key, None))
+            running.add_done_callback(lambda done: self.forget_load(key, done))
         result: T = await asyncio.shield(running)
         return result
+
+    def forget_load(self, key: str, load: asyncio.Future[Any]) -> None:
+        """``load`` is no longer the one to share for ``key`` (it ended, or the entry was
+        dropped while it ran); a newer one is kept."""
+        if self.loading.get(key) is load:
+            del self.loading[key]
 
     def put(self, key: str, value: V, token: tuple[int, int] | None = None) -> None:
         if token is not None and token != self.token(key):
@@ -85,10 +91,12 @@ class LocalCache(Generic[V]):
     def drop(self, key: str) -> None:
         self.entries.pop(key, None)
         self.drops[key] = self.drops.get(key, 0) + 1
+        self.loading.pop(key, None)  # a load begun before the change is not shared after it
 
     def clear(self) -> None:
         self.entries.clear()
         self.drops.clear()
+        self.loading.clear()
         self.epoch += 1
 
 

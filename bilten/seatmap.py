@@ -158,7 +158,7 @@ async def seat_map(app: State, event_id: str) -> Encoded | None:
     running = loading.get(key)
     if running is None:
         running = loading[key] = asyncio.ensure_future(_load(app, event_id, head, tag))
-        running.add_done_callback(lambda _: loading.pop(key, None))
+        running.add_done_callback(lambda done: app.caches.seat_maps.forget_load(key, done))
     found: Encoded | None = await asyncio.shield(running)
     return found
 

@@ -50,7 +50,7 @@ async def test_each_caller_gets_only_the_keys_the_handler_answered():
     assert await gathered.call({"x": 1, "lost": 2}, handle) == {"x": 10}
 
 
-async def test_a_failed_handling_fails_its_calls_and_not_the_next():
+async def test_a_failed_handling_of_several_calls_fails_only_the_call_at_fault():
     gathered: Gathered[str, int, int] = Gathered()
     handle = Recorder()
     first = asyncio.ensure_future(gathered.call({"a": 1}, handle))
@@ -62,9 +62,18 @@ async def test_a_failed_handling_fails_its_calls_and_not_the_next():
     assert await first == {"a": 10}
     with pytest.raises(RuntimeError):
         await bad
-    with pytest.raises(RuntimeError):
-        await mate  # handled with the failing one
+    assert await mate == {"b": 10}  # handled again on its own
+    assert handle.handled[1:] == [{"boom": 1, "b": 1}, {"boom": 1}, {"b": 1}]
     assert await gathered.call({"c": 3}, handle) == {"c": 30}
+
+
+async def test_a_failed_handling_of_one_call_fails_it_once():
+    gathered: Gathered[str, int, int] = Gathered()
+    handle = Recorder()
+    handle.release.set()
+    with pytest.raises(RuntimeError):
+        await gathered.call({"boom": 1}, handle)
+    assert handle.handled == [{"boom": 1}]
 
 
 async def test_a_caller_that_gives_up_leaves_the_others_answered():
@@ -80,3 +89,34 @@ async def test_a_caller_that_gives_up_leaves_the_others_answered():
     assert await first == {"a": 10}
     assert await stayer == {"c": 30}
     assert handle.handled[1] == {"b": 2, "c": 3}  # its items were still handled
+
+
+async def test_a_cache_load_begun_before_a_drop_is_not_shared_after_it():
+    """Callers that find no entry at the same moment share one load; once the entry is dropped
+    (its data changed), a caller starts a load of its own instead of joining the older one,
+    and the older one, ending, leaves the newer one in place."""
+    from bilten.cache import LocalCache
+
+    cache: LocalCache[str] = LocalCache(max_age=60)
+    gate = asyncio.Event()
+    loads = []
+
+    async def load() -> str:
+        n = len(loads)
+        loads.append(n)
+        await gate.wait()
+        return f"load {n}"
+
+    old = [asyncio.ensure_future(cache.get_or_load("k", load)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert loads == [0]  # one load for the three
+    cache.drop("k")
+    new = asyncio.ensure_future(cache.get_or_load("k", load))
+    await asyncio.sleep(0.01)
+    assert loads == [0, 1]
+    later = asyncio.ensure_future(cache.get_or_load("k", load))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert [await f for f in old] == ["load 0"] * 3
+    assert await new == await later == "load 1"
+    assert loads == [0, 1] and not cache.loading

@@ -22,7 +22,7 @@ from redis.asyncio.client import Pipeline
 from bilten import bookings, keys, metrics, notifications, outbox, payments, pubsub, refunds
 from bilten.db import Connection
 from bilten.errors import ApiError
-from bilten.sagas.finish import finish
+from bilten.sagas.finish import finish, finish_committed
 from bilten.sagas.reserve import reserve
 from bilten.sagas.steps import (
     BOOKING,
@@ -116,7 +116,12 @@ async def pay_and_finish_waves(
                 await asyncio.sleep(WAVE)  # fewer, larger finishes
                 done = {t for t in charging if t.done()}
             answered = {charging.pop(t): t.result() for t in done}
-            yield await app.finishing.call(answered, functools.partial(finish, app))
+            finished = await app.finishing.call(answered, functools.partial(finish_committed, app))
+            # Refunds are this wave's own provider calls: they hold up no other batch's finish.
+            refund = [b for b, (_, wanted) in finished.items() if wanted]
+            if refund:
+                await refunds.run(app, refund)
+            yield {b: outcome for b, (outcome, _) in finished.items()}
     finally:
         for task in charging:
             task.cancel()

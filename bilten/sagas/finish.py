@@ -55,6 +55,18 @@ def _matches(row: Any, charge: payments.Charge) -> bool:
 
 
 async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Outcome]:
+    """:func:`finish_committed`, then the refunds it asked for (committed first: no provider
+    call runs inside a transaction)."""
+    finished = await finish_committed(app, results)
+    refund = [b for b, (_, wanted) in finished.items() if wanted]
+    if refund:
+        await refunds.run(app, refund)
+    return {b: outcome for b, (outcome, _) in finished.items()}
+
+
+async def finish_committed(
+    app: State, results: dict[str, PaymentResult]
+) -> dict[str, tuple[Outcome, bool]]:
     """PAYMENT_PENDING → CONFIRMED for the paid (seats sold, units counted, tickets issued), or
     FAILED with their seats released: declined; provider unavailable (the payment is marked
     unsettled: a sweeper looks it up and refunds anything taken); a charge that is not the
@@ -62,7 +74,8 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
     window). What was taken without a booking to show for it is refunded as durable intent
     (:mod:`bilten.refunds`), carried out once this transaction has committed. Bookings no longer
     PAYMENT_PENDING keep their state and are reported as they are; a charge that comes for one
-    that failed or was cancelled meanwhile is refunded."""
+    that failed or was cancelled meanwhile is refunded. Returns each booking's outcome, and
+    whether a refund of it was recorded, for the caller to carry out (:func:`refunds.run`)."""
     outcomes: dict[str, Outcome] = {}
     async with app.db.acquire() as conn, conn.transaction():
         locked = await conn.fetch(MANY_LOCKED, list(results))
@@ -136,9 +149,8 @@ async def finish(app: State, results: dict[str, PaymentResult]) -> dict[str, Out
                 for r, reason in taken
             ],
         )
-    if taken:  # committed first: no provider call inside a transaction
-        await refunds.run(app, [r["id"] for r, _ in taken])
-    return outcomes
+    refunding = {r["id"] for r, _ in taken}
+    return {b: (outcome, b in refunding) for b, outcome in outcomes.items()}
 
 
 def _mismatch(row: Any, charge: payments.Charge) -> ApiError:

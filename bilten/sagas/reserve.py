@@ -454,7 +454,12 @@ async def reserve_new(
     hold_of = {r.row["id"]: r.hold_id for r in reserved}
     total_of = {r.row["id"]: sum(i.price_cents for i in r.items) for r in reserved}
     error_of = {row["id"]: error for row, error in failed}
-    ids = [r.id for r in requests if r.id in hold_of or r.id in error_of]
+    # In one key order, as every writer of bookings: inserts of the same user and key wait for
+    # one another in that order, never in a circle.
+    ids = sorted(
+        (r.id for r in requests if r.id in hold_of or r.id in error_of),
+        key=lambda i: (of_row[i].user_id, of_row[i].key),
+    )
     made = await conn.fetchval(
         _INSERT_DECIDED,
         ids,
