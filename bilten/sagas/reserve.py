@@ -297,6 +297,19 @@ async def _reserve_event(
     return reserved, failed
 
 
+async def _reserve_events(
+    conn: Connection, by_event: dict[str, list[Any]]
+) -> tuple[list[Reserved], list[tuple[Any, ApiError]]]:
+    """:func:`_reserve_event` for each event's rows, the events in one order too."""
+    reserved: list[Reserved] = []
+    failed: list[tuple[Any, ApiError]] = []
+    for event_id, event_rows in sorted(by_event.items()):
+        ok, bad = await _reserve_event(conn, event_id, event_rows)
+        reserved += ok
+        failed += bad
+    return reserved, failed
+
+
 def _json_list(values: list[str]) -> str:
     return "[" + ",".join(f'"{v}"' for v in values) + "]"
 
@@ -327,12 +340,7 @@ async def reserve(
                 )
         else:
             pending_by_event[row["event_id"]].append(row)
-    reserved: list[Reserved] = []
-    failed: list[tuple[Any, ApiError]] = []
-    for event_id, event_rows in sorted(pending_by_event.items()):  # events in one order too
-        ok, bad = await _reserve_event(conn, event_id, event_rows)
-        reserved += ok
-        failed += bad
+    reserved, failed = await _reserve_events(conn, pending_by_event)
     if reserved:
         await _write_items(conn, reserved)
         # PAYMENT_PENDING is committed before any provider call: a crash leaves an
@@ -445,12 +453,7 @@ async def reserve_new(
                 "payment_token": request.token,
             }
         )
-    reserved: list[Reserved] = []
-    failed: list[tuple[Any, ApiError]] = []
-    for event_id, event_rows in sorted(by_event.items()):  # events in one order too
-        ok, bad = await _reserve_event(conn, event_id, event_rows)
-        reserved += ok
-        failed += bad
+    reserved, failed = await _reserve_events(conn, by_event)
     hold_of = {r.row["id"]: r.hold_id for r in reserved}
     total_of = {r.row["id"]: sum(i.price_cents for i in r.items) for r in reserved}
     error_of = {row["id"]: error for row, error in failed}
