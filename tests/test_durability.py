@@ -26,6 +26,12 @@ async def wait_until_final(db, ids, timeout=30.0):
         await asyncio.sleep(0.2)
 
 
+async def confirmed(db, event_id):
+    return await db.fetchval(
+        "SELECT count(*) FROM bookings WHERE saga_state = 'CONFIRMED' AND event_id = $1", event_id
+    )
+
+
 async def test_a_flush_of_redis_mid_sale_loses_no_accepted_request(settings):
     """Thirty buyers, one seat each (uncontended): ten booked, five reserved and paying, fifteen
     still queued when Redis is flushed. Every one of them ends confirmed, once."""
@@ -168,11 +174,7 @@ async def test_redis_killed_mid_sale_and_restarted_loses_nothing(settings, tmp_p
             )
             assert [a.status_code for a in first] == [202] * 20
             await asyncio.sleep(0.1)
-            done = await instance.state.db.fetchval(
-                "SELECT count(*) FROM bookings WHERE saga_state = 'CONFIRMED' AND event_id = $1",
-                event_id,
-            )
-            assert done < 20  # mid-sale
+            assert await confirmed(instance.state.db, event_id) < 20  # mid-sale
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             during = await book(
@@ -259,11 +261,7 @@ async def test_postgres_killed_mid_sale_and_restarted_loses_nothing(settings, tm
             first = await asyncio.gather(*(booking(n, {}) for n in range(20)))
             assert [a.status_code for a in first] == [202] * 20
             await asyncio.sleep(0.1)
-            done = await instance.state.db.fetchval(
-                "SELECT count(*) FROM bookings WHERE saga_state = 'CONFIRMED' AND event_id = $1",
-                event_id,
-            )
-            assert done < 20  # mid-sale
+            assert await confirmed(instance.state.db, event_id) < 20  # mid-sale
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             during = await booking(20, {})
