@@ -1252,3 +1252,88 @@ async def test_a_booking_of_the_same_key_written_meanwhile_is_found_and_nothing_
     finally:
         await conn.close()
     assert (made, holds) == (1, 0)
+
+
+@hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    wants=st.lists(
+        st.tuples(
+            st.integers(0, 2),  # buyer
+            st.integers(0, 2),  # Idempotency-Key
+            st.sets(st.integers(0, 5), min_size=1, max_size=2),  # seats
+        ),
+        min_size=1,
+        max_size=10,
+    )
+)
+async def test_a_batch_sorts_out_keys_and_seats_as_arrival_order_says(settings, wants):
+    """Queued requests in one batch (as Redis hands them over after it lost their keys: the
+    same user and key may come more than once), run twice: the first request of each user and
+    key makes the booking and gets the seats if they are still free in arrival order; a later
+    one with the same body stands for that booking, with another body it fails
+    ``idempotency_mismatch``. Nothing is sold twice, every booking is written once."""
+    from bilten import queue
+    from bilten.sagas import batch
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, _, _ = await published_event(c)
+        users = []
+        for _ in range(3):
+            auth = await buyer(c)
+            users.append((await c.get("/auth/me", headers=auth)).json()["id"])
+        entries = []
+        for n, (who, key, wanted) in enumerate(wants):
+            picked = sorted(seats[s] for s in wanted)
+            request = queue.Request(
+                id=queue.new_request_id(event_id),
+                user_id=users[who],
+                event_id=event_id,
+                key=f"k{key}",
+                digest=f"seats {sorted(wanted)}",
+                request={"seat_ids": picked, "ticket_type_id": None, "quantity": len(picked)},
+                provider="test",
+                token="tok_visa",
+            )
+            entries.append(queue.Entry(f"{n + 1}-0".encode(), request.id, request))
+        # The model: arrival order decides.
+        first: dict[tuple[str, str], queue.Request] = {}
+        taken: set[str] = set()
+        expected = []
+        for entry in entries:
+            request = entry.request
+            mine = first.setdefault((request.user_id, request.key), request)
+            if mine is not request:
+                same = mine.digest == request.digest
+                expected.append((mine.id, None) if same else (request.id, "idempotency_mismatch"))
+                continue
+            wanted_seats = set(request.request["seat_ids"])
+            if wanted_seats & taken:
+                expected.append((request.id, "seat_unavailable"))
+            else:
+                taken |= wanted_seats
+                expected.append((request.id, "CONFIRMED"))
+        states = {b: s for b, s in expected if s in ("CONFIRMED", "seat_unavailable")}
+        for _ in range(2):  # and once more: nothing changes
+            outcomes = await batch.run_batch(instance.state, entries)
+            for outcome, (booking_id, want) in zip(outcomes, expected, strict=True):
+                assert outcome is not None and outcome.booking_id == booking_id
+                if want == "CONFIRMED":
+                    assert outcome.state == "CONFIRMED"
+                elif want is None:  # stands for the first one's booking
+                    assert outcome.state in ("PENDING", states[booking_id]) or (
+                        outcome.state == "FAILED" and states[booking_id] == "seat_unavailable"
+                    )
+                else:
+                    assert outcome.state == "FAILED" and outcome.error.code == want
+        rows = await instance.state.db.fetch(
+            "SELECT id::text, saga_state FROM bookings WHERE event_id = $1", event_id
+        )
+        written = {r["id"]: r["saga_state"] for r in rows}
+        assert written == {
+            b: ("CONFIRMED" if s == "CONFIRMED" else "FAILED") for b, s in states.items()
+        }
+        sold = await instance.state.db.fetch(
+            "SELECT seat_id::text FROM tickets WHERE event_id = $1", event_id
+        )
+        assert sorted(r["seat_id"] for r in sold) == sorted(taken)
