@@ -165,15 +165,25 @@ async def _first_step(
 ) -> tuple[
     list[str | None], list[Outcome | None], dict[str, Outcome | None], dict[str, steps.Payable]
 ]:
-    async with app.db.acquire() as conn, conn.transaction():
-        standing, new, currencies = await bookings.standing(conn, _requests(entries))
-        booking_ids, early = _sort_out(entries, standing)
-        # Bookings written before (a batch handled again): the saga goes on from where it is.
-        fresh = {r.id for r in new}
-        written = [b for b in booking_ids if b is not None and b not in fresh]
-        outcomes, payable = await reserve(conn, written) if written else ({}, {})
-        more, more_payable = await reserve_new(conn, new, currencies)
-    return booking_ids, early, {**outcomes, **more}, {**payable, **more_payable}
+    async with app.db.acquire() as conn:
+        async with conn.transaction():
+            standing, new, currencies = await bookings.standing(conn, _requests(entries))
+            booking_ids, early = _sort_out(entries, standing)
+            fresh = {r.id for r in new}
+            written = [b for b in booking_ids if b is not None and b not in fresh]
+            if written:
+                # Bookings written before (a batch handled again): the saga goes on from where
+                # it is; the new requests follow in a transaction of their own, so that each
+                # takes its locks in the one order (docs/bookings.md).
+                outcomes, payable = await reserve(conn, written)
+            else:  # the usual batch: all new, one transaction
+                outcomes, payable = await reserve_new(conn, new, currencies)
+        if written and new:
+            async with conn.transaction():
+                more, more_payable = await reserve_new(conn, new, currencies)
+            outcomes.update(more)
+            payable.update(more_payable)
+    return booking_ids, early, outcomes, payable
 
 
 async def _as_is(app: State, booking_id: str) -> Outcome | None:
