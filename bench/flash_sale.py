@@ -59,6 +59,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import asyncpg
 import msgspec
 import uvloop
 import websockets
@@ -702,8 +703,11 @@ _CHECKS = {
         AND (SELECT count(*) FROM booking_items i WHERE i.booking_id = b.id)
             <> (SELECT count(*) FROM tickets t WHERE t.booking_id = b.id AND t.status <> 'void')""",
     "failed bookings still holding seats": """
-        SELECT count(*) FROM bookings b JOIN holds h ON h.id = b.hold_id
-        WHERE b.event_id = $1 AND b.saga_state = 'FAILED' AND h.status = 'active'""",
+        SELECT count(*) FROM bookings b
+        WHERE b.event_id = $1 AND b.saga_state = 'FAILED'
+          AND (EXISTS (SELECT 1 FROM holds h WHERE h.id = b.hold_id AND h.status = 'active')
+               OR EXISTS (SELECT 1 FROM event_seats es
+                          WHERE es.event_id = b.event_id AND es.booking_id = b.id))""",
 }
 
 
@@ -1094,6 +1098,49 @@ def print_writes(before: Writes, after: Writes, confirmed: int) -> None:
     )
 
 
+async def reset_statements(database_url: str) -> bool:
+    """Start pg_stat_statements afresh; False when the server has not loaded it (it must be in
+    ``shared_preload_libraries``)."""
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+        return True
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
+
+
+async def print_statements(database_url: str, confirmed: int, top: int = 15) -> None:
+    """The statements that took the most of PostgreSQL's time during the sale, per confirmed
+    booking (pg_stat_statements, all processes, this bench's own queries included)."""
+    if not confirmed:
+        return
+    conn = await db.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """SELECT calls, rows, total_exec_time, shared_blks_dirtied, wal_records,
+                      regexp_replace(left(query, 400), '\s+', ' ', 'g') AS query
+               FROM pg_stat_statements ORDER BY total_exec_time DESC"""
+        )
+    finally:
+        await conn.close()
+    total = sum(r["total_exec_time"] for r in rows)
+    calls = sum(r["calls"] for r in rows)
+    wal = sum(r["wal_records"] for r in rows)
+    print(
+        f"  statements per confirmed booking (pg_stat_statements): {calls / confirmed:.2f} calls, "
+        f"{total / confirmed:.3f} ms executing, {wal / confirmed:.1f} WAL records; the top {top}:"
+    )
+    for r in rows[:top]:
+        print(
+            f"    {r['total_exec_time'] / confirmed:6.3f} ms {r['calls'] / confirmed:5.2f} calls "
+            f"{r['rows'] / confirmed:6.2f} rows {r['wal_records'] / confirmed:5.1f} WAL  "
+            f"{r['query'][:110]}"
+        )
+
+
 def print_cpu(
     before: CpuSample | None, after: CpuSample | None, wall: float, names: dict[int, str]
 ) -> None:
@@ -1323,6 +1370,7 @@ def http_run(
         profiler = Profiler(pids, args.profile, args.profile_seconds)
         cpu_before = cpu_snapshot(pids)
         writes_before = asyncio.run(table_writes(database_url))
+        statements = asyncio.run(reset_statements(database_url))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             load = runner.run(
                 run_load(
@@ -1350,6 +1398,8 @@ def http_run(
         time.sleep(1.5)  # backends report their table statistics about once a second
         confirmed = asyncio.run(confirmed_bookings(database_url, event_id))
         print_writes(writes_before, asyncio.run(table_writes(database_url)), confirmed)
+        if statements:
+            asyncio.run(print_statements(database_url, confirmed))
         profiler.finish()
     return rate, load
 

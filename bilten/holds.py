@@ -86,7 +86,8 @@ def seat_unavailable(seat_ids: list[str]) -> ApiError:
 async def tickets_per_person(
     conn: Connection, event_id: str, user_ids: list[str]
 ) -> dict[str, int]:
-    """What each user already holds or bought for the event, for the per-person limit. Their
+    """What each user already holds, is paying for (bookings that hold their own seats or units)
+    or bought for the event, for the per-person limit. Their
     checks are locked until the transaction ends (an advisory lock per user and event, taken in
     key order): one user's parallel requests cannot pass the limit together."""
     users = sorted(set(user_ids))
@@ -100,7 +101,10 @@ async def tickets_per_person(
                             AND h.event_id = $2 AND h.status = 'active'
                             AND h.expires_at > now()), 0)
                 + (SELECT count(*) FROM tickets t WHERE t.user_id = u.id AND t.event_id = $2
-                   AND t.status <> 'void') AS n
+                   AND t.status <> 'void')
+                + (SELECT count(*) FROM bookings b JOIN booking_items i ON i.booking_id = b.id
+                   WHERE b.user_id = u.id AND b.event_id = $2 AND b.hold_id IS NULL
+                   AND b.saga_state = 'PAYMENT_PENDING') AS n
            FROM unnest($1::uuid[]) AS u(id)""",
         users,
         event_id,

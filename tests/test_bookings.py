@@ -705,16 +705,20 @@ async def test_a_paid_booking_that_lost_a_seat_sells_none_and_refunds(settings, 
     async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
         event_id, seats, _, _ = await published_event(c)
         ann, bob = await buyer(c), await buyer(c)
+        hold = await c.post(
+            "/holds", headers=ann, json={"event_id": event_id, "seat_ids": seats[:2]}
+        )
+        assert hold.status_code == 201
         booking_id = (
-            await book(c, ann, {"event_id": event_id, "seat_ids": seats[:2]}, headers={})
+            await book(c, ann, {"event_id": event_id, "hold_id": hold.json()["id"]}, headers={})
         ).json()["request_id"]
-        # Made and reserved; the rest (payment, finish) never runs.
+        # Made and reserved (the hold taken over); the rest (payment, finish) never runs.
         await batch.begin_batch(instance.state, await queued(instance.state, event_id))
         state = await instance.state.db.fetchval(
             "SELECT saga_state FROM bookings WHERE id = $1", booking_id
         )
         assert state == "PAYMENT_PENDING"
-        # Seat 1's hold runs out during the payment and Bob takes the seat.
+        # The hold runs out on seat 1 during the payment and Bob takes the seat.
         conn = await db.connect(database_url)
         try:
             await conn.execute(
@@ -748,6 +752,93 @@ async def test_a_paid_booking_that_lost_a_seat_sells_none_and_refunds(settings, 
         assert statuses[seats[1]] == "held"  # Bob's
         found = (await c.get(f"/bookings/{booking_id}", headers=ann)).json()
         assert found["payment"]["status"] == "refunded" and found["tickets"] == []
+
+
+async def test_a_queued_booking_holds_its_own_seats_and_units_until_it_ends(settings, database_url):
+    """No hold row: the seats are sold to the booking when it is reserved, its units held on
+    the ticket type; both count against the per-person limit while it pays, and a failed
+    booking gives them back."""
+    from bilten import payments
+    from bilten.sagas import batch
+    from bilten.sagas.finish import finish
+    from tests.test_catalog import running
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (instance, c):
+        event_id, seats, standing, _ = await published_event(c, max_per_order=4)
+        ann, bob = await buyer(c), await buyer(c)
+        bodies = {
+            "paid": {"event_id": event_id, "seat_ids": seats[:2]},
+            "declined": {"event_id": event_id, "seat_ids": seats[2:3]},
+            "units": {"event_id": event_id, "ticket_type_id": standing, "quantity": 1},
+        }
+        ids = {}
+        for name, body in bodies.items():
+            response = await book(c, ann, body, key=name, headers={})
+            assert response.status_code == 202, response.text
+            ids[name] = response.json()["request_id"]
+        await batch.begin_batch(instance.state, await queued(instance.state, event_id))
+        db_ = instance.state.db
+        rows = await db_.fetch(
+            "SELECT saga_state, hold_id FROM bookings WHERE id = ANY ($1::uuid[])",
+            list(ids.values()),
+        )
+        assert [(r["saga_state"], r["hold_id"]) for r in rows] == [("PAYMENT_PENDING", None)] * 3
+        assert await db_.fetchval("SELECT count(*) FROM holds WHERE event_id = $1", event_id) == 0
+        sold_to = dict(
+            await db_.fetch(
+                "SELECT seat_id::text, booking_id::text FROM event_seats "
+                "WHERE event_id = $1 AND status = 'sold'",
+                event_id,
+            )
+        )
+        assert sold_to == {
+            seats[0]: ids["paid"],
+            seats[1]: ids["paid"],
+            seats[2]: ids["declined"],
+        }
+        assert await db_.fetchval("SELECT held FROM ticket_types WHERE id = $1", standing) == 1
+        # Taken while they pay: another buyer cannot hold them; Ann is at her limit of 4.
+        taken = await c.post(
+            "/holds", headers=bob, json={"event_id": event_id, "seat_ids": seats[:1]}
+        )
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "seat_unavailable"
+        more = await c.post(
+            "/holds", headers=ann, json={"event_id": event_id, "seat_ids": seats[5:6]}
+        )
+        assert more.status_code == 409, more.text
+        results = {}
+        for name in ("paid", "units"):
+            row = await db_.fetchrow(
+                "SELECT total_cents, currency, payment_token FROM bookings WHERE id = $1", ids[name]
+            )
+            results[ids[name]] = await instance.state.payments.charge(
+                key=ids[name],
+                amount_cents=row["total_cents"],
+                currency=row["currency"],
+                token=row["payment_token"],
+            )
+        results[ids["declined"]] = payments.PaymentDeclined("card_declined")
+        outcomes = await finish(instance.state, results)
+        assert {n: outcomes[i].state for n, i in ids.items()} == {
+            "paid": "CONFIRMED",
+            "declined": "FAILED",
+            "units": "CONFIRMED",
+        }
+        statuses = await seat_statuses(c, event_id)
+        assert [statuses[s] for s in seats[:3]] == ["sold", "sold", "available"]
+        kind = await db_.fetchrow("SELECT sold, held FROM ticket_types WHERE id = $1", standing)
+        assert (kind["sold"], kind["held"]) == (1, 0)
+        tickets = await db_.fetch(
+            "SELECT booking_id::text, seat_id::text FROM tickets WHERE event_id = $1", event_id
+        )
+        assert sorted((t["booking_id"], t["seat_id"]) for t in tickets) == sorted(
+            [(ids["paid"], seats[0]), (ids["paid"], seats[1]), (ids["units"], None)]
+        )
+        # The declined seat is free again, and Ann (3 tickets now) may hold one more.
+        again = await c.post(
+            "/holds", headers=ann, json={"event_id": event_id, "seat_ids": seats[2:3]}
+        )
+        assert again.status_code == 201, again.text
 
 
 async def test_a_ticket_type_of_another_event_touches_nothing(settings, database_url):

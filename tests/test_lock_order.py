@@ -248,7 +248,8 @@ INVARIANTS = {
         SELECT b.id::text FROM bookings b LEFT JOIN holds h ON h.id = b.hold_id
         WHERE b.event_id = $1 AND b.saga_state = 'CONFIRMED'
           AND (b.payment_status <> 'succeeded' OR b.payment_id IS NULL
-               OR h.status IS DISTINCT FROM 'booked'
+               OR (b.hold_id IS NOT NULL AND h.status IS DISTINCT FROM 'booked')
+               OR (b.hold_id IS NULL AND b.request ? 'hold_id')
                OR (SELECT count(*) FROM booking_items i WHERE i.booking_id = b.id) = 0
                OR (SELECT count(*) FROM booking_items i WHERE i.booking_id = b.id)
                   <> (SELECT count(*) FROM tickets t

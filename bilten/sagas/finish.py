@@ -83,31 +83,46 @@ async def finish_committed(
         ended = [r for r in locked if r["saga_state"] != "PAYMENT_PENDING"]
         for row in ended:
             outcomes[row["id"]] = outcome_of(row)
-        # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats.
-        hold_ids = [r["hold_id"] for r in rows]
-        hold_rows = await conn.fetch(
-            """SELECT id::text, ticket_type_id::text, quantity, status FROM holds
-               WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE""",
-            hold_ids,
-        )
-        await lock_types(conn, [h["ticket_type_id"] for h in hold_rows if h["ticket_type_id"]])
-        held = await conn.fetch(
-            f"SELECT es.hold_id::text FROM event_seats es WHERE {holds.seats_of_holds('$1')}"
-            " AND es.status = 'held' ORDER BY es.seat_id FOR UPDATE",
-            hold_ids,
-        )
-        # Each live hold, and how many of its seats it still holds (locked above).
-        live = {h["id"]: h for h in hold_rows if h["status"] == "active"}
-        seats_of: dict[str, int] = defaultdict(int)
-        for seat in held:
-            seats_of[seat["hold_id"]] += 1
         charges = {b: r for b, r in results.items() if isinstance(r, payments.Charge)}
         paid = [r for r in rows if r["id"] in charges and _matches(r, charges[r["id"]])]
         wrong = [r for r in rows if r["id"] in charges and not _matches(r, charges[r["id"]])]
         refused = [r for r in rows if r["id"] not in charges]
+        # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats. Holds:
+        # those the bookings took over. Seats: those of these holds, and those sold to the
+        # bookings that fail (a booking that holds its own is paid for them: nothing to check).
+        hold_rows = await conn.fetch(
+            """SELECT id::text, event_id::text, ticket_type_id::text, quantity, status,
+                      seat_ids::text[]
+               FROM holds WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE""",
+            [r["hold_id"] for r in rows if r["hold_id"]],
+        )
+        await lock_types(
+            conn,
+            [h["ticket_type_id"] for h in hold_rows if h["ticket_type_id"]]
+            + [t for r in rows if not r["hold_id"] for t, _ in _own_units(r)],
+        )
+        failing = [r for r in refused + wrong if not r["hold_id"]]
+        keys = {(h["event_id"], s) for h in hold_rows for s in h["seat_ids"]}
+        keys |= {(r["event_id"], s) for r in failing for s in _own_seats(r)}
+        seats = await conn.fetch(
+            """SELECT es.hold_id::text, es.status FROM event_seats es
+               JOIN unnest($1::uuid[], $2::uuid[]) AS k(event_id, seat_id)
+                 ON es.event_id = k.event_id AND es.seat_id = k.seat_id
+               ORDER BY es.seat_id FOR UPDATE OF es""",
+            [e for e, _ in keys],
+            [s for _, s in keys],
+        )
+        # Each live hold, and how many of its seats it still holds (locked above).
+        live = {h["id"]: h for h in hold_rows if h["status"] == "active"}
+        seats_of: dict[str, int] = defaultdict(int)
+        for seat in seats:
+            if seat["status"] == "held":
+                seats_of[seat["hold_id"]] += 1
         confirmed, lost_ids = await _confirm_many(app, conn, paid, results, live, seats_of)
         lost = [r for r in paid if r["id"] in set(lost_ids)]
-        await holds.release_many(conn, [r["hold_id"] for r in refused + lost + wrong])
+        gone = refused + lost + wrong
+        await holds.release_many(conn, [r["hold_id"] for r in gone if r["hold_id"]])
+        await _release_own(conn, failing)
         declined = [
             (r, _payment_error(results[r["id"]]))  # type: ignore[arg-type]
             for r in refused
@@ -151,6 +166,66 @@ async def finish_committed(
         )
     refunding = {r["id"] for r, _ in taken}
     return {b: (outcome, b in refunding) for b, outcome in outcomes.items()}
+
+
+def _own_seats(row: Any) -> list[str]:
+    """The seats sold to a booking that holds its own (no hold row): those it asked for."""
+    return list(row["request"].get("seat_ids") or [])
+
+
+def _own_units(row: Any) -> list[tuple[str, int]]:
+    """The units a booking that holds its own keeps held on its ticket type: [(type, n)]."""
+    request = row["request"]
+    if request.get("ticket_type_id") and not request.get("hold_id"):
+        return [(request["ticket_type_id"], int(request["quantity"]))]
+    return []
+
+
+def _units(row: Any, live: dict[str, Any]) -> list[tuple[str, int]]:
+    """The units a booking has held, by its hold or itself: [(type, n)]."""
+    if not row["hold_id"]:
+        return _own_units(row)
+    hold = live[row["hold_id"]]
+    return [(hold["ticket_type_id"], hold["quantity"])] if hold["ticket_type_id"] else []
+
+
+async def _release_own(conn: Connection, rows: list[Any]) -> None:
+    """Give back what failing bookings that hold their own seats or units have: the seats sold
+    to them (locked by the caller), the units held on their ticket types (locked too)."""
+    units: dict[str, int] = defaultdict(int)
+    unit_events: set[str] = set()
+    for row in rows:
+        for type_id, n in _own_units(row):
+            units[type_id] += n
+            unit_events.add(row["event_id"])
+    if units:
+        await conn.execute(
+            """UPDATE ticket_types t SET held = t.held - u.n, version = nextval('catalog_version')
+               FROM unnest($1::uuid[], $2::int[]) AS u(id, n) WHERE t.id = u.id""",
+            list(units),
+            list(units.values()),
+        )
+    mine = [(r["event_id"], s, r["id"]) for r in rows for s in _own_seats(r)]
+    freed = []
+    if mine:
+        freed = await conn.fetch(
+            """UPDATE event_seats es SET status = 'available', booking_id = NULL,
+                      version = nextval('catalog_version')
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS m(event_id, seat_id, booking_id)
+               WHERE es.event_id = m.event_id AND es.seat_id = m.seat_id
+                 AND es.booking_id = m.booking_id AND es.status = 'sold'
+               RETURNING es.event_id::text, es.seat_id::text, es.version""",
+            [e for e, _, _ in mine],
+            [s for _, s, _ in mine],
+            [b for _, _, b in mine],
+        )
+    changes: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for seat in freed:
+        changes[seat["event_id"]].append((seat["seat_id"], "available", seat["version"]))
+    rows_out: list[outbox.Row] = [("catalog", {"event_id": e}) for e in sorted(unit_events)]
+    for event_id, seat_changes in sorted(changes.items()):
+        rows_out += outbox.seat_rows(event_id, seat_changes)
+    await outbox.add_many(conn, rows_out)
 
 
 def _mismatch(row: Any, charge: payments.Charge) -> ApiError:
@@ -197,8 +272,9 @@ async def _confirm_many(
     live: dict[str, Any],
     seats_of: dict[str, int],
 ) -> tuple[list[Outcome], list[str]]:
-    """Confirm the paid bookings whose holds are whole: ``live``, the active holds (locked),
-    and ``seats_of``, how many seats each still holds (locked); the others are returned as
+    """Confirm the paid bookings that still have what they booked: those holding their own
+    seats or units always do; those of a hold when it is whole (``live``, the active holds,
+    locked; ``seats_of``, how many seats each still holds, locked). The others are returned as
     lost."""
     if not rows:
         return [], []
@@ -206,8 +282,9 @@ async def _confirm_many(
     leftovers: list[Any] = []
     for row in rows:
         hold = live.get(row["hold_id"])
-        whole = hold is not None and (
-            hold["ticket_type_id"] is not None or seats_of[row["hold_id"]] == hold["quantity"]
+        whole = not row["hold_id"] or (
+            hold is not None
+            and (hold["ticket_type_id"] is not None or seats_of[row["hold_id"]] == hold["quantity"])
         )
         (ok if whole else leftovers).append(row)
     if not ok:
@@ -215,7 +292,11 @@ async def _confirm_many(
     outbox_rows: list[tuple[str, dict[str, Any]]] = []
     for event_id in {r["event_id"] for r in ok}:
         mine = [
-            r for r in ok if r["event_id"] == event_id and not live[r["hold_id"]]["ticket_type_id"]
+            r
+            for r in ok
+            if r["event_id"] == event_id
+            and r["hold_id"]
+            and not live[r["hold_id"]]["ticket_type_id"]
         ]
         if mine:
             sold = await conn.fetch(
@@ -237,9 +318,8 @@ async def _confirm_many(
     units: dict[str, int] = defaultdict(int)
     unit_events: set[str] = set()
     for row in ok:
-        hold = live[row["hold_id"]]
-        if hold["ticket_type_id"]:
-            units[hold["ticket_type_id"]] += hold["quantity"]
+        for type_id, n in _units(row, live):
+            units[type_id] += n
             unit_events.add(row["event_id"])
     outbox_rows += [("catalog", {"event_id": e}) for e in sorted(unit_events)]  # one an event
     if units:
@@ -251,10 +331,11 @@ async def _confirm_many(
             list(units.values()),
         )
     ids = [r["id"] for r in ok]
-    await conn.execute(
-        "UPDATE holds SET status = 'booked' WHERE id = ANY ($1::uuid[])",
-        [r["hold_id"] for r in ok],
-    )
+    taken_over = [r["hold_id"] for r in ok if r["hold_id"]]
+    if taken_over:
+        await conn.execute(
+            "UPDATE holds SET status = 'booked' WHERE id = ANY ($1::uuid[])", taken_over
+        )
     items = await conn.fetch(
         """SELECT booking_id::text, seat_id::text, ticket_type_id::text, label, price_cents
            FROM booking_items WHERE booking_id = ANY ($1::uuid[]) ORDER BY booking_id, position""",

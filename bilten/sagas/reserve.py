@@ -3,9 +3,11 @@
 The bookings are locked together; every seat they ask for is locked in one statement (in seat
 order, like every claim), then given out all-or-nothing per booking in arrival order (first
 come, first served); units are claimed by a conditional update that cannot pass capacity; a
-booking of a hold takes that hold over. Holds, items, states, transitions and outbox rows are
-then written in one statement each. PAYMENT_PENDING is committed before any provider call, so a
-crash leaves an outcome that recovery looks up instead of guessing.
+booking of a hold takes that hold over. A booking of seats or units holds them itself, with no
+hold row: its seats are written once, ``sold`` to it, and given back should it fail
+(``finish``); its units are held on the ticket type until then. Items, states and outbox rows
+are then written in one statement each. PAYMENT_PENDING is committed before any provider call,
+so a crash leaves an outcome that recovery looks up instead of guessing.
 
 Queued requests (:func:`reserve_new`) have no booking row yet: theirs is written once, after
 the seats were given out, already PAYMENT_PENDING or FAILED. :func:`reserve` moves rows that
@@ -14,7 +16,6 @@ exist (PENDING bookings written before this was so, a batch handled again).
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,11 +63,8 @@ FOR UPDATE OF es
 @dataclass
 class Reserved:
     row: Any
-    hold_id: str
+    hold_id: str | None  # the hold taken over; None for a booking holding its own
     items: list[holds.Item]
-    adopted: bool
-    seat_ids: list[str]
-    ticket_type_id: str | None
 
 
 async def _items_of_hold(conn: Connection, hold: Any) -> list[holds.Item]:
@@ -176,9 +174,6 @@ async def _reserve_event(
     # down here in arrival order, and what was won taken in one statement at the end.
     kinds = {t: await holds.reclaim_units(conn, event_id, t) for t in unit_types}
     units_left = {t: kind["remaining"] for t, kind in kinds.items() if kind is not None}
-    expires_at = await conn.fetchval(
-        "SELECT now() + $1::interval", timedelta(seconds=PAYMENT_WINDOW)
-    )
     seat_changes: list[tuple[str, str, int]] = []
     units_changed = False
     # Every seat the batch asks for (and those of the holds it takes over), locked at once in
@@ -199,7 +194,7 @@ async def _reserve_event(
             known.add(seat["seat_id"])
             if seat["free"]:
                 free[seat["seat_id"]] = (seat["label"], seat["price_cents"])
-    winners: list[tuple[str, str]] = []  # (seat id, hold id)
+    winners: list[tuple[str, str]] = []  # (seat id, booking id)
     adopted: set[str] = set()  # holds taken by earlier bookings of this batch
     for row in rows:
         request = row["request"]
@@ -213,7 +208,7 @@ async def _reserve_event(
                     )
                 hold_id, items = await _adopt_hold(conn, row, request["hold_id"])
                 adopted.add(hold_id)
-                reserved.append(Reserved(row, hold_id, items, True, [], None))
+                reserved.append(Reserved(row, hold_id, items))
                 continue
             seat_ids: list[str] = request.get("seat_ids") or []
             ticket_type_id: str | None = request.get("ticket_type_id")
@@ -223,7 +218,6 @@ async def _reserve_event(
             already = room.get(row["user_id"], 0)
             if already + quantity > limit:
                 raise holds.over_person_limit(limit, already)
-            hold_id = str(uuid.uuid4())
             if seat_ids:
                 unknown = [s for s in seat_ids if s not in known]
                 if unknown:
@@ -237,7 +231,7 @@ async def _reserve_event(
                 ]
                 for s in seat_ids:
                     del free[s]
-                    winners.append((s, hold_id))
+                    winners.append((s, row["id"]))
             else:
                 assert ticket_type_id is not None
                 kind = kinds[ticket_type_id]
@@ -251,45 +245,26 @@ async def _reserve_event(
             failed.append((row, error))
             continue
         room[row["user_id"]] = room.get(row["user_id"], 0) + quantity
-        reserved.append(Reserved(row, hold_id, items, False, seat_ids, ticket_type_id))
+        reserved.append(Reserved(row, None, items))
     for type_id, kind in kinds.items():
         if kind is not None and units_left[type_id] < kind["remaining"]:
             await holds.take_units(conn, type_id, kind["remaining"] - units_left[type_id])
             units_changed = True
     if winners:
+        # Sold to the booking at once: the seat row is written once for a booking that is paid
+        # (and once more, back to available, for one that fails).
         claimed = await conn.fetch(
             """UPDATE event_seats es
-               SET status = 'held', hold_id = w.hold_id, hold_expires_at = $2, booking_id = NULL,
-                   version = nextval('catalog_version')
-               FROM unnest($3::uuid[], $4::uuid[]) AS w(seat_id, hold_id)
+               SET status = 'sold', booking_id = w.booking_id, hold_id = NULL,
+                   hold_expires_at = NULL, version = nextval('catalog_version')
+               FROM unnest($2::uuid[], $3::uuid[]) AS w(seat_id, booking_id)
                WHERE es.event_id = $1 AND es.seat_id = w.seat_id
                RETURNING es.seat_id::text, es.version""",
             event_id,
-            expires_at,
             [s for s, _ in winners],
-            [h for _, h in winners],
+            [b for _, b in winners],
         )
-        seat_changes += [(c["seat_id"], "held", c["version"]) for c in claimed]
-    fresh = [r for r in reserved if not r.adopted]
-    if fresh:
-        await conn.execute(
-            """INSERT INTO holds (id, event_id, user_id, ticket_type_id, seat_ids, quantity,
-                                  amount_cents, currency, expires_at)
-               SELECT h.id, $1, h.user_id, h.ticket_type_id, ARRAY(
-                          SELECT jsonb_array_elements_text(h.seats::jsonb))::uuid[],
-                      h.quantity, h.amount, $2, $3
-               FROM unnest($4::uuid[], $5::uuid[], $6::uuid[], $7::text[], $8::int[], $9::int[])
-                    AS h(id, user_id, ticket_type_id, seats, quantity, amount)""",
-            event_id,
-            event["currency"],
-            expires_at,
-            [r.hold_id for r in fresh],
-            [r.row["user_id"] for r in fresh],
-            [r.ticket_type_id for r in fresh],
-            [_json_list(r.seat_ids) for r in fresh],
-            [len(r.items) for r in fresh],
-            [sum(i.price_cents for i in r.items) for r in fresh],
-        )
+        seat_changes += [(c["seat_id"], "sold", c["version"]) for c in claimed]
     outbox_rows = outbox.seat_rows(event_id, seat_changes)
     if units_changed:
         outbox_rows.append(("catalog", {"event_id": event_id}))
@@ -308,10 +283,6 @@ async def _reserve_events(
         reserved += ok
         failed += bad
     return reserved, failed
-
-
-def _json_list(values: list[str]) -> str:
-    return "[" + ",".join(f'"{v}"' for v in values) + "]"
 
 
 async def reserve(
@@ -454,7 +425,7 @@ async def reserve_new(
             }
         )
     reserved, failed = await _reserve_events(conn, by_event)
-    hold_of = {r.row["id"]: r.hold_id for r in reserved}
+    hold_of = {r.row["id"]: r.hold_id for r in reserved}  # None: the booking holds its own
     total_of = {r.row["id"]: sum(i.price_cents for i in r.items) for r in reserved}
     error_of = {row["id"]: error for row, error in failed}
     # In one key order, as every writer of bookings: inserts of the same user and key wait for
