@@ -11,6 +11,7 @@ in a transaction with a key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 PREFIX = "bilten"
@@ -24,6 +25,7 @@ def instance(instance_id: str) -> str:
     return f"{INSTANCES}:{instance_id}"
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every request of a sale
 def event_tag(event_id: str) -> str:
     """The hex digits that place an event's keys in one slot: a digest, so ids of any shape
     (sequential ones too) spread over the slots."""

@@ -8,19 +8,97 @@ does not care which.
   503). Pipelines are split by node; Bilten keeps every script and transaction in one slot.
 * Sentinel: the primary's address is asked of the Sentinels again after every lost
   connection, so a failover (or a restart) is followed.
+
+Commands to one server or a Sentinel-watched primary are packed by hiredis, in C, as
+redis-py's blocking client does; its asyncio client packs them in Python, about ten times
+slower (the door's script with its arguments: 26 µs against 2.7 µs here), which was a tenth of
+an instance's CPU in a sale. A cluster's nodes keep redis-py's packer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, cast
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.exceptions import DataError
 
 from bilten import redisurl
 
 TIMEOUT = 5  # seconds to connect, and to wait for a pooled connection
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    # As redis-py's own packers: a first argument with spaces ("CONFIG GET") is split.
+    if isinstance(args[0], str):
+        args = tuple(args[0].encode().split()) + args[1:]
+    elif b" " in args[0]:
+        args = tuple(args[0].split()) + args[1:]
+    try:
+        return cast(bytes, hiredis.pack_command(args))
+    except TypeError:
+        # hiredis takes str, bytes, int and float; redis-py's packer takes buffers too.
+        args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+        try:
+            return cast(bytes, hiredis.pack_command(args))
+        except TypeError as error:
+            raise DataError(str(error)) from error
+
+
+class _PackedByHiredis:
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return [_pack(args)]
+
+    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
+        return [b"".join(_pack(tuple(command)) for command in commands)]
+
+
+class _Connection(_PackedByHiredis, Connection):
+    pass
+
+
+class _SSLConnection(_PackedByHiredis, SSLConnection):
+    pass
+
+
+class _UnixConnection(_PackedByHiredis, UnixDomainSocketConnection):
+    pass
+
+
+class _SentinelConnection(_PackedByHiredis, SentinelManagedConnection):
+    pass
+
+
+class _SentinelSSLConnection(_PackedByHiredis, SentinelManagedSSLConnection):
+    pass
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _Connection,
+    SSLConnection: _SSLConnection,
+    UnixDomainSocketConnection: _UnixConnection,
+    SentinelManagedConnection: _SentinelConnection,
+    SentinelManagedSSLConnection: _SentinelSSLConnection,
+}
+
+
+def _packed_by_hiredis(pool: Any) -> None:
+    """The pool's connections pack commands with hiredis (the same bytes, made in C)."""
+    pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
 
 
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -51,6 +129,7 @@ def client(url: str, *, max_connections: int = 50, **options: Any) -> Redis:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=TIMEOUT, **options
         )
+        _packed_by_hiredis(pool)
         return Redis.from_pool(pool)  # closing the client closes the pool
     options.update(username=target.username, password=target.password)
     if target.kind == "cluster":
@@ -75,4 +154,5 @@ def client(url: str, *, max_connections: int = 50, **options: Any) -> Redis:
         ssl=target.tls,
         **options,
     )
+    _packed_by_hiredis(primary.connection_pool)
     return primary

@@ -3,6 +3,11 @@
 import asyncio
 import hashlib
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.exceptions import DataError
+
 from bilten.pipelining import AutoPipeline
 
 # Appends ARGV[1] to a list and returns its new length; errors when ARGV[1] is "boom".
@@ -86,3 +91,45 @@ async def test_plain_commands_of_concurrent_callers_share_the_pipeline(redis):
     # One connection was enough (this client's pool; the server may have other clients).
     opened = len(pool._available_connections) + len(pool._in_use_connections)
     assert opened == 1
+
+
+_ARG = st.one_of(
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@given(st.lists(_ARG, min_size=1, max_size=12))
+def test_hiredis_packs_commands_as_redis_py_does(args):
+    """The client's connections pack with hiredis; the bytes are redis-py's own."""
+    from redis.asyncio.connection import Connection
+
+    from bilten import redisconn
+
+    ours = redisconn._Connection()
+    theirs = Connection()
+    command = ("EVALSHA", *args)
+    assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+    assert b"".join(ours.pack_commands([command, ("GET", *args)])) == b"".join(
+        theirs.pack_commands([command, ("GET", *args)])
+    )
+
+
+async def test_the_client_sends_every_kind_of_argument_through_hiredis(redis_url):
+    from bilten import redisconn
+
+    client = redisconn.client(redis_url)
+    try:
+        assert client.connection_pool.connection_class is redisconn._Connection
+        value = bytes(range(256)) + "ünïcode €".encode()
+        await client.set("bilten:test:packed", memoryview(value))
+        assert await client.get("bilten:test:packed") == value
+        await client.execute_command("CONFIG GET", "maxmemory")  # a command name with a space
+        assert await client.incrbyfloat("bilten:test:float", 1.5) == 1.5
+        await client.delete("bilten:test:packed", "bilten:test:float")
+        with pytest.raises(DataError):
+            await client.set("bilten:test:packed", None)  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
