@@ -90,12 +90,15 @@ async def finish_committed(
         # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats. Holds:
         # those the bookings took over. Seats: those of these holds, and those sold to the
         # bookings that fail (a booking that holds its own is paid for them: nothing to check).
-        hold_rows = await conn.fetch(
-            """SELECT id::text, event_id::text, ticket_type_id::text, quantity, status,
-                      seat_ids::text[]
-               FROM holds WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE""",
-            [r["hold_id"] for r in rows if r["hold_id"]],
-        )
+        taken_over = [r["hold_id"] for r in rows if r["hold_id"]]
+        hold_rows = []
+        if taken_over:
+            hold_rows = await conn.fetch(
+                """SELECT id::text, event_id::text, ticket_type_id::text, quantity, status,
+                          seat_ids::text[]
+                   FROM holds WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE""",
+                taken_over,
+            )
         await lock_types(
             conn,
             [h["ticket_type_id"] for h in hold_rows if h["ticket_type_id"]]
@@ -104,14 +107,16 @@ async def finish_committed(
         failing = [r for r in refused + wrong if not r["hold_id"]]
         keys = {(h["event_id"], s) for h in hold_rows for s in h["seat_ids"]}
         keys |= {(r["event_id"], s) for r in failing for s in _own_seats(r)}
-        seats = await conn.fetch(
-            """SELECT es.hold_id::text, es.status FROM event_seats es
-               JOIN unnest($1::uuid[], $2::uuid[]) AS k(event_id, seat_id)
-                 ON es.event_id = k.event_id AND es.seat_id = k.seat_id
-               ORDER BY es.seat_id FOR UPDATE OF es""",
-            [e for e, _ in keys],
-            [s for _, s in keys],
-        )
+        seats = []
+        if keys:
+            seats = await conn.fetch(
+                """SELECT es.hold_id::text, es.status FROM event_seats es
+                   JOIN unnest($1::uuid[], $2::uuid[]) AS k(event_id, seat_id)
+                     ON es.event_id = k.event_id AND es.seat_id = k.seat_id
+                   ORDER BY es.seat_id FOR UPDATE OF es""",
+                [e for e, _ in keys],
+                [s for _, s in keys],
+            )
         # Each live hold, and how many of its seats it still holds (locked above).
         live = {h["id"]: h for h in hold_rows if h["status"] == "active"}
         seats_of: dict[str, int] = defaultdict(int)

@@ -60,6 +60,25 @@ FOR UPDATE OF es
 """
 
 
+# The seats won, sold to their bookings, and their delta (outbox.seat_rows's payload) in one
+# statement.
+_SELL = """
+WITH sold AS (
+    UPDATE event_seats es
+    SET status = 'sold', booking_id = w.booking_id, hold_id = NULL, hold_expires_at = NULL,
+        version = nextval('catalog_version')
+    FROM unnest($2::uuid[], $3::uuid[]) AS w(seat_id, booking_id)
+    WHERE es.event_id = $1 AND es.seat_id = w.seat_id
+    RETURNING es.seat_id, es.version)
+INSERT INTO outbox (topic, payload)
+SELECT 'seats', jsonb_build_object(
+    'type', 'seats', 'event_id', $1::text, 'version', max(version),
+    'changes', jsonb_agg(jsonb_build_object(
+        'seat_id', seat_id::text, 'status', 'sold', 'version', version)))
+FROM sold HAVING count(*) > 0
+"""
+
+
 @dataclass
 class Reserved:
     row: Any
@@ -174,7 +193,6 @@ async def _reserve_event(
     # down here in arrival order, and what was won taken in one statement at the end.
     kinds = {t: await holds.reclaim_units(conn, event_id, t) for t in unit_types}
     units_left = {t: kind["remaining"] for t, kind in kinds.items() if kind is not None}
-    seat_changes: list[tuple[str, str, int]] = []
     units_changed = False
     # Every seat the batch asks for (and those of the holds it takes over), locked at once in
     # seat order; who gets which is then decided here, in arrival order, and written in one
@@ -253,22 +271,9 @@ async def _reserve_event(
     if winners:
         # Sold to the booking at once: the seat row is written once for a booking that is paid
         # (and once more, back to available, for one that fails).
-        claimed = await conn.fetch(
-            """UPDATE event_seats es
-               SET status = 'sold', booking_id = w.booking_id, hold_id = NULL,
-                   hold_expires_at = NULL, version = nextval('catalog_version')
-               FROM unnest($2::uuid[], $3::uuid[]) AS w(seat_id, booking_id)
-               WHERE es.event_id = $1 AND es.seat_id = w.seat_id
-               RETURNING es.seat_id::text, es.version""",
-            event_id,
-            [s for s, _ in winners],
-            [b for _, b in winners],
-        )
-        seat_changes += [(c["seat_id"], "sold", c["version"]) for c in claimed]
-    outbox_rows = outbox.seat_rows(event_id, seat_changes)
+        await conn.execute(_SELL, event_id, [s for s, _ in winners], [b for _, b in winners])
     if units_changed:
-        outbox_rows.append(("catalog", {"event_id": event_id}))
-    await outbox.add_many(conn, outbox_rows)
+        await outbox.catalog_changed(conn, event_id)
     return reserved, failed
 
 
@@ -340,13 +345,11 @@ def _reserved_outcomes(
         )
 
 
-async def _write_items(conn: Connection, reserved: list[Reserved]) -> None:
+def _items(reserved: list[Reserved]) -> tuple[list[Any], ...]:
+    """The reserved bookings' items as columns: booking id, position, seat, ticket type, label,
+    price."""
     items = [(r.row["id"], n, i) for r in reserved for n, i in enumerate(r.items)]
-    await conn.execute(
-        """INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id,
-                                      label, price_cents)
-           SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[],
-                                $5::text[], $6::int[])""",
+    return (
         [b for b, _, _ in items],
         [n for _, n, _ in items],
         [i.seat_id for _, _, i in items],
@@ -356,9 +359,20 @@ async def _write_items(conn: Connection, reserved: list[Reserved]) -> None:
     )
 
 
+async def _write_items(conn: Connection, reserved: list[Reserved]) -> None:
+    await conn.execute(
+        """INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id,
+                                      label, price_cents)
+           SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[],
+                                $5::text[], $6::int[])""",
+        *_items(reserved),
+    )
+
+
 # New bookings written once, already past their first step: PAYMENT_PENDING with their hold
 # and total, or FAILED with the reason (its buyer's message in the same statement); their
-# history holds both steps. No row is written PENDING and moved at once.
+# history holds both steps, their items go with them. No row is written PENDING and moved at
+# once. (The items' foreign key is checked at the end of the statement, the bookings there.)
 _INSERT_DECIDED = """
 WITH r AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[],
@@ -366,6 +380,10 @@ WITH r AS (
                          $13::text[], $14::jsonb[], $15::jsonb[])
         AS r(id, user_id, event_id, key, digest, request, currency, provider, token, hold_id,
              total, code, message, details, note)),
+i AS (
+    SELECT * FROM unnest($16::uuid[], $17::int[], $18::uuid[], $19::uuid[], $20::text[],
+                         $21::int[])
+        AS i(booking_id, position, seat_id, ticket_type_id, label, price_cents)),
 made AS (
     INSERT INTO bookings (id, user_id, event_id, idempotency_key, body_hash, request, currency,
                           payment_provider, payment_token, hold_id, total_cents, saga_state,
@@ -388,7 +406,11 @@ made AS (
     RETURNING id),
 told AS (
     INSERT INTO outbox (topic, payload)
-    SELECT 'user', r.note FROM r JOIN made USING (id) WHERE r.code IS NOT NULL)
+    SELECT 'user', r.note FROM r JOIN made USING (id) WHERE r.code IS NOT NULL),
+items AS (
+    INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id, label,
+                               price_cents)
+    SELECT i.* FROM i JOIN made ON made.id = i.booking_id)
 SELECT count(*) FROM made
 """
 
@@ -434,6 +456,7 @@ async def reserve_new(
         (r.id for r in requests if r.id in hold_of or r.id in error_of),
         key=lambda i: (of_row[i].user_id, of_row[i].key),
     )
+    items = _items(reserved)
     made = await conn.fetchval(
         _INSERT_DECIDED,
         ids,
@@ -459,11 +482,10 @@ async def reserve_new(
             else None
             for i in ids
         ],
+        *items,
     )
     if made != len(ids):
         raise Raced(f"{len(ids) - made} of {len(ids)} bookings were written meanwhile")
-    if reserved:
-        await _write_items(conn, reserved)
     for row, error in failed:
         metrics.BOOKINGS.labels("failed", error.code).inc()
         outcomes[row["id"]] = Outcome(row["id"], row["user_id"], row["event_id"], "FAILED", error)
