@@ -27,7 +27,7 @@ async def register(http, url, email, role="attendee"):
 
 async def test_killing_an_instance_mid_sale_loses_nothing(spawn_server, settings, database_url):
     env = {
-        "BILTEN_TEST_PAYMENT_LATENCY_MS": "300",
+        "BILTEN_TEST_PAYMENT_LATENCY_MS": "1500",  # the kill lands while A charges
         "BILTEN_QUEUE_LEASE_MS": "1000",
         "BILTEN_HOLD_TTL": "30",
         "BILTEN_BOOKING_WORKERS": "2",
@@ -92,6 +92,14 @@ async def test_killing_an_instance_mid_sale_loses_nothing(spawn_server, settings
             "SELECT count(*) FROM event_seats WHERE event_id = $1 AND status = 'sold'", event_id
         )
         assert sold == 20
+        # Each sold to a confirmed booking (a booking holds its seats itself while it pays).
+        strays = await conn.fetchval(
+            """SELECT count(*) FROM event_seats es LEFT JOIN bookings b ON b.id = es.booking_id
+               WHERE es.event_id = $1 AND es.status = 'sold'
+                 AND b.saga_state IS DISTINCT FROM 'CONFIRMED'""",
+            event_id,
+        )
+        assert strays == 0
         twice = await conn.fetchval(
             """SELECT count(*) FROM (
                    SELECT seat_id FROM tickets WHERE event_id = $1 AND status <> 'void'
