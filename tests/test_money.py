@@ -244,7 +244,8 @@ async def test_an_instance_killed_between_the_cancel_and_its_refund(spawn_server
         a.process.send_signal(signal.SIGKILL)
         a.process.wait()
         with pytest.raises(httpx.HTTPError):
-            await cancel
+            answer = await cancel
+            pytest.fail(f"answered before the kill: {answer.status_code} {answer.text}")
     b = spawn_server(**env)
     async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
         deadline = time.monotonic() + 30
