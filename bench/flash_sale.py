@@ -18,11 +18,13 @@ no seat available; the whole load is bounded by ``--timeout``.
 
 Then PostgreSQL is checked directly (nothing sold twice, seats sold == tickets == items of
 confirmed bookings, no hold outliving its time, every booking finished, every confirmed booking
-paid), and the same saga transactions are timed without HTTP, queue or workers, each on a fresh
-event of the same size: the saga's one-booking ``reserve`` and ``finish`` in a tight loop over a
-few pooled connections, and the saga's steps (``reserve``, ``finish``) a queue batch
-at a time on one connection, as one event's worker runs them. The ratio of HTTP to SQL-only is
-what the HTTP path keeps of what the SQL can do.
+paid), the row writes per confirmed booking are read from pg_stat_user_tables, and, when the
+server loads ``pg_stat_statements`` (``shared_preload_libraries``), the statements that took
+most of its time. The same saga transactions are then timed without HTTP, queue or workers,
+each on a fresh event of the same size: the saga's one-booking ``reserve`` and ``finish`` in
+a tight loop over a few pooled connections, and the saga's steps (``reserve``, ``finish``) a
+queue batch at a time on one connection, as one event's worker runs them. The ratio of HTTP
+to SQL-only is what the HTTP path keeps of what the SQL can do.
 
 The sale opens ``SETTLE`` seconds after the servers answer ready (their start-up, such as the
 mail worker's helper process importing, is over by then, as it is before any real sale).
