@@ -212,6 +212,7 @@ SELECT es.event_id::text, es.seat_id::text,
        es.status = 'available' OR (es.status = 'held' AND es.hold_expires_at <= now()) AS free
 FROM event_seats es JOIN unnest($1::uuid[], $2::uuid[]) AS w(event_id, seat_id)
   ON es.event_id = w.event_id AND es.seat_id = w.seat_id
+WHERE es.event_id = ANY ($1::uuid[]) AND es.seat_id = ANY ($2::uuid[])
 ORDER BY es.seat_id, es.event_id
 FOR UPDATE OF es
 """
@@ -222,7 +223,8 @@ SET status = 'held', hold_id = w.hold_id, hold_expires_at = w.expires_at, bookin
     version = nextval('catalog_version')
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[])
      AS w(event_id, seat_id, hold_id, expires_at)
-WHERE es.event_id = w.event_id AND es.seat_id = w.seat_id
+WHERE es.event_id = ANY ($1::uuid[]) AND es.seat_id = ANY ($2::uuid[])
+  AND es.event_id = w.event_id AND es.seat_id = w.seat_id
 RETURNING es.event_id::text, es.seat_id::text, es.hold_id::text, es.version,
           (SELECT label FROM seats WHERE id = es.seat_id) AS label,
           (SELECT price_cents FROM price_tiers WHERE id = es.tier_id) AS price_cents
@@ -247,7 +249,8 @@ SELECT w.n, w.seat_id::text
 FROM unnest($1::int[], $2::uuid[], $3::uuid[], $4::int[]) AS w(n, event_id, seat_id, quantity)
 JOIN event_seats es ON es.event_id = w.event_id AND es.seat_id = w.seat_id
 JOIN events e ON e.id = w.event_id
-WHERE e.status = 'published'
+WHERE es.event_id = ANY ($2::uuid[]) AND es.seat_id = ANY ($3::uuid[])
+  AND e.status = 'published'
   AND NOT coalesce(e.sale_starts_at > now() OR e.ends_at <= now(), false)
   AND w.quantity <= e.max_tickets_per_order
   AND NOT (es.status = 'available' OR (es.status = 'held' AND es.hold_expires_at <= now()))

@@ -113,6 +113,7 @@ async def finish_committed(
                 """SELECT es.hold_id::text, es.status FROM event_seats es
                    JOIN unnest($1::uuid[], $2::uuid[]) AS k(event_id, seat_id)
                      ON es.event_id = k.event_id AND es.seat_id = k.seat_id
+                   WHERE es.event_id = ANY ($1::uuid[]) AND es.seat_id = ANY ($2::uuid[])
                    ORDER BY es.seat_id FOR UPDATE OF es""",
                 [e for e, _ in keys],
                 [s for _, s in keys],
@@ -217,7 +218,8 @@ async def _release_own(conn: Connection, rows: list[Any]) -> None:
             """UPDATE event_seats es SET status = 'available', booking_id = NULL,
                       version = nextval('catalog_version')
                FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS m(event_id, seat_id, booking_id)
-               WHERE es.event_id = m.event_id AND es.seat_id = m.seat_id
+               WHERE es.event_id = ANY ($1::uuid[]) AND es.seat_id = ANY ($2::uuid[])
+                 AND es.event_id = m.event_id AND es.seat_id = m.seat_id
                  AND es.booking_id = m.booking_id AND es.status = 'sold'
                RETURNING es.event_id::text, es.seat_id::text, es.version""",
             [e for e, _, _ in mine],
@@ -260,7 +262,7 @@ moved AS (
            payment_token = '', payment_id = p.payment_id, updated_at = now(),
            history = b.history || jsonb_build_object(
                'from', 'PAYMENT_PENDING', 'to', 'CONFIRMED', 'at', now())
-    FROM p WHERE b.id = p.id
+    FROM p WHERE b.id = ANY ($1::uuid[]) AND b.id = p.id
     RETURNING b.id)
 INSERT INTO outbox (topic, payload)
 SELECT * FROM unnest($4::text[], $5::jsonb[])

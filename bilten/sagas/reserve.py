@@ -44,7 +44,7 @@ UPDATE bookings b SET hold_id = r.hold_id, total_cents = r.total,
        history = b.history || jsonb_build_object(
            'from', 'PENDING', 'to', 'PAYMENT_PENDING', 'reason', 'seats_reserved', 'at', now())
 FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS r(id, hold_id, total)
-WHERE b.id = r.id
+WHERE b.id = ANY ($1::uuid[]) AND b.id = r.id
 """
 
 _LOCK_SEATS = """
@@ -68,7 +68,7 @@ WITH sold AS (
     SET status = 'sold', booking_id = w.booking_id, hold_id = NULL, hold_expires_at = NULL,
         version = nextval('catalog_version')
     FROM unnest($2::uuid[], $3::uuid[]) AS w(seat_id, booking_id)
-    WHERE es.event_id = $1 AND es.seat_id = w.seat_id
+    WHERE es.event_id = $1 AND es.seat_id = ANY ($2::uuid[]) AND es.seat_id = w.seat_id
     RETURNING es.seat_id, es.version)
 INSERT INTO outbox (topic, payload)
 SELECT 'seats', jsonb_build_object(

@@ -90,7 +90,7 @@ moved AS (
            payment_status = 'failed', payment_unsettled = b.payment_unsettled OR f.unsettled,
            history = b.history || jsonb_build_object(
                'from', f.src, 'to', 'FAILED', 'reason', f.code, 'at', now())
-    FROM f WHERE b.id = f.id
+    FROM f WHERE b.id = ANY ($1::uuid[]) AND b.id = f.id
     RETURNING b.id)
 INSERT INTO outbox (topic, payload) SELECT 'user', f.note FROM f JOIN moved USING (id)
 """
