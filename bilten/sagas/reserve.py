@@ -61,7 +61,10 @@ FOR UPDATE OF es
 
 
 # The seats won, sold to their bookings, and their delta (outbox.seat_rows's payload) in one
-# statement.
+# statement. The seat ids are named as an array too, so that the rows are found by primary key
+# whatever the statistics say (a new event's seats are not in them yet: the planner then hashed
+# every seat of the event for each call). Every statement that joins an array of keys to
+# event_seats or bookings does the same.
 _SELL = """
 WITH sold AS (
     UPDATE event_seats es
