@@ -14,9 +14,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from bilten.batching import Batcher
+
+# What redis-py's asyncio client may raise instead of ConnectionError when it writes to a
+# connection closed under it (a reset by the peer, a cluster node failing over while the
+# connection is set up): the transport's own errors (redis/redis-py#4287). For the door they are
+# a lost connection, answered 503 like any other, not a 500.
+_LOST = (AttributeError, TypeError)
 
 Arg = str | bytes | int | float
 # A script (its text and SHA1, its keys and arguments), or a plain command (no script, no sha:
@@ -39,7 +46,10 @@ class AutoPipeline(Batcher[Call, Any]):
         return await self.call(("", "", (), args))
 
     async def handle(self, calls: list[Call]) -> list[Any]:
-        return await send(self.redis, calls)
+        try:
+            return await send(self.redis, calls)
+        except _LOST as error:
+            raise RedisConnectionError(f"the connection to Redis was lost: {error}") from error
 
 
 async def send(redis: Redis, calls: Sequence[Call]) -> list[Any]:

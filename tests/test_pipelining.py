@@ -133,3 +133,25 @@ async def test_the_client_sends_every_kind_of_argument_through_hiredis(redis_url
             await client.set("bilten:test:packed", None)  # type: ignore[arg-type]
     finally:
         await client.aclose()
+
+
+async def test_a_transport_error_from_redis_py_is_a_lost_connection(redis, monkeypatch):
+    """redis-py's asyncio client may raise the transport's own AttributeError when it writes to
+    a connection closed under it (as seen during a cluster failover); every caller of the batch
+    gets a ConnectionError (the door answers 503), and the next batch goes through."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    pipeline = AutoPipeline(redis)
+    real = Pipeline.execute
+
+    async def broken(self, raise_on_error=True):
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    monkeypatch.setattr(Pipeline, "execute", broken)
+    results = await asyncio.gather(
+        pipeline.command("PING"), pipeline.command("PING"), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+    monkeypatch.setattr(Pipeline, "execute", real)
+    assert await pipeline.command("PING") is True
