@@ -512,17 +512,7 @@ async def release_many(
         if hold["ticket_type_id"]:
             units[hold["ticket_type_id"]] += hold["quantity"]
     rows: list[outbox.Row] = []
-    if units:
-        await conn.execute(
-            """WITH locked AS (
-                   SELECT id FROM ticket_types WHERE id = ANY ($1::uuid[])
-                   ORDER BY id FOR UPDATE)
-               UPDATE ticket_types t SET held = t.held - u.n, version = nextval('catalog_version')
-               FROM unnest($1::uuid[], $2::int[]) AS u(id, n), locked
-               WHERE t.id = u.id AND locked.id = u.id""",
-            list(units),
-            list(units.values()),
-        )
+    await give_back_units(conn, units)
     seat_holds = [h["id"] for h in released if not h["ticket_type_id"]]
     if seat_holds:
         freed = await conn.fetch(
@@ -549,6 +539,22 @@ async def release_many(
     ]
     await outbox.add_many(conn, rows)
     return events
+
+
+async def give_back_units(conn: Connection, units: dict[str, int]) -> None:
+    """Held units given back: ``{ticket type id: how many}``, the types locked in id order (the
+    one lock order)."""
+    if units:
+        await conn.execute(
+            """WITH locked AS (
+                   SELECT id FROM ticket_types WHERE id = ANY ($1::uuid[])
+                   ORDER BY id FOR UPDATE)
+               UPDATE ticket_types t SET held = t.held - u.n, version = nextval('catalog_version')
+               FROM unnest($1::uuid[], $2::int[]) AS u(id, n), locked
+               WHERE t.id = u.id AND locked.id = u.id""",
+            list(units),
+            list(units.values()),
+        )
 
 
 async def sweep_expired(conn: Connection, limit: int = 500) -> list[str]:

@@ -204,13 +204,7 @@ async def _release_own(conn: Connection, rows: list[Any]) -> None:
         for type_id, n in _own_units(row):
             units[type_id] += n
             unit_events.add(row["event_id"])
-    if units:
-        await conn.execute(
-            """UPDATE ticket_types t SET held = t.held - u.n, version = nextval('catalog_version')
-               FROM unnest($1::uuid[], $2::int[]) AS u(id, n) WHERE t.id = u.id""",
-            list(units),
-            list(units.values()),
-        )
+    await holds.give_back_units(conn, units)
     mine = [(r["event_id"], s, r["id"]) for r in rows for s in _own_seats(r)]
     freed = []
     if mine:
