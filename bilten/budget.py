@@ -8,7 +8,9 @@ hits it has not sent yet.
 
 * Far from the limit (less than half of it known), a request is admitted here, at no cost.
 * Near it, the request is counted in Redis at once, with this instance's unsent hits, and the
-  answer decides: the limit is exact where it matters.
+  answer decides: the limit is exact where it matters. The near-limit requests of one subject
+  that arrive in the same loop tick share one script call (a burst does not take a pooled
+  connection each), sent only after any batch still carrying the subject's earlier hits.
 * Once the shared count is known to be over the limit, requests are refused here until the
   window ends, without asking Redis again.
 
@@ -40,6 +42,14 @@ PRUNE_ABOVE = 10_000  # subjects remembered before ended windows are swept out
 
 
 @dataclass
+class Asking:
+    """A subject's near-limit hits that wait for one count in Redis."""
+
+    answer: asyncio.Future[tuple[int, int] | None]  # the count after them and its TTL in ms
+    hits: int = 0
+
+
+@dataclass
 class Seen:
     count: int  # the shared count, as last read
     ends: float  # when its window ends (time.monotonic())
@@ -55,7 +65,9 @@ class Budget:
         self.pending: dict[str, int] = {}  # hits not sent yet
         self.sending: dict[str, int] = {}  # hits sent, their answer not back yet
         self.seen: dict[str, Seen] = {}
+        self.asking: dict[str, Asking] = {}
         self.task: asyncio.Task[None] | None = None
+        self.flight: tuple[dict[str, int], asyncio.Future[None]] | None = None  # batch sent
         self.warned = 0.0
 
     async def hit(self, subject: str) -> ratelimit.Outcome:
@@ -71,28 +83,52 @@ class Budget:
         if seen is not None and known >= limit:
             return ratelimit.Outcome(False, known, max(1, math.ceil(seen.ends - now)))
         unsent = self.pending.get(subject, 0)
+        asking = self.asking.get(subject)
         estimate = known + self.sending.get(subject, 0) + unsent + 1
-        if estimate * 2 <= limit:
+        if asking is None and estimate * 2 <= limit:
             self.pending[subject] = unsent + 1
             if self.task is None:
                 self.task = asyncio.get_running_loop().create_task(self._send_soon())
             return ratelimit.Outcome(True, estimate, 0)
-        self.pending.pop(subject, None)
-        self._sent({subject: unsent + 1}, 1)
+        if asking is None:
+            asking = self.asking[subject] = Asking(asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().create_task(self._ask(subject, asking))
+        asking.hits += 1
+        number = asking.hits
+        answer = await asyncio.shield(asking.answer)
+        if answer is None:  # Redis failed: let it through
+            return ratelimit.Outcome(True, 0, 0)
+        count, ttl_ms = answer
+        mine = count - asking.hits + number  # the group's hits are the last ones counted
+        return ratelimit.Outcome(mine <= limit, mine, max(1, math.ceil(ttl_ms / 1000)))
+
+    async def _ask(self, subject: str, asking: Asking) -> None:
+        """Count one subject's near-limit hits in Redis at once, all that arrived this tick in
+        one call, after the batch on its way with the subject's earlier hits (on another
+        connection, Redis could take this call first and judge it without them)."""
+        answer: tuple[int, int] | None = None
         try:
-            count, ttl_ms = await self.script(
-                keys=[keys.rate_limit(self.name, subject)],
-                args=[self.rate.window * 1000, unsent + 1],
-            )
+            await asyncio.sleep(0)
+            while self.flight is not None and subject in self.flight[0]:
+                await asyncio.shield(self.flight[1])
+            del self.asking[subject]  # later hits form the next group
+            amount = self.pending.pop(subject, 0) + asking.hits
+            self._sent({subject: amount}, 1)
+            try:
+                count, ttl_ms = await self.script(
+                    keys=[keys.rate_limit(self.name, subject)],
+                    args=[self.rate.window * 1000, amount],
+                )
+            finally:
+                self._sent({subject: amount}, -1)
+            answer = (int(count), int(ttl_ms))
+            self._saw(subject, *answer)
         except RedisError as exc:
             self._warn(exc)
-            return ratelimit.Outcome(True, 0, 0)
         finally:
-            self._sent({subject: unsent + 1}, -1)
-        self._saw(subject, int(count), int(ttl_ms))
-        return ratelimit.Outcome(
-            int(count) <= limit, int(count), max(1, math.ceil(int(ttl_ms) / 1000))
-        )
+            if self.asking.get(subject) is asking:
+                del self.asking[subject]
+            asking.answer.set_result(answer)
 
     def _sent(self, hits: dict[str, int], sign: int) -> None:
         for subject, amount in hits.items():
@@ -113,6 +149,8 @@ class Budget:
         batch, self.pending = self.pending, {}
         window = self.rate.window * 1000
         self._sent(batch, 1)
+        landed = asyncio.get_running_loop().create_future()
+        self.flight = (batch, landed)
         calls: list[pipelining.Call] = [
             (
                 ratelimit.HIT_SCRIPT,
@@ -132,6 +170,8 @@ class Budget:
             return
         finally:
             self._sent(batch, -1)
+            self.flight = None
+            landed.set_result(None)
         for subject, (count, ttl_ms) in zip(batch, answers, strict=True):
             self._saw(subject, int(count), int(ttl_ms))
         if len(self.seen) > PRUNE_ABOVE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 import redis.asyncio as aioredis
 
@@ -40,6 +41,35 @@ async def test_once_over_the_limit_refusals_cost_no_round_trip(redis):
     assert await evalsha_calls(redis) == before
     assert (await budget.hit("10.0.0.2")).allowed  # another address: its own budget
     await budget.aclose()
+
+
+async def test_a_burst_near_the_limit_is_judged_exactly_in_one_call(redis):
+    budget = Budget(redis, "t", Rate(40, 60))
+    before = await evalsha_calls(redis)
+    outcomes = await asyncio.gather(*(budget.hit("10.0.0.1") for _ in range(100)))
+    assert [o.allowed for o in outcomes] == [True] * 40 + [False] * 60
+    # The first half of the limit is admitted locally; the rest of the tick's hits share one
+    # script call, which also carries the twenty admitted ones.
+    assert await evalsha_calls(redis) - before == 1
+    [counter] = await redis.keys("*:t:*")
+    assert int(await redis.get(counter)) == 100
+    await budget.aclose()
+
+
+async def test_hits_spread_over_several_batches_admit_exactly_the_limit(redis):
+    """Near the limit a hit is judged by Redis at once, on another connection than the batch
+    still on its way: it must not be judged before that batch's hits are counted."""
+    for round_ in range(5):
+        budget = Budget(redis, f"t{round_}", Rate(40, 60), interval=0.002)
+        rng = random.Random(round_)
+
+        async def one(budget: Budget, delay: float) -> bool:
+            await asyncio.sleep(delay)
+            return (await budget.hit("10.0.0.1")).allowed
+
+        allowed = await asyncio.gather(*(one(budget, rng.uniform(0, 0.03)) for _ in range(100)))
+        assert sum(allowed) == 40
+        await budget.aclose()
 
 
 async def test_a_redis_outage_lets_requests_through(caplog):
