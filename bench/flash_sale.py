@@ -281,13 +281,16 @@ class View:
         self.ids: list[str] = []
         self.where: dict[str, int] = {}
         self.sold: set[str] = set()  # sold is final: never believed available again
+        # Claimed by queued bookings (``seats.claimed``): not available while the claim lasts,
+        # whatever a seat map fetched meanwhile says (snapshots do not show claims).
+        self.claimed: set[str] = set()
 
     def load(self, available: list[str]) -> None:
-        self.ids = [s for s in available if s not in self.sold]
+        self.ids = [s for s in available if s not in self.sold and s not in self.claimed]
         self.where = {s: i for i, s in enumerate(self.ids)}
 
     def add(self, seat_id: str) -> None:
-        if seat_id not in self.where and seat_id not in self.sold:
+        if seat_id not in self.where and seat_id not in self.sold and seat_id not in self.claimed:
             self.where[seat_id] = len(self.ids)
             self.ids.append(seat_id)
 
@@ -359,23 +362,37 @@ class _Change(msgspec.Struct):
 class _Message(msgspec.Struct):
     type: str
     changes: list[_Change] = []
+    seat_ids: list[str] = []  # seats.claimed, seats.released
 
 
 _decode_message = msgspec.json.Decoder(_Message).decode
 
 
 async def watch_live_map(url: str, event_id: str, view: View) -> int:
-    """Keep the shared view in step with the event's seat deltas over one WebSocket, as a
-    browser's live map is (until cancelled); returns the deltas applied."""
+    """Keep the shared view in step with the event's seat deltas and the news of the queue's
+    claims over one WebSocket, as a browser's live map is (until cancelled); returns the
+    messages applied."""
     applied = 0
     with contextlib.suppress(OSError, websockets.ConnectionClosed):
         async with websockets.connect(url.replace("http", "ws", 1) + "/ws", max_size=None) as ws:
             await ws.send(msgspec.json.encode({"type": "subscribe", "room": f"event:{event_id}"}))
             async for raw in ws:
                 message = _decode_message(raw)
+                if message.type == "seats.claimed":
+                    view.claimed.update(message.seat_ids)
+                    view.drop(message.seat_ids)
+                    applied += 1
+                    continue
+                if message.type == "seats.released":
+                    view.claimed.difference_update(message.seat_ids)
+                    for seat in message.seat_ids:
+                        view.add(seat)
+                    applied += 1
+                    continue
                 if message.type != "seats":
                     continue
                 for change in message.changes:
+                    view.claimed.discard(change.seat_id)
                     if change.status == "available":
                         view.add(change.seat_id)
                     else:

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from bilten import holds, keys, metrics
+from bilten import claimnews, holds, keys, metrics
 from bilten.errors import ApiError
 from bilten.pipelining import AutoPipeline
 
@@ -42,7 +42,8 @@ UNITS_LEFT_TTL_MS = 3_000
 # KEYS (all in the event's slot): idempotency key, seat claims, ticket, served, stream, request
 # status, units left. ARGV: request id, event id, maximum, user id, body hash, request (JSON),
 # now (unix ms), claim ttl (ms), the user's channel, ticket type id ('' for seats), quantity,
-# units left as the caller's catalog cache has them (-1: not known), seat ids...
+# units left as the caller's catalog cache has them (-1: not known), the event's seats channel
+# (told the claimed seats: bilten.claimnews), seat ids...
 # Returns {'known', "<request id> <body hash>"}, {'sold_out', units left}, {'full', depth},
 # {'taken', {seat ids}} or {'queued', position, depth}. The active-events set is another slot's:
 # the caller adds the event to it once the request is queued.
@@ -65,15 +66,17 @@ local served = tonumber(redis.call('GET', KEYS[4]) or '0')
 local waiting = tonumber(redis.call('GET', KEYS[3]) or '0') - served
 if waiting >= tonumber(ARGV[3]) then return {'full', waiting} end
 local taken = {}
-for i = 13, #ARGV do
+for i = 14, #ARGV do
   local claimed = redis.call('HGET', KEYS[2], ARGV[i])
   if claimed and tonumber(claimed) > now then taken[#taken + 1] = ARGV[i] end
 end
 if #taken > 0 then return {'taken', taken} end
-if #ARGV >= 13 then
+if #ARGV >= 14 then
   local expiry = now + tonumber(ARGV[8])
-  for i = 13, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 14, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
+  redis.call('PUBLISH', ARGV[13], '{"type":"seats.claimed","event_id":"' .. ARGV[2] ..
+      '","seat_ids":["' .. table.concat(ARGV, '","', 14) .. '"]}')
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400)
 local ticket = redis.call('INCR', KEYS[3])
@@ -159,6 +162,7 @@ def _script_args(
         request.request.get("ticket_type_id") or "",
         int(request.request.get("quantity") or 0),
         units_left,
+        keys.seats_channel(request.event_id),
         *seat_ids,
     )
     return names, args
@@ -221,9 +225,9 @@ async def submit(
 # status. KEYS and ARGV as for _SUBMIT, less the maximum, the time check and the publish.
 _RESTORE = """
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[5], 'EX', 86400, 'NX')
-if #ARGV >= 13 then
+if #ARGV >= 14 then
   local expiry = tonumber(ARGV[7]) + tonumber(ARGV[8])
-  for i = 13, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
+  for i = 14, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], expiry) end
   redis.call('EXPIRE', KEYS[2], 86400)
 end
 local ticket = redis.call('INCR', KEYS[3])
@@ -244,9 +248,10 @@ async def restore(redis: Redis, request: Request) -> None:
 
 def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> None:
     """After a batch, on the caller's pipeline: a failed request's seats are free to claim
-    again, a sold seat stays claimed for :data:`SOLD_TTL_MS`; what was left of a ticket type
-    that could not cover a request is told to the door for :data:`UNITS_LEFT_TTL_MS`, unless
-    units of that type came back in the batch."""
+    again (its event's room is told: ``seats.released``, :mod:`bilten.claimnews`), a sold seat
+    stays claimed for :data:`SOLD_TTL_MS`; what was left of a ticket type that could not cover a
+    request is told to the door for :data:`UNITS_LEFT_TTL_MS`, unless units of that type came
+    back in the batch."""
     sold: dict[str, list[str]] = {}
     freed: dict[str, list[str]] = {}
     units_left: dict[tuple[str, str], int] = {}
@@ -275,6 +280,7 @@ def settle_claims(pipe: Pipeline, entries: list[Entry], outcomes: list[Any]) -> 
         pipe.hset(keys.seat_claims(event_id), mapping=dict.fromkeys(seats, until))
     for event_id, seats in freed.items():
         pipe.hdel(keys.seat_claims(event_id), *seats)
+        claimnews.released(pipe, event_id, seats)
     until = int(time.time() * 1000) + UNITS_LEFT_TTL_MS
     for (event_id, type_id), left in units_left.items():
         if (event_id, type_id) not in units_back:

@@ -192,6 +192,66 @@ async def test_a_hold_on_a_reaches_an_anonymous_watcher_on_b_and_its_release_too
         assert seat_statuses(delta) == {seats[0]: "available", seats[1]: "available"}
 
 
+async def test_seats_of_a_queued_booking_are_told_at_once_and_given_back_when_it_fails(a, b, http):
+    """A booking's seats are told to the room as the request is queued (``seats.claimed``), on
+    every instance, before they sell; a refused request tells nothing; a booking that fails
+    gives its seats back (``seats.released``). A joiner's catch-up holds none of this news."""
+    event_id, seats, _, _ = await published_event(http)
+    auth = await buyer(http)
+    async with socket_to(b) as watcher:
+        version = (await subscribe(watcher, event_id))[0]["version"]
+        sold = await book(http, auth, {"event_id": event_id, "seat_ids": seats[:2]})
+        assert sold.status_code == 201, sold.text
+        claimed = await receive_until(watcher, "seats.claimed", timeout=2.0)
+        assert claimed == {"type": "seats.claimed", "event_id": event_id, "seat_ids": seats[:2]}
+
+        refused = await book(http, auth, {"event_id": event_id, "seat_ids": [seats[0], seats[3]]})
+        assert refused.status_code == 409, refused.text
+        declined = await http.post(
+            "/bookings",
+            json={
+                "event_id": event_id,
+                "seat_ids": [seats[2]],
+                "payment": {"method": "card", "token": "tok_chargeDeclined"},
+            },
+            headers={**auth, "Idempotency-Key": uuid.uuid4().hex, "Prefer": "wait=10"},
+        )
+        assert declined.status_code == 402, declined.text
+        news = []
+        async with asyncio.timeout(5):
+            while not news or news[-1] != ("seats.released", [seats[2]]):
+                message = await receive(watcher)
+                if message["type"] in ("seats.claimed", "seats.released"):
+                    news.append((message["type"], message["seat_ids"]))
+        # Claimed and given back within one gathering interval, only the release is told.
+        assert news in ([("seats.claimed", [seats[2]]), news[-1]], [news[-1]])
+        assert seats[3] not in str(news)  # the refused request claimed nothing
+
+    async with socket_to(a) as joiner:
+        caught_up = await subscribe(joiner, event_id, version)
+        assert {m["type"] for m in caught_up} <= {"seats", "seats.snapshot", "subscribed"}
+
+
+async def test_news_of_claims_is_gathered_per_seat_and_told_in_two_frames():
+    from bilten.claimnews import Claimed, Gathering, Released, decode
+
+    told: list[list[bytes]] = []
+    gathering = Gathering("e1", told.append, interval=0.01)
+    gathering.add(Claimed("e1", ["s1", "s2", "s3"]))
+    gathering.add(Released("e1", ["s2", "s4"]))
+    gathering.add(Claimed("e1", ["s4"]))
+    assert told == []  # not before the interval
+    await asyncio.sleep(0.03)
+    # Each seat as its latest news has it: claims in one frame, releases in the other.
+    assert [[decode(m) for m in frames] for frames in told] == [
+        [Claimed("e1", ["s1", "s3", "s4"]), Released("e1", ["s2"])]
+    ]
+    gathering.add(Released("e1", ["s1"]))
+    gathering.cancel()  # the room closed
+    await asyncio.sleep(0.03)
+    assert len(told) == 1
+
+
 async def test_a_booking_result_reaches_its_owner_on_b_and_nobody_else(a, b, http):
     event_id, seats, _, _ = await published_event(http)
     owner = await buyer(http)

@@ -6,9 +6,14 @@ without a reload. A 10,000-seat map is drawn and kept live within the page's bud
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.browser import Site, shoot, sign_in, watch_console
@@ -353,5 +358,75 @@ def test_a_late_change_of_a_seat_never_overwrites_a_newer_one(chromium, site):
             }"""
         )
         assert statuses == ["held", "held", "sold", "sold"]
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
+def rows_locked(database_url: str, seat_ids: list[str]) -> Iterator[None]:
+    """The seats' rows locked by another transaction: a worker reaching them waits."""
+    locked, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT 1 FROM event_seats WHERE seat_id = ANY($1::uuid[]) FOR UPDATE",
+                    seat_ids,
+                )
+                locked.set()
+                while not done.is_set():
+                    await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    try:
+        assert locked.wait(10)
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+
+
+def test_seats_of_queued_bookings_show_held_until_they_sell_or_come_back(chromium, site, settings):
+    """Seats asked for by queued bookings show held in every window at once (``seats.claimed``),
+    while the worker is still on its way to them; they turn sold when sold, available again
+    when the booking fails (``seats.released``)."""
+    _, event = published_event(site)
+    seats = site.api("GET", f"/events/{event['id']}/seats")["seats"]
+    paid, declined = seats[0]["id"], seats[1]["id"]
+    buyer = site.register()
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        problems = watch_console(page)
+        sign_in(page, site, site.register(name="Bob"))
+        page.goto(f"{site.url}/#/events/{event['id']}")
+        page.locator("#live-status[data-state=live]").wait_for()
+        with rows_locked(settings.database_url, [paid, declined]):
+            for seat_id, token in ((paid, "tok_visa"), (declined, "tok_chargeDeclined")):
+                body = {"event_id": event["id"], "seat_ids": [seat_id]}
+                body["payment"] = {"method": "card", "token": token}
+                key = {"Idempotency-Key": token}
+                assert site.api("POST", "/bookings", buyer, json=body, headers=key)["status"] in (
+                    "queued",
+                    "processing",
+                )
+            for seat_id in (paid, declined):
+                seat(page, seat_id).and_(page.locator("[data-status=held]")).wait_for(timeout=3000)
+            statuses = {
+                s["id"]: s["status"]
+                for s in site.api("GET", f"/events/{event['id']}/seats")["seats"]
+            }
+            assert statuses[paid] == statuses[declined] == "available"  # not sold yet
+            seat(page, paid).click()
+            page.get_by_text("is held").wait_for()
+            shoot(page, "event-claimed")
+        seat(page, paid).and_(page.locator("[data-status=sold]")).wait_for(timeout=15000)
+        seat(page, declined).and_(page.locator("[data-status=available]")).wait_for(timeout=15000)
+        assert problems == []
     finally:
         context.close()

@@ -361,6 +361,7 @@ class Realtime:
         if not room.empty or self.rooms.get(room.event_id) is not room:
             return
         del self.rooms[room.event_id]
+        room.news.cancel()
         self._spawn(self.hub.unsubscribe(room.channel, room.handler))
 
     async def _subscribe(self, channel: str, handler: Any) -> None:

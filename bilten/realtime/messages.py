@@ -146,9 +146,15 @@ def snapshot(body: bytes) -> Frame:
 
 
 class DeltaHead(msgspec.Struct):
-    """What the hub reads of a published seat-map delta; the rest is passed on untouched."""
+    """What the hub reads of a message on an event's channel; the rest is passed on untouched:
+    a seat-map delta (``seats``, with its version), or news of the queue's claims
+    (:mod:`bilten.claimnews`: no version)."""
 
-    version: int
+    type: str = "seats"
+    version: int = -1
+
+
+CLAIM_NEWS = frozenset({"seats.claimed", "seats.released"})
 
 
 delta_head = msgspec.json.Decoder(DeltaHead)

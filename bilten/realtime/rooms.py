@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from bilten import keys
+from bilten import claimnews, keys
 from bilten.realtime import messages
 from bilten.realtime.connection import Connection
 from bilten.realtime.history import History
@@ -65,6 +65,7 @@ class Room:
         "loaded_at",
         "members",
         "missing",
+        "news",
         "opening",
         "order",
         "pending",
@@ -99,6 +100,7 @@ class Room:
         self.started = 0  # ``sent`` when the current pass began
         self.sending: asyncio.Handle | None = None  # the pass's next step, when one is due
         self.joined: dict[int, bytes] = {}  # ``pending`` from a frame on, joined (this pass)
+        self.news = claimnews.Gathering(event_id, self.tell_news)
 
     @property
     def empty(self) -> bool:
@@ -114,15 +116,29 @@ class Room:
 
     def on_message(self, data: bytes) -> None:
         try:
-            version = messages.delta_head.decode(data).version
+            head = messages.delta_head.decode(data)
         except msgspec.DecodeError:
+            head = None
+        if head is not None and head.type in messages.CLAIM_NEWS:
+            try:
+                self.news.add(claimnews.decode(data))
+            except msgspec.DecodeError:
+                log.warning("malformed news of claims on %s: %r", self.channel, data[:200])
+            return
+        if head is None or head.version < 0:
             log.warning("malformed seat delta on %s: %r", self.channel, data[:200])
             return
         # Decoded once, wrapped once: this same object goes to every socket.
         frame = messages.frame_of(data)
-        if not self.history.add(version, frame):
+        if not self.history.add(head.version, frame):
             return  # redelivered
         self.broadcast(frame)
+
+    def tell_news(self, encoded: list[bytes]) -> None:
+        """News of the queue's claims (:mod:`bilten.claimnews`): for who watches now, not kept
+        for joiners."""
+        for data in encoded:
+            self.broadcast(messages.frame_of(data))
 
     def broadcast(self, frame: Frame) -> None:
         """To every member, soon: by the pass under way, or by one that starts now."""

@@ -35,6 +35,7 @@ export class SeatMap {
     this.isSelected = isSelected || (() => false);
     this.nodes = new Map();
     this.seats = new Map();
+    this.claimed = new Set(); // asked for by queued bookings: shown held while the map says available
     this.order = [];
     this.cursor = null;
     this.svg = s("svg", {
@@ -81,7 +82,7 @@ export class SeatMap {
         cx: seat.x,
         cy: seat.y,
         r: R,
-        dataset: { id: seat.id, status: seat.status },
+        dataset: { id: seat.id, status: this.claimed.has(seat.id) && seat.status === "available" ? "held" : seat.status },
       });
       if (this.isSelected(seat.id)) node.classList.add("selected");
       this.nodes.set(seat.id, node);
@@ -126,6 +127,7 @@ export class SeatMap {
       const node = this.nodes.get(change.seat_id);
       const seat = this.seats.get(change.seat_id);
       if (!node || (change.version !== undefined && seat.version !== undefined && change.version <= seat.version)) continue;
+      this.claimed.delete(change.seat_id); // the change tells how the claim ended
       node.dataset.status = change.status;
       seat.status = change.status;
       if (change.version !== undefined) seat.version = change.version;
@@ -135,9 +137,26 @@ export class SeatMap {
     return applied;
   }
 
+  /**
+   * Seats claimed by queued bookings (``seats.claimed``), or given back unsold
+   * (``seats.released``): shown held, or as the map has them again.
+   */
+  claim(ids, claimed) {
+    for (const id of ids) {
+      const node = this.nodes.get(id);
+      if (!node) continue;
+      if (claimed) this.claimed.add(id);
+      else this.claimed.delete(id);
+      node.dataset.status = this.status(id);
+    }
+    if (this.cursor) this.announce();
+  }
+
+  /** The status a seat is shown with: held while a queued booking claims it. */
   status(id) {
     const seat = this.seats.get(id);
-    return seat ? seat.status : null;
+    if (!seat) return null;
+    return seat.status === "available" && this.claimed.has(id) ? "held" : seat.status;
   }
 
   /** Show a seat as chosen (or not) by this user. */
@@ -295,7 +314,8 @@ export class SeatMap {
   announce() {
     const seat = this.cursor && this.seats.get(this.cursor);
     if (!seat) return;
-    const mine = this.isSelected(seat.id) ? "your choice" : STATUS_WORDS[seat.status] || seat.status;
+    const shown = this.status(seat.id);
+    const mine = this.isSelected(seat.id) ? "your choice" : STATUS_WORDS[shown] || shown;
     const price = seat.price_cents === null || seat.price_cents === undefined ? "" : `, ${money(seat.price_cents, this.currency)}`;
     this.readout.textContent = `${seat.label}${seat.tier ? `, ${seat.tier}` : ""}${price}: ${mine}`;
   }

@@ -44,7 +44,7 @@ export async function render(root, { id }) {
         onToggle: (seat) => {
           if (hold || pending) return toast("Release your hold to change seats.");
           if (picked.has(seat.id)) picked.delete(seat.id);
-          else if (seat.status !== "available") return toast(`${seat.label} is ${seat.status}.`);
+          else if (map.status(seat.id) !== "available") return toast(`${seat.label} is ${map.status(seat.id)}.`);
           else if (picked.size >= event.max_tickets_per_order) return toast(`At most ${event.max_tickets_per_order} tickets per order.`);
           else picked.set(seat.id, seat);
           map.mark(seat.id, picked.has(seat.id));
@@ -72,6 +72,13 @@ export async function render(root, { id }) {
         toast("A seat you chose was just taken by someone else.");
         draw();
       }
+    }),
+    // Seats claimed by queued bookings show held until they sell or come back.
+    on("seats.claimed", (m) => {
+      if (m.event_id === id && map) map.claim(m.seat_ids, true);
+    }),
+    on("seats.released", (m) => {
+      if (m.event_id === id && map) map.claim(m.seat_ids, false);
     }),
     on("seats.snapshot", (m) => {
       if (m.event_id !== id || !map) return;
