@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.policy
 import email.utils
 import hashlib
 import logging
@@ -24,7 +25,7 @@ import time
 from collections.abc import Mapping
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
@@ -72,7 +73,7 @@ class PermanentError(Exception):
 
 
 class Transport(Protocol):
-    async def send(self, message: EmailMessage) -> None: ...
+    async def send(self, message: Rendered) -> None: ...
 
 
 def _domain(address: str) -> str:
@@ -101,18 +102,39 @@ def render(
     images: Mapping[str, bytes] | None = None,
 ) -> EmailMessage:
     """Build a text + HTML message; ``images`` are PNGs the HTML shows as ``cid:<name>``."""
+    return build(settings.mail_from, template, to, context, key=key, images=images)
+
+
+def build(
+    sender: str,
+    template: str,
+    to: str,
+    context: Mapping[str, Any],
+    *,
+    key: str | None = None,
+    images: Mapping[str, bytes] | None = None,
+) -> EmailMessage:
+    """:func:`render` with the ``From`` address given.
+
+    The message is made to travel as it is: lines end in CRLF and bodies are encoded to 7-bit
+    (quoted-printable or base64 where they are not ASCII), so any SMTP server takes its bytes
+    (:func:`flatten`); only an address that is not ASCII needs a server with SMTPUTF8, as
+    before.
+    """
+    utf8 = not (sender.isascii() and to.isascii())
+    policy = (email.policy.SMTPUTF8 if utf8 else email.policy.SMTP).clone(cte_type="7bit")
     subject = _templates.get_template(f"{template}.subject.txt").render(context)
     text = _templates.get_template(f"{template}.txt").render(context)
     html = _templates.get_template(f"{template}.html").render(context)
-    message = EmailMessage()
+    message = EmailMessage(policy=policy)
     message["Subject"] = " ".join(subject.split())
-    message["From"] = settings.mail_from
+    message["From"] = sender
     message["To"] = to
     message["Date"] = email.utils.formatdate(usegmt=True)
     message["Message-ID"] = (
-        message_id(key, settings.mail_from)
+        message_id(key, sender)
         if key is not None
-        else email.utils.make_msgid(domain=_domain(settings.mail_from))
+        else email.utils.make_msgid(domain=_domain(sender))
     )
     # RFC 3834: vacation responders and the like should not answer.
     message["Auto-Submitted"] = "auto-generated"
@@ -124,6 +146,26 @@ def render(
         for name, png in images.items():
             html_part.add_related(png, "image", "png", cid=f"<{name}>", filename=f"{name}.png")
     return message
+
+
+class Rendered(NamedTuple):
+    """A message as it is sent: its envelope and its bytes (made where it costs the serving
+    process nothing: :func:`bilten.notifications.compose`)."""
+
+    sender: str  # the envelope's addresses, as taken from From and To
+    recipient: str
+    message_id: str
+    data: bytes
+
+
+def flatten(message: EmailMessage) -> Rendered:
+    """A message built by :func:`build`, to be handed to a transport."""
+    return Rendered(
+        sender=message["From"].addresses[0].addr_spec,
+        recipient=message["To"].addresses[0].addr_spec,
+        message_id=str(message.get("Message-ID", "")).strip("<> "),
+        data=message.as_bytes(),
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,11 +214,17 @@ class SmtpTransport:
             timeout=timeout,
         )
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Rendered) -> None:
         try:
             async with asyncio.timeout(self.timeout):
                 await aiosmtplib.send(
-                    message,
+                    message.data,
+                    sender=message.sender,
+                    recipients=[message.recipient],
+                    # An address beyond ASCII needs a server that takes UTF-8 (RFC 6531).
+                    mail_options=[]
+                    if (message.sender + message.recipient).isascii()
+                    else ["SMTPUTF8"],
                     hostname=self.host,
                     port=self.port,
                     username=self.username,
@@ -203,10 +251,10 @@ class FolderTransport:
         self.folder = folder
         log.info("no SMTP server configured: mail is written to %s", folder.resolve())
 
-    async def send(self, message: EmailMessage) -> None:
-        msgid = str(message.get("Message-ID", "")).strip("<> ")
+    async def send(self, message: Rendered) -> None:
+        msgid = message.message_id
         stem = _UNSAFE_FILE_CHARS.sub("_", msgid) or f"{time.time_ns()}-{secrets.token_hex(4)}"
-        await asyncio.to_thread(_write_atomically, self.folder / f"{stem}.eml", message.as_bytes())
+        await asyncio.to_thread(_write_atomically, self.folder / f"{stem}.eml", message.data)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -3,16 +3,14 @@
 Both go through the durable mail queue (``mail_jobs``), enqueued in the transaction that
 confirms or cancels the booking, under keys derived from the booking id: a booking gets exactly
 one confirmation and one cancellation notice however often anything is redelivered. The job
-holds only the booking id; the sender builds the message when it sends (:func:`prepare`), QR
-codes included. SMS sits behind a small interface; the built-in one writes to the log.
+holds only the booking id; the sender builds the message when it sends (:func:`prepare` reads
+what it tells, :func:`compose` renders it, QR codes included). SMS sits behind a small interface; the built-in one writes to the log.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import segno
@@ -78,16 +76,11 @@ def money(cents: int, currency: str) -> str:
 
 
 async def prepare(
-    pool: Pool,
-    template: str,
-    context: dict[str, Any],
-    executor: Executor | None = None,
-    *,
-    images: bool = True,
-) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The full context of a booking notice, and the QR images of its tickets (drawn in
-    ``executor`` when given: a process pool keeps this CPU work off the serving process).
-    ``images=False`` (an SMS, which links to the tickets instead) draws none."""
+    pool: Pool, template: str, context: dict[str, Any], *, images: bool = True
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The full context of a booking notice, and the codes of its tickets to show as QR images
+    (by name; ``images=False``, an SMS, which links to the tickets instead, shows none). The
+    images are drawn by :func:`compose`."""
     if template not in TEMPLATES:
         return context, {}
     async with pool.acquire() as conn:
@@ -122,12 +115,24 @@ async def prepare(
             for n, t in enumerate(tickets)
         ],
     }
-    drawn: dict[str, bytes] = {}
+    codes: dict[str, str] = {}
     if images and template == "booking_confirmed":
         codes = {f"ticket-{n}": t["code"] for n, t in enumerate(tickets)}
-        loop = asyncio.get_running_loop()
-        drawn = await loop.run_in_executor(executor, qr_pngs, codes)
-    return full, drawn
+    return full, codes
+
+
+def compose(
+    sender: str,
+    template: str,
+    to: str,
+    context: dict[str, Any],
+    key: str,
+    codes: dict[str, str],
+) -> mail.Rendered:
+    """A notice as it is sent, its QR codes drawn: all of it CPU work (milliseconds a ticket),
+    which the mail worker runs in a helper process (:mod:`bilten.workers.mail`)."""
+    message = mail.build(sender, template, to, context, key=key, images=qr_pngs(codes))
+    return mail.flatten(message)
 
 
 def render_sms(template: str, context: dict[str, Any]) -> str:

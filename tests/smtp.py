@@ -15,6 +15,7 @@ class Inbox:
         self.reply = reply
         self.rcpt_reply = rcpt_reply
         self.messages: list[email.message.EmailMessage] = []
+        self.raw: list[bytes] = []  # as received
         self.encrypted: list[bool] = []
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -26,8 +27,9 @@ class Inbox:
     async def handle_DATA(self, server, session, envelope):
         if self.reply:
             return self.reply
+        self.raw.append(envelope.original_content)
         self.messages.append(
-            email.message_from_bytes(envelope.content, policy=email.policy.default)
+            email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         )
         self.encrypted.append(server.transport.get_extra_info("ssl_object") is not None)
         return "250 OK"

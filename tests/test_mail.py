@@ -94,6 +94,35 @@ async def test_a_job_is_rendered_and_delivered_with_text_and_html(pool, settings
     assert await mail_worker.run_once(pool, smtp, mail.transport_from_settings(smtp)) == 0
 
 
+@pytest.mark.parametrize("eight_bit", [True, False])
+async def test_text_beyond_ascii_travels_to_any_server(pool, settings, eight_bit):
+    """A message is sent as bytes made beforehand: 7-bit clean, so a server without 8BITMIME
+    takes it as well as one with it, and its text arrives as written."""
+    inbox = Inbox()
+    context = {**CONTEXT, "name": "Åse Ødegård 🎫"}
+    # aiosmtpd offers 8BITMIME unless it is to decode the data as text.
+    async with smtp_server(inbox, decode_data=not eight_bit) as port:
+        smtp = settings.replace(smtp_url=f"smtp://127.0.0.1:{port}")
+        assert await enqueue(pool, **context)
+        transport = mail.transport_from_settings(smtp)
+        assert await mail_worker.run_once(pool, smtp, transport) == 1
+    [message] = inbox.messages
+    assert inbox.raw[0].isascii()
+    text, html = parts(message)
+    assert "Hello Åse Ødegård 🎫" in text and "Åse Ødegård 🎫" in html
+
+
+async def test_an_address_beyond_ascii_is_sent_with_smtputf8(pool, settings):
+    inbox = Inbox()
+    async with smtp_server(inbox, enable_SMTPUTF8=True) as port:
+        smtp = settings.replace(smtp_url=f"smtp://127.0.0.1:{port}")
+        assert await enqueue(pool, to="åse@exämple.com")
+        assert await mail_worker.run_once(pool, smtp, mail.transport_from_settings(smtp)) == 1
+    # Its headers are UTF-8 as they are (RFC 6532).
+    message = email.message_from_string(inbox.raw[0].decode(), policy=email.policy.default)
+    assert message["To"].addresses[0].addr_spec == "åse@exämple.com"
+
+
 async def test_enqueueing_one_key_twice_sends_once(pool, settings):
     inbox = Inbox()
     async with smtp_server(inbox) as port:
@@ -327,9 +356,8 @@ async def test_the_folder_transport_writes_a_readable_eml(pool, settings, tmp_pa
     text, html = parts(message)
     assert TOKEN in text and TOKEN in html
     # A retry of the same job replaces the file instead of adding a second one.
-    await transport.send(
-        mail.render(folder, "verify_email", "ana@example.com", CONTEXT, key="verify:1")
-    )
+    again = mail.render(folder, "verify_email", "ana@example.com", CONTEXT, key="verify:1")
+    await transport.send(mail.flatten(again))
     assert list((tmp_path / "outbox").iterdir()) == [path]
 
 

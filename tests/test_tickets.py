@@ -2,6 +2,8 @@
 
 import asyncio
 import base64
+import email
+import email.policy
 import logging
 
 import pytest
@@ -199,11 +201,15 @@ async def test_an_sms_notice_draws_no_qr_codes(client, settings):
     try:
         context = {"booking_id": booking_id}
         _, none = await notifications.prepare(pool, "booking_confirmed", context, images=False)
-        _, drawn = await notifications.prepare(pool, "booking_confirmed", context)
+        full, codes = await notifications.prepare(pool, "booking_confirmed", context)
     finally:
         await pool.close()
     assert none == {}
-    assert len(drawn) == 2 and all(png.startswith(b"\x89PNG") for png in drawn.values())
+    assert len(codes) == 2
+    sent = notifications.compose("a@b.c", "booking_confirmed", "c@d.e", full, "k", codes)
+    message = email.message_from_bytes(sent.data, policy=email.policy.default)
+    drawn = [p.get_content() for p in message.walk() if p.get_content_type() == "image/png"]
+    assert len(drawn) == 2 and all(png.startswith(b"\x89PNG") for png in drawn)
 
 
 async def test_stats_add_up(client):

@@ -96,15 +96,24 @@ async def _deliver(
     job_id, attempts, template = job["id"], job["attempts"], job["template"]
     try:
         by_sms = job["channel"] == "sms"
-        context, images = await notifications.prepare(
-            pool, template, dict(job["context"]), executor, images=not by_sms
+        context, codes = await notifications.prepare(
+            pool, template, dict(job["context"]), images=not by_sms
         )
         if by_sms:
             context["tickets_url"] = f"{settings.public_url}/#/tickets"
             await sms.send(job["recipient"], notifications.render_sms(template, context))
         else:
-            message = mail.render(
-                settings, template, job["recipient"], context, key=job["job_key"], images=images
+            # Rendered and encoded in the helper process, QR codes drawn: the serving process
+            # only sends the bytes.
+            message = await asyncio.get_running_loop().run_in_executor(
+                executor,
+                notifications.compose,
+                settings.mail_from,
+                template,
+                job["recipient"],
+                context,
+                job["job_key"],
+                codes,
             )
             await transport.send(message)
     except Exception as exc:
@@ -165,7 +174,7 @@ async def run_once(
 
 
 def _helper_started(parent: int) -> None:
-    """In the QR helper: never outlive this process (kill -9 included), and leave Ctrl-C in a
+    """In the helper: never outlive this process (kill -9 included), and leave Ctrl-C in a
     terminal, which signals the whole process group, to the parent that stops it. The helper
     was started with SIGINT blocked (see ``worker``), so a Ctrl-C during its imports waited."""
     embedded.die_with_parent(parent)
@@ -184,8 +193,8 @@ def worker(
     """Send mail until ``stop``; after a batch short of ``limit``, wait for the poll interval."""
 
     async def run(stop: asyncio.Event) -> None:
-        # Drawing QR codes is pure-Python CPU work (milliseconds per ticket): a process of its
-        # own keeps it from slowing the requests this process serves.
+        # Rendering a message and drawing its QR codes is pure-Python CPU work (milliseconds a
+        # ticket): a process of its own keeps it from slowing the requests this process serves.
         executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
