@@ -4,7 +4,8 @@ Both go through the durable mail queue (``mail_jobs``), enqueued in the transact
 confirms or cancels the booking, under keys derived from the booking id: a booking gets exactly
 one confirmation and one cancellation notice however often anything is redelivered. The job
 holds only the booking id; the sender builds the message when it sends (:func:`prepare` reads
-what it tells, :func:`compose` renders it, QR codes included). SMS sits behind a small interface; the built-in one writes to the log.
+what it tells, :func:`compose` renders it, QR codes included). SMS sits behind a small
+interface; the built-in one writes to the log.
 """
 
 from __future__ import annotations
