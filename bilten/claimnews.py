@@ -20,8 +20,9 @@ interval.
 Neither message has a version: they are news about the queue, not changes of the seat map, and
 neither a snapshot nor the history given to a joiner holds them. A client keeps claimed seats
 apart from the map's statuses (shows them held while the map says available) and forgets a
-claim when the seat is released or a ``seats`` delta names it. A claim missed (a Redis outage,
-a client that joined later) costs a 409 at most.
+claim when the seat is released or a ``seats`` delta names it, and every claim when a snapshot
+comes (one follows any gap, such as a lost pub/sub connection, in which a release may have been
+missed). A claim missed (a Redis outage, a client that joined later) costs a 409 at most.
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ export class SeatMap {
     this.load(seats);
   }
 
-  /** Draw every seat again (a snapshot). */
+  /** Draw every seat again (a snapshot: news of claims missed meanwhile is forgotten too). */
   load(seats) {
+    this.claimed.clear();
     this.layer.replaceChildren();
     this.labels.replaceChildren();
     this.nodes.clear();
@@ -82,7 +83,7 @@ export class SeatMap {
         cx: seat.x,
         cy: seat.y,
         r: R,
-        dataset: { id: seat.id, status: this.claimed.has(seat.id) && seat.status === "available" ? "held" : seat.status },
+        dataset: { id: seat.id, status: seat.status },
       });
       if (this.isSelected(seat.id)) node.classList.add("selected");
       this.nodes.set(seat.id, node);
@@ -150,6 +151,10 @@ export class SeatMap {
       node.dataset.status = this.status(id);
     }
     if (this.cursor) this.announce();
+  }
+
+  forgetClaims() {
+    this.claim([...this.claimed], false);
   }
 
   /** The status a seat is shown with: held while a queued booking claims it. */

@@ -8,7 +8,7 @@
 
 import { ApiError, del, get, imageUrl, post, request, user } from "../api.js";
 import { errorBlock, field, h, money, replace, toast, when } from "../dom.js";
-import { join, on, start } from "../live.js";
+import { join, on, onState, start } from "../live.js";
 import { SeatMap } from "../seatmap.js";
 
 const CARDS = [
@@ -73,7 +73,11 @@ export async function render(root, { id }) {
         draw();
       }
     }),
-    // Seats claimed by queued bookings show held until they sell or come back.
+    // Seats claimed by queued bookings show held until they sell or come back; news missed
+    // while the socket was down (a release, say) is not replayed, so a gap forgets them all.
+    onState((state) => {
+      if (state !== "live" && map) map.forgetClaims();
+    }),
     on("seats.claimed", (m) => {
       if (m.event_id === id && map) map.claim(m.seat_ids, true);
     }),
