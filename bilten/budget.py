@@ -66,6 +66,7 @@ class Budget:
         self.sending: dict[str, int] = {}  # hits sent, their answer not back yet
         self.seen: dict[str, Seen] = {}
         self.asking: dict[str, Asking] = {}
+        self.asks: set[asyncio.Task[None]] = set()  # kept while they run
         self.task: asyncio.Task[None] | None = None
         self.flight: tuple[dict[str, int], asyncio.Future[None]] | None = None  # batch sent
         self.warned = 0.0
@@ -91,8 +92,11 @@ class Budget:
                 self.task = asyncio.get_running_loop().create_task(self._send_soon())
             return ratelimit.Outcome(True, estimate, 0)
         if asking is None:
-            asking = self.asking[subject] = Asking(asyncio.get_running_loop().create_future())
-            asyncio.get_running_loop().create_task(self._ask(subject, asking))
+            loop = asyncio.get_running_loop()
+            asking = self.asking[subject] = Asking(loop.create_future())
+            task = loop.create_task(self._ask(subject, asking))
+            self.asks.add(task)
+            task.add_done_callback(self.asks.discard)
         asking.hits += 1
         number = asking.hits
         answer = await asyncio.shield(asking.answer)
