@@ -93,19 +93,6 @@ def render_text(name: str, context: Mapping[str, Any]) -> str:
 
 
 def render(
-    settings: Settings,
-    template: str,
-    to: str,
-    context: Mapping[str, Any],
-    *,
-    key: str | None = None,
-    images: Mapping[str, bytes] | None = None,
-) -> EmailMessage:
-    """Build a text + HTML message; ``images`` are PNGs the HTML shows as ``cid:<name>``."""
-    return build(settings.mail_from, template, to, context, key=key, images=images)
-
-
-def build(
     sender: str,
     template: str,
     to: str,
@@ -114,7 +101,8 @@ def build(
     key: str | None = None,
     images: Mapping[str, bytes] | None = None,
 ) -> EmailMessage:
-    """:func:`render` with the ``From`` address given.
+    """Build a text + HTML message from ``sender`` (``BILTEN_MAIL_FROM``); ``images`` are PNGs
+    the HTML shows as ``cid:<name>``.
 
     The message is made to travel as it is: lines end in CRLF and bodies are encoded to 7-bit
     (quoted-printable or base64 where they are not ASCII), so any SMTP server takes its bytes
@@ -159,7 +147,7 @@ class Rendered(NamedTuple):
 
 
 def flatten(message: EmailMessage) -> Rendered:
-    """A message built by :func:`build`, to be handed to a transport."""
+    """A message made by :func:`render`, to be handed to a transport."""
     return Rendered(
         sender=message["From"].addresses[0].addr_spec,
         recipient=message["To"].addresses[0].addr_spec,

@@ -132,7 +132,7 @@ def compose(
 ) -> mail.Rendered:
     """A notice as it is sent, its QR codes drawn: all of it CPU work (milliseconds a ticket),
     which the mail worker runs in a helper process (:mod:`bilten.workers.mail`)."""
-    message = mail.build(sender, template, to, context, key=key, images=qr_pngs(codes))
+    message = mail.render(sender, template, to, context, key=key, images=qr_pngs(codes))
     return mail.flatten(message)
 
 

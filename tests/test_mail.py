@@ -356,7 +356,9 @@ async def test_the_folder_transport_writes_a_readable_eml(pool, settings, tmp_pa
     text, html = parts(message)
     assert TOKEN in text and TOKEN in html
     # A retry of the same job replaces the file instead of adding a second one.
-    again = mail.render(folder, "verify_email", "ana@example.com", CONTEXT, key="verify:1")
+    again = mail.render(
+        folder.mail_from, "verify_email", "ana@example.com", CONTEXT, key="verify:1"
+    )
     await transport.send(mail.flatten(again))
     assert list((tmp_path / "outbox").iterdir()) == [path]
 
@@ -369,7 +371,7 @@ def test_without_smtp_url_mail_goes_to_the_data_dir(settings, tmp_path):
 
 def test_html_is_escaped_and_text_is_not():
     context = {**CONTEXT, "name": "<b>Ana & Bo</b>"}
-    message = mail.render(Settings(), "verify_email", "ana@example.com", context)
+    message = mail.render(Settings().mail_from, "verify_email", "ana@example.com", context)
     text, html = parts(message)
     assert "Hello <b>Ana & Bo</b>" in text
     assert "&lt;b&gt;Ana &amp; Bo&lt;/b&gt;" in html and "<b>Ana" not in html
@@ -378,7 +380,7 @@ def test_html_is_escaped_and_text_is_not():
 def test_inline_images_travel_with_the_html_part():
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
     message = mail.render(
-        Settings(), "verify_email", "a@b.c", CONTEXT, key="k", images={"logo": png}
+        Settings().mail_from, "verify_email", "a@b.c", CONTEXT, key="k", images={"logo": png}
     )
     related = next(p for p in message.walk() if p.get_content_type() == "multipart/related")
     [image] = [p for p in related.iter_parts() if p.get_content_type() == "image/png"]
@@ -388,7 +390,7 @@ def test_inline_images_travel_with_the_html_part():
 
 def test_a_missing_template_variable_is_an_error():
     with pytest.raises(Exception, match="token"):
-        mail.render(Settings(), "verify_email", "a@b.c", {"name": "Ana", "link": "x"})
+        mail.render(Settings().mail_from, "verify_email", "a@b.c", {"name": "Ana", "link": "x"})
 
 
 def test_smtp_urls():
