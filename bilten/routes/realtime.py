@@ -72,7 +72,9 @@ def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
     errors=("unauthorized",),
     description="Anonymous connections may watch published events' seat maps; an "
     "authenticated one also receives its user's messages. A bad token is refused with 401 "
-    "before the upgrade.",
+    "before the upgrade. A room sends `seats.snapshot`, then `seats` deltas (versioned), and "
+    "`seats.claimed` / `seats.released` (no version): seats asked for by queued bookings, and "
+    "given back unsold.",
 )
 class SocketEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
