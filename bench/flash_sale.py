@@ -11,10 +11,11 @@ buyer (buyers are spread round-robin over the instances) and lets every buyer lo
 Each buyer books 1-4 random seats it believes available with ``POST /bookings``
 (``Idempotency-Key``, ``Prefer: wait=30``, ``tok_visa``) until the event is sold out. Buyers
 share one view of the seat map, kept as a browser's live map is: the seat deltas of the event's
-room over a WebSocket (``/ws``) move seats in and out of it; a confirmed booking and the
+room over a WebSocket (``/ws``) move seats in and out of it, and so does the news of seats
+claimed by queued bookings (``seats.claimed``, ``seats.released``); a confirmed booking and the
 ``seat_ids`` of a 409 remove seats from it at once; when it runs dry, it is reloaded from
-``GET /events/{id}/seats``. A buyer stops after ``--give-up`` 409s in a row once the map shows
-no seat available; the whole load is bounded by ``--timeout``.
+``GET /events/{id}/seats`` (claimed seats left out). A buyer stops after ``--give-up`` 409s in
+a row once the map shows no seat available; the whole load is bounded by ``--timeout``.
 
 Then PostgreSQL is checked directly (nothing sold twice, seats sold == tickets == items of
 confirmed bookings, no hold outliving its time, every booking finished, every confirmed booking
