@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bilten import cache, holds, openapi, security
+from bilten import cache, errors, holds, openapi, security
 from bilten.errors import ApiError
 from bilten.holds import Hold
 from bilten.state import state
@@ -67,7 +67,12 @@ async def create_hold(request: Request) -> Response:
     body = await read_json(request, HoldIn)
     seat_ids, ticket_type_id, quantity = what(body.seat_ids, body.ticket_type_id, body.quantity)
     want = holds.Want(who.user_id, str(body.event_id), seat_ids, ticket_type_id, quantity)
-    hold = await state(request).holding.hold(want)  # batched with others (bilten.holddesk)
+    try:
+        hold = await state(request).holding.hold(want)  # batched with others (bilten.holddesk)
+    except ApiError as refused:
+        # Answered here: in a rush most clicks are refusals, and raising them through the
+        # framework's exception layers costs more than answering them.
+        return errors.response(refused)
     return JSONResponse(hold, status_code=201)
 
 
