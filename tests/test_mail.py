@@ -4,8 +4,13 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import multiprocessing
+import os
+import signal
 import ssl
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from types import SimpleNamespace
 from urllib.parse import quote
 
@@ -340,6 +345,31 @@ async def test_a_sender_cancelled_mid_send_frees_its_job_at_once(pool, settings,
     folder = mail.FolderTransport(tmp_path)
     assert await mail_worker.run_once(pool, settings, folder) == 1
     assert (await job(pool))["status"] == "sent"
+
+
+async def test_a_dead_helper_frees_its_job_and_a_new_helper_sends_it(pool, settings, tmp_path):
+    """The helper process that renders mail is killed: the job is not blamed (freed, not
+    retried later), the sender stops (its supervisor starts it again), a new helper sends it."""
+    await enqueue(pool)
+    context = multiprocessing.get_context("spawn")
+    broken = ProcessPoolExecutor(max_workers=1, mp_context=context)
+    os.kill(broken.submit(os.getpid).result(), signal.SIGKILL)
+    folder = mail.FolderTransport(tmp_path)
+    with pytest.raises(ExceptionGroup) as raised:
+        await mail_worker.run_once(pool, settings, folder, executor=broken)
+    assert raised.group_contains(BrokenProcessPool)
+    broken.shutdown()
+    row = await job(pool)
+    assert (row["status"], row["attempts"], row["locked_until"], row["last_error"]) == (
+        "pending",
+        1,
+        None,
+        None,
+    )
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as fresh:
+        assert await mail_worker.run_once(pool, settings, folder, executor=fresh) == 1
+    assert (await job(pool))["status"] == "sent"
+    assert len(list(tmp_path.glob("*.eml"))) == 1
 
 
 async def test_the_folder_transport_writes_a_readable_eml(pool, settings, tmp_path):

@@ -19,6 +19,7 @@ import random
 import signal
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from bilten import embedded, mail, metrics, notifications
@@ -116,6 +117,11 @@ async def _deliver(
                 codes,
             )
             await transport.send(message)
+    except BrokenProcessPool:
+        # The helper process died (killed, out of memory): the job is not at fault. It is freed
+        # for the next try, and the worker stops, to be restarted with a new helper.
+        await asyncio.shield(pool.execute(_RELEASE, job_id, attempts))
+        raise
     except Exception as exc:
         error = mail.describe(exc)
         if isinstance(exc, mail.PermanentError) or attempts >= settings.mail_max_attempts:
