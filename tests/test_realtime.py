@@ -252,6 +252,18 @@ async def test_news_of_claims_is_gathered_per_seat_and_told_in_two_frames():
     assert len(told) == 1
 
 
+async def test_a_room_keeps_news_of_claims_out_of_its_history_and_drops_malformed_news(caplog):
+    from bilten.realtime.rooms import Room
+
+    room = Room("e1", history=4)
+    room.on_message(b'{"type":"seats.claimed","event_id":"e1"}')  # no seat_ids
+    room.on_message(b'{"type":"seats.released","event_id":"e1","seat_ids":"s1"}')
+    assert "malformed news of claims" in caplog.text and room.news.seats == {}
+    room.on_message(b'{"type":"seats.claimed","event_id":"e1","seat_ids":["s1"]}')
+    assert room.news.seats == {"s1": True} and len(room.history) == 0
+    room.news.cancel()
+
+
 async def test_a_booking_result_reaches_its_owner_on_b_and_nobody_else(a, b, http):
     event_id, seats, _, _ = await published_event(http)
     owner = await buyer(http)
