@@ -49,6 +49,7 @@ class Released(msgspec.Struct, tag_field="type", tag="seats.released"):
 
 
 News = Claimed | Released
+TYPES = frozenset({"seats.claimed", "seats.released"})  # the tags above, as messages carry them
 decode = msgspec.json.Decoder(News).decode
 encode = msgspec.json.Encoder().encode
 

@@ -154,7 +154,4 @@ class DeltaHead(msgspec.Struct):
     version: int = -1
 
 
-CLAIM_NEWS = frozenset({"seats.claimed", "seats.released"})
-
-
 delta_head = msgspec.json.Decoder(DeltaHead)

@@ -119,7 +119,7 @@ class Room:
             head = messages.delta_head.decode(data)
         except msgspec.DecodeError:
             head = None
-        if head is not None and head.type in messages.CLAIM_NEWS:
+        if head is not None and head.type in claimnews.TYPES:
             try:
                 self.news.add(claimnews.decode(data))
             except msgspec.DecodeError:
