@@ -70,6 +70,7 @@ from redis.asyncio import Redis
 
 from bench.common import ROOT, attendee_tokens, bilten_process, services
 from bilten import bookings, db, events, keys, payments, queue, sealing, users, venues
+from bilten.helper import Helper
 from bilten.sagas.finish import finish
 from bilten.sagas.reserve import reserve_new
 from bilten.settings import Settings
@@ -899,7 +900,11 @@ async def sql_baseline(
     )
     pool = await db.create_pool(settings)
     app: Any = types.SimpleNamespace(
-        db=pool, settings=settings, payments=None, keyring=sealing.keyring(settings)
+        db=pool,
+        settings=settings,
+        payments=None,
+        keyring=sealing.keyring(settings),
+        helper=Helper(),  # not started: codes signed in this process
     )
     reserve_time = confirm_time = 0.0
     try:
@@ -961,7 +966,11 @@ async def sql_batch_baseline(
     )
     pool = await db.create_pool(settings)
     app: Any = types.SimpleNamespace(
-        db=pool, settings=settings, payments=None, keyring=sealing.keyring(settings)
+        db=pool,
+        settings=settings,
+        payments=None,
+        keyring=sealing.keyring(settings),
+        helper=Helper(),  # not started: codes signed in this process
     )
     reserve_time = confirm_time = 0.0
     try:

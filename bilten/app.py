@@ -31,6 +31,7 @@ from bilten import (
 )
 from bilten.batching import Gathered
 from bilten.budget import Budget
+from bilten.helper import Helper
 from bilten.holddesk import HoldDesk
 from bilten.intake import Recorder
 from bilten.media import LocalStorage
@@ -77,6 +78,10 @@ async def start_workers(app: State, realtime: Realtime) -> None:
     if "workers" in app.settings.roles:
         transport = mail.transport_from_settings(app.settings)
         app.supervisor.start("mail", mail_worker.worker(app, transport))
+        if "api" in app.settings.roles:
+            # Ticket codes are signed in a helper process where the loop also serves requests;
+            # a process of workers alone has the time, and signs them itself, sooner.
+            app.supervisor.start("helper", app.helper.worker())
         app.supervisor.start("outbox", outbox.relay(app.settings.database_url, app.redis))
         app.supervisor.start("recovery", recovery.worker(app))
         for n in range(app.settings.booking_workers):
@@ -123,6 +128,7 @@ async def lifespan(
                 sessions=Revocations(redis, settings.access_token_ttl),
                 budget=Budget(redis, "api_ip", settings.limit_api_ip),
                 pacer=Pacer(settings.mail_share),
+                helper=Helper(),
                 started_at=time.time(),
             )
             # The hub reads the state; the state does not know the hub (one way only).

@@ -12,6 +12,7 @@ from bilten.batching import Gathered
 from bilten.budget import Budget
 from bilten.cache import Caches
 from bilten.db import Pool
+from bilten.helper import Helper
 from bilten.holddesk import HoldDesk
 from bilten.intake import Recorder
 from bilten.media import Storage
@@ -50,6 +51,7 @@ class State:
     sessions: Revocations  # revoked session ids, kept current on every instance
     budget: Budget  # the general per-IP request budget (bilten.budget)
     pacer: Pacer  # background work yields to a sale (bilten.pacing)
+    helper: Helper  # CPU work off the loop: the booking worker's ticket codes (bilten.helper)
     started_at: float
 
 

@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
 import random
-import signal
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from bilten import embedded, mail, metrics, notifications
+from bilten import helper, mail, metrics, notifications
 from bilten.db import Pool
 from bilten.settings import Settings
 from bilten.state import State
@@ -179,15 +176,6 @@ async def run_once(
     return len(jobs)
 
 
-def _helper_started(parent: int) -> None:
-    """In the helper: never outlive this process (kill -9 included), and leave Ctrl-C in a
-    terminal, which signals the whole process group, to the parent that stops it. The helper
-    was started with SIGINT blocked (see ``worker``), so a Ctrl-C during its imports waited."""
-    embedded.die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def worker(
     app: State,
     transport: mail.Transport,
@@ -201,24 +189,8 @@ def worker(
     async def run(stop: asyncio.Event) -> None:
         # Rendering a message and drawing its QR codes is pure-Python CPU work (milliseconds a
         # ticket): a process of its own keeps it from slowing the requests this process serves.
-        executor = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_helper_started,
-            initargs=(os.getpid(),),
-        )
+        executor = await helper.start(notifications.qr_png, "warm-up")
         try:
-            # Started now, not at the first mail: a new process takes a moment to import.
-            # It inherits a blocked SIGINT: a Ctrl-C before its initializer ignores the signal
-            # would otherwise interrupt its imports with a traceback.
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                warm_up = asyncio.get_running_loop().run_in_executor(
-                    executor, notifications.qr_png, "warm-up"
-                )
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            await warm_up
             while not stop.is_set():
                 began = time.monotonic()
                 claimed = await run_once(
