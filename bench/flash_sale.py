@@ -2,7 +2,8 @@
 
     python bench/flash_sale.py [--seats 5000] [--buyers 2000] [--instances 1] [--workers 4]
                                [--timeout 120] [--defer-mail] [--split-roles] [--api-budget]
-                               [--env BILTEN_NAME=VALUE ...] [--profile FILE] [--json FILE]
+                               [--env BILTEN_NAME=VALUE ...] [--profile FILE] [--watchers N]
+                               [--json FILE]
 
 Creates a published event (one section, rows of 100 seats) and C buyers (users made in SQL,
 their access tokens signed with the secret key the servers run with), starts ``--instances``
@@ -26,6 +27,12 @@ each on a fresh event of the same size: the saga's one-booking ``reserve`` and `
 a tight loop over a few pooled connections, and the saga's steps (``reserve``, ``finish``) a
 queue batch at a time on one connection, as one event's worker runs them. The ratio of HTTP
 to SQL-only is what the HTTP path keeps of what the SQL can do.
+
+With ``--watchers N``, N more WebSockets (the clients of ``bench/ws_fanout.py``, in two
+processes of their own) subscribe to the event's room on the first instance before the sale
+opens, as the browsers of people watching the map would; past their subscription they only
+count what they get. Printed: the bytes each got (all should get the same), and when the last
+of them reached each (:func:`print_watchers`).
 
 The sale opens ``SETTLE`` seconds after the servers answer ready (their start-up, such as the
 mail worker's helper process importing, is over by then, as it is before any real sale).
@@ -68,6 +75,7 @@ import uvloop
 import websockets
 from redis.asyncio import Redis
 
+from bench import ws_fanout
 from bench.common import ROOT, attendee_tokens, bilten_process, services
 from bilten import bookings, db, events, keys, payments, queue, sealing, users, venues
 from bilten.helper import Helper
@@ -1296,12 +1304,21 @@ def parse_args() -> argparse.Namespace:
         help="record each server with py-spy (raw format, FILE.PID) while the load runs",
     )
     parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument(
+        "--watchers",
+        type=int,
+        default=0,
+        help="this many more WebSockets watch the event's seat map on the first instance "
+        "(bench/ws_fanout.py's clients, in processes of their own), timed as they get each frame",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     if args.default and (args.split_roles or args.defer_mail or args.instances != 1):
         parser.error("--default is one instance with every role and mail sent")
     if args.seats < 1 or args.buyers < 1 or args.instances < 1:
         parser.error("--seats, --buyers and --instances must be positive")
+    if args.watchers < 0:
+        parser.error("--watchers must be 0 or more")
     return args
 
 
@@ -1316,12 +1333,68 @@ def server_env(args: argparse.Namespace, data_dir: str) -> dict[str, str]:
         env["BILTEN_BOOKING_WORKERS"] = str(args.workers)
     if args.defer_mail:
         env["BILTEN_MAIL_POLL_INTERVAL"] = "3600"
+    if args.watchers:
+        # The watchers all come from 127.0.0.1; a sale's browsers come from addresses of their own.
+        env["BILTEN_WS_MAX_PER_IP"] = str(args.watchers + 100)
     for item in args.env:
         name, sep, value = item.partition("=")
         if not sep or not name.startswith("BILTEN_"):
             raise SystemExit(f"--env wants BILTEN_NAME=VALUE, got {item!r}")
         env[name] = value
     return env
+
+
+def open_watchers(
+    count: int, url: str, event_id: str, stack: contextlib.ExitStack
+) -> ws_fanout.Clients | None:
+    """``count`` WebSockets subscribed to the event's room at ``url``, in two processes."""
+    if not count:
+        return None
+    began = time.perf_counter()
+    parts = urlsplit(url)
+    clients = ws_fanout.Clients(parts.hostname or "", parts.port or 80, event_id, False, None, True)
+    stack.callback(clients.close)
+    errors = clients.open([count // 2, count - count // 2])
+    print(
+        f"watchers: {clients.sockets} sockets subscribed to the event's room on the first "
+        f"instance in {time.perf_counter() - began:.1f} s"
+        + (f"; errors: {errors[:3]}" if errors else ""),
+        flush=True,
+    )
+    return clients
+
+
+def print_watchers(clients: ws_fanout.Clients, last_confirmed: float, cpu_before: float) -> None:
+    """What the watching sockets got: the bytes of every frame since each subscribed (all
+    watch one room from before the sale, so all should get the same bytes), and when the last
+    of them reached each. The first socket's last byte is timed from the sale's last
+    confirmation (the room's last frame may be a ``queue.served`` count, sent at most once a
+    second); every other socket's from the first's: how far behind the fan-out ran."""
+    seen: list[tuple[int, float]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until nothing has come for 0.5 s
+        time.sleep(0.5)
+        now_seen = clients.counted()
+        if now_seen == seen:
+            break
+        seen = now_seen
+    sizes = [size for size, _ in seen if size >= 0]
+    lasts = [last for size, last in seen if size >= 0]
+    most = max(sizes, default=0)
+    short = sum(1 for size in sizes if size < most)
+    first = min(lasts, default=last_confirmed)
+    behind = [last - first for last in lasts]
+    print(
+        f"  watchers: {len(sizes)} of {len(seen)} sockets subscribed got {most / 1024:.0f} KiB "
+        f"each ({short} got less); the first had its last byte "
+        f"{(first - last_confirmed) * 1000:.0f} ms after the sale's last confirmation, the others "
+        f"after the first: p50 {percentile(behind, 0.5):.0f} ms, p99 "
+        f"{percentile(behind, 0.99):.0f} ms, max {max(behind, default=0) * 1000:.0f} ms"
+    )
+    got = clients.collect()
+    if got.codes or got.lost or got.errors:
+        print(f"    closed by the server {got.codes}, lost {got.lost}, errors {got.errors[:3]}")
+    print(f"    their clients used {got.cpu - cpu_before:.1f} s of CPU from the sale's start")
 
 
 class Profiler:
@@ -1393,10 +1466,12 @@ def http_run(
             f"{time.perf_counter() - began:.1f} s",
             flush=True,
         )
+        watchers = open_watchers(args.watchers, urls[0], event_id, stack)
         # Ready is not idle: the mail worker's helper process is still importing. A sale opens
         # on servers that have been up a while, so it waits for their start-up to be over.
         time.sleep(SETTLE)
         profiler = Profiler(pids, args.profile, args.profile_seconds)
+        watchers_cpu = watchers.collect().cpu if watchers is not None else 0.0
         cpu_before = cpu_snapshot(pids)
         writes_before = asyncio.run(table_writes(database_url))
         statements = asyncio.run(reset_statements(database_url))
@@ -1415,6 +1490,7 @@ def http_run(
                 )
             )
         cpu_after = cpu_snapshot(pids)
+        wall = time.time() - time.perf_counter()  # load's clock to the sockets' stamps
         rate = print_load(load, args.seats)
         roles = [f"http {n + 1}" for n in range(args.instances)]
         roles += ["workers"] if args.split_roles else []
@@ -1424,6 +1500,8 @@ def http_run(
         unfinished = asyncio.run(wait_until_settled(database_url, event_id, 60))
         if unfinished:
             print(f"  {unfinished} bookings still under way after 60 s")
+        if watchers is not None:
+            print_watchers(watchers, wall + (load.last_confirmed or load.ended), watchers_cpu)
         time.sleep(1.5)  # backends report their table statistics about once a second
         confirmed = asyncio.run(confirmed_bookings(database_url, event_id))
         print_writes(writes_before, asyncio.run(table_writes(database_url)), confirmed)
@@ -1542,6 +1620,8 @@ def main() -> None:
     per_person = min(100, max(10, math.ceil(2 * args.seats / args.buyers)))
     if per_person * args.buyers < args.seats:
         print(f"warning: {args.buyers} buyers x {per_person} seats cannot buy {args.seats} seats")
+    if args.watchers:  # for this process and, inherited, the servers and the watchers
+        ws_fanout.raise_fd_limit(args.watchers + 2 * args.buyers + 1000)
     secret_key = secrets.token_urlsafe(48)
     external = bool(os.environ.get("BILTEN_DATABASE_URL"))
     print(
