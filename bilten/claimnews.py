@@ -60,13 +60,16 @@ def released(pipe: Pipeline, event_id: str, seat_ids: list[str]) -> None:
 
 
 class Gathering:
-    """One room's news of claims, gathered for :data:`INTERVAL`, then told with ``tell`` (the
-    encoded messages, claims first)."""
+    """One room's news of claims, gathered for :data:`INTERVAL`, then told with
+    ``tell(claimed, released)``: each seat's latest news, seat ids in the order first heard."""
 
     __slots__ = ("event_id", "interval", "seats", "tell", "timer")
 
     def __init__(
-        self, event_id: str, tell: Callable[[list[bytes]], None], interval: float = INTERVAL
+        self,
+        event_id: str,
+        tell: Callable[[list[str], list[str]], None],
+        interval: float = INTERVAL,
     ) -> None:
         self.event_id = event_id
         self.tell = tell
@@ -85,15 +88,20 @@ class Gathering:
     def flush(self) -> None:
         self.timer = None
         seats, self.seats = self.seats, {}
-        claimed = [seat for seat, taken in seats.items() if taken]
-        given_back = [seat for seat, taken in seats.items() if not taken]
+        if seats:
+            self.tell(
+                [seat for seat, taken in seats.items() if taken],
+                [seat for seat, taken in seats.items() if not taken],
+            )
+
+    def frames(self, claimed: list[str], released: list[str]) -> list[bytes]:
+        """The news as messages: claims first, then releases (none for an empty list)."""
         out = []
         if claimed:
             out.append(encode(Claimed(self.event_id, claimed)))
-        if given_back:
-            out.append(encode(Released(self.event_id, given_back)))
-        if out:
-            self.tell(out)
+        if released:
+            out.append(encode(Released(self.event_id, released)))
+        return out
 
     def cancel(self) -> None:
         if self.timer is not None:

@@ -130,9 +130,11 @@ async def drain(ws: ClientConnection, seconds: float) -> list[dict]:
     return found
 
 
-async def subscribe(ws: ClientConnection, event_id: str, version: int | None = None) -> list[dict]:
+async def subscribe(
+    ws: ClientConnection, event_id: str, version: int | None = None, **options
+) -> list[dict]:
     """Subscribe; returns what came up to and including the ``subscribed`` acknowledgement."""
-    request = {"type": "subscribe", "room": f"event:{event_id}"}
+    request = {"type": "subscribe", "room": f"event:{event_id}", **options}
     if version is not None:
         request["version"] = version
     await ws.send(json.dumps(request))
@@ -232,20 +234,125 @@ async def test_seats_of_a_queued_booking_are_told_at_once_and_given_back_when_it
         assert {m["type"] for m in caught_up} <= {"seats", "seats.snapshot", "subscribed"}
 
 
+def unindexed(message: dict, order: list[str]) -> dict[str, tuple[str, int]]:
+    """A ``seats.indexed`` message as each seat's status and version."""
+    found = {}
+    for status, pairs in message["changes"].items():
+        for at, age in zip(pairs[::2], pairs[1::2], strict=True):
+            found[order[at]] = (status, message["version"] - age)
+    return found
+
+
+def by_seat(message: dict) -> dict[str, tuple[str, int]]:
+    return {c["seat_id"]: (c["status"], c["version"]) for c in message["changes"]}
+
+
+async def test_a_watcher_naming_seats_by_index_gets_the_same_news_in_fewer_bytes(a, b, http):
+    """``"indexed": true``: seats named by their place in the snapshot's list, in deltas, in
+    news of claims and in a joiner's catch-up; beside it, a watcher of the same room gets the
+    usual messages."""
+    event_id, seats, _, _ = await published_event(http)
+    auth = await buyer(http)
+    async with socket_to(b) as plain, socket_to(b) as compact:
+        version = (await subscribe(plain, event_id))[0]["version"]
+        snapshot = (await subscribe(compact, event_id, indexed=True))[0]
+        assert snapshot["type"] == "seats.snapshot"  # the snapshot is as ever: it names seats
+        order = [seat["id"] for seat in snapshot["seats"]]
+
+        hold = await http.post(
+            "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:2]}
+        )
+        assert hold.status_code == 201, hold.text
+        delta = await receive_until(plain, "seats")
+        raw = await asyncio.wait_for(compact.recv(), 5)
+        short = json.loads(raw)
+        assert short["type"] == "seats.indexed", short
+        assert (short["event_id"], short["version"]) == (event_id, delta["version"])
+        assert unindexed(short, order) == by_seat(delta)
+        assert len(raw) < len(json.dumps(delta, separators=(",", ":"))) / 2
+
+        sold = await book(http, auth, {"event_id": event_id, "seat_ids": seats[2:4]})
+        assert sold.status_code == 201, sold.text
+        claimed = await receive_until(plain, "seats.claimed")
+        news = await receive_until(compact, "claims.indexed")
+        assert news == {
+            "type": "claims.indexed",
+            "event_id": event_id,
+            "claimed": [order.index(s) for s in claimed["seat_ids"]],
+            "released": [],
+        }
+        rest = await drain(plain, 1.0)
+        assert not any(m["type"].endswith(".indexed") for m in rest)
+        deltas = [delta, *[m for m in rest if m["type"] == "seats"]]
+        shorts = [short, *[m for m in await drain(compact, 1.0) if m["type"] == "seats.indexed"]]
+        assert [unindexed(m, order) for m in shorts] == [by_seat(m) for m in deltas]
+        assert all(m["type"] != "seats" for m in await drain(compact, 0.2))
+
+    # A joiner that had a version is caught up in its form (from the history of the room,
+    # which lingers on B).
+    async with socket_to(b) as joiner:
+        caught_up = await subscribe(joiner, event_id, version, indexed=True)
+        assert [m["type"] for m in caught_up] == ["seats.indexed"] * len(deltas) + ["subscribed"]
+        assert [unindexed(m, order) for m in caught_up[:-1]] == [by_seat(m) for m in deltas]
+        # Asking again without: the usual messages from then on.
+        again = await subscribe(joiner, event_id, caught_up[-1]["version"])
+        assert [m["type"] for m in again] == ["subscribed"]
+        released = await http.delete(f"/holds/{hold.json()['id']}", headers=auth)
+        assert released.status_code == 204, released.text
+        freed = await receive_until(joiner, "seats")
+        assert by_seat(freed).keys() == set(seats[:2])
+
+
+def test_the_indexed_form_of_a_delta_and_of_news():
+    from bilten.realtime import indexed
+
+    index = {"s0": 0, "s1": 1, "s2": 2}
+    seat_map = b'{"event_id":"e","version":9,"seats":[{"id":"s0","x":1},{"id":"s1"},{"id":"s2"}]}'
+    assert indexed.seat_index(seat_map) == index
+    delta = json.dumps(
+        {
+            "type": "seats",
+            "event_id": "e",
+            "version": 12,
+            "changes": [
+                {"seat_id": "s2", "status": "sold", "version": 12},
+                {"seat_id": "s0", "status": "sold", "version": 10},
+                {"seat_id": "zz", "status": "sold", "version": 11},  # not of the map: left out
+                {"seat_id": "s1", "status": "available"},
+            ],
+        }
+    ).encode()
+    assert json.loads(indexed.delta(delta, index)) == {
+        "type": "seats.indexed",
+        "event_id": "e",
+        "version": 12,
+        "changes": {"sold": [2, 0, 0, 2], "available": [1, 0]},
+    }
+    assert json.loads(indexed.claims("e", ["s1", "zz"], ["s0"], index)) == {
+        "type": "claims.indexed",
+        "event_id": "e",
+        "claimed": [1],
+        "released": [0],
+    }
+
+
 async def test_news_of_claims_is_gathered_per_seat_and_told_in_two_frames():
     from bilten.claimnews import Claimed, Gathering, Released, decode
 
-    told: list[list[bytes]] = []
-    gathering = Gathering("e1", told.append, interval=0.01)
+    told: list[tuple[list[str], list[str]]] = []
+    gathering = Gathering("e1", lambda claimed, released: told.append((claimed, released)), 0.01)
     gathering.add(Claimed("e1", ["s1", "s2", "s3"]))
     gathering.add(Released("e1", ["s2", "s4"]))
     gathering.add(Claimed("e1", ["s4"]))
     assert told == []  # not before the interval
     await asyncio.sleep(0.03)
     # Each seat as its latest news has it: claims in one frame, releases in the other.
-    assert [[decode(m) for m in frames] for frames in told] == [
-        [Claimed("e1", ["s1", "s3", "s4"]), Released("e1", ["s2"])]
+    assert told == [(["s1", "s3", "s4"], ["s2"])]
+    assert [decode(m) for m in gathering.frames(*told[0])] == [
+        Claimed("e1", ["s1", "s3", "s4"]),
+        Released("e1", ["s2"]),
     ]
+    assert [decode(m) for m in gathering.frames([], ["s9"])] == [Released("e1", ["s9"])]
     gathering.add(Released("e1", ["s1"]))
     gathering.cancel()  # the room closed
     await asyncio.sleep(0.03)
@@ -819,12 +926,12 @@ async def test_a_room_delivers_in_steps_and_a_change_during_a_pass_rides_along(m
         [["1", "2"]],
         [],
     ]
-    assert newcomer.writes == [] and room.sending is None and room.pending == []
+    assert newcomer.writes == [] and room.by_id.sending is None and room.by_id.pending == []
     room.broadcast(frame("3"))
     for _ in range(8):
         await asyncio.sleep(0)
     assert newcomer.writes == [["3"]] and members[0].writes[-1] == ["3"]
-    assert room.pending == [] and room.sending is None
+    assert room.by_id.pending == [] and room.by_id.sending is None
 
 
 async def test_the_lean_protocols_inbox_and_flag():

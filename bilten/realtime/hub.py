@@ -274,16 +274,17 @@ class Realtime:
         # From here on nothing awaits: what it is given and membership agree.
         since = request.version
         if since is not None and room.history.reaches(since):
-            frames = room.history.after(since)
+            frames = room.catch_up(None, room.history.after(since), request.indexed)
             version = since
         else:
-            frames = [snapshot.frame, *room.history.after(snapshot.version, snapshot.mark)]
+            missed = room.history.after(snapshot.version, snapshot.mark)
+            frames = room.catch_up(snapshot.frame, missed, request.indexed)
             version = snapshot.version
         for frame in frames:
             if not connection.offer(frame):
                 return
         version = max(version, room.history.latest or 0)
-        room.join(connection)
+        room.join(connection, request.indexed)
         if room.event_id not in connection.rooms:
             connection.rooms.append(room.event_id)
         connection.offer(
@@ -386,8 +387,9 @@ class Realtime:
                 log.warning("could not reload the seat map of %s", room.event_id, exc_info=True)
                 continue
             if snapshot is not None:
-                for frame in (snapshot.frame, *room.history.after(snapshot.version, snapshot.mark)):
-                    room.broadcast(frame)
+                room.broadcast(snapshot.frame)
+                for frame in room.history.after(snapshot.version, snapshot.mark):
+                    room.broadcast(frame, delta=True)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -22,6 +22,8 @@ class Subscribe(_In, kw_only=True, tag="subscribe"):
     room: Annotated[str, msgspec.Meta(max_length=100)]
     # The last seat-map version the client holds: it then gets only what it missed.
     version: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # Seat changes with seats named by their index in the seat map (bilten.realtime.indexed).
+    indexed: bool = False
 
 
 class Unsubscribe(_In, kw_only=True, tag="unsubscribe"):
@@ -102,7 +104,7 @@ class Frame:
     text frame (server frames are not masked, and the hub turns compression off, so these
     bytes are the same for every socket)."""
 
-    __slots__ = ("event", "wire")
+    __slots__ = ("event", "indexed", "wire")
 
     def __init__(self, text: str, payload: bytes | None = None) -> None:
         if payload is None:
@@ -116,6 +118,14 @@ class Frame:
         else:
             head = bytes((0x81, 127)) + size.to_bytes(8, "big")
         self.wire = head + payload
+        # A seat delta's form for sockets that name seats by index, once it was needed
+        # (bilten.realtime.rooms).
+        self.indexed: Frame | None = None
+
+    def payload(self) -> bytes:
+        """The message's bytes (the frame without its head)."""
+        size = self.wire[1]
+        return self.wire[2 if size < 126 else 4 if size == 126 else 10 :]
 
 
 def frame(text: str) -> Frame:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from bilten import claimnews, keys
-from bilten.realtime import messages
+from bilten.realtime import indexed, messages
 from bilten.realtime.connection import Connection
 from bilten.realtime.history import History
 from bilten.realtime.messages import Frame
@@ -49,49 +49,24 @@ class Snapshot:
         )
 
 
-class Room:
-    """The seat map of one event: local members, recent deltas, the latest snapshot."""
+class Fanout:
+    """Frames for a set of connections, written in passes (see :meth:`deliver`)."""
 
     __slots__ = (
         "base",
-        "channel",
         "cursor",
-        "event_id",
-        "handler",
-        "history",
         "joined",
-        "joining",
-        "linger",
-        "loaded_at",
         "members",
-        "missing",
-        "news",
-        "opening",
         "order",
         "pending",
-        "refreshing",
         "sending",
         "sent",
-        "served",
-        "snapshot",
         "started",
     )
 
-    def __init__(self, event_id: str, history: int) -> None:
-        self.event_id = event_id
-        self.channel = keys.seats_channel(event_id)
-        # Each member with how many of the room's frames it has been given (see ``deliver``).
+    def __init__(self) -> None:
+        # Each member with how many of the frames it has been given (see ``deliver``).
         self.members: dict[Connection, int] = {}
-        self.history = History(history)
-        self.snapshot: Snapshot | None = None
-        self.missing = False  # no such event (the room goes soon after it is empty)
-        self.loaded_at = 0.0  # when its event was last read (monotonic)
-        self.opening: asyncio.Task[None] | None = None
-        self.refreshing: asyncio.Task[Snapshot | None] | None = None
-        self.joining = 0  # connections between "subscribe" and membership
-        self.linger: asyncio.TimerHandle | None = None
-        self.served = 0  # the event's queue counter last broadcast here
-        self.handler = self.on_message
         self.sent = 0  # frames broadcast so far
         self.pending: list[Frame] = []  # the last ones, not yet given to every member
         self.base = 0  # the number of the frame before ``pending[0]``
@@ -100,45 +75,10 @@ class Room:
         self.started = 0  # ``sent`` when the current pass began
         self.sending: asyncio.Handle | None = None  # the pass's next step, when one is due
         self.joined: dict[int, bytes] = {}  # ``pending`` from a frame on, joined (this pass)
-        self.news = claimnews.Gathering(event_id, self.tell_news)
-
-    @property
-    def empty(self) -> bool:
-        return not self.members and not self.joining
 
     def join(self, connection: Connection) -> None:
-        """A member from now on. It was just given the snapshot and the history, which hold
-        every delta broadcast so far: from the next frame on it gets what the others get."""
+        """A member from now on: it gets the frames broadcast after this."""
         self.members[connection] = self.sent
-
-    def leave(self, connection: Connection) -> None:
-        self.members.pop(connection, None)
-
-    def on_message(self, data: bytes) -> None:
-        try:
-            head = messages.delta_head.decode(data)
-        except msgspec.DecodeError:
-            head = None
-        if head is not None and head.type in claimnews.TYPES:
-            try:
-                self.news.add(claimnews.decode(data))
-            except msgspec.DecodeError:
-                log.warning("malformed news of claims on %s: %r", self.channel, data[:200])
-            return
-        if head is None or head.version < 0:
-            log.warning("malformed seat delta on %s: %r", self.channel, data[:200])
-            return
-        # Decoded once, wrapped once: this same object goes to every socket.
-        frame = messages.frame_of(data)
-        if not self.history.add(head.version, frame):
-            return  # redelivered
-        self.broadcast(frame)
-
-    def tell_news(self, encoded: list[bytes]) -> None:
-        """News of the queue's claims (:mod:`bilten.claimnews`): for who watches now, not kept
-        for joiners."""
-        for data in encoded:
-            self.broadcast(messages.frame_of(data))
 
     def broadcast(self, frame: Frame) -> None:
         """To every member, soon: by the pass under way, or by one that starts now."""
@@ -199,6 +139,125 @@ class Room:
         self.joined.clear()
         if self.started < self.sent:
             self.sending = loop.call_soon(self.deliver)  # frames came meanwhile
+
+
+class Room:
+    """The seat map of one event: local members, recent deltas, the latest snapshot.
+
+    Members get seat changes in one of two forms: as published (``seats`` deltas, news of
+    claims), or with seats named by index (:mod:`bilten.realtime.indexed`), made once for all
+    such members, and only while there are some.
+    """
+
+    __slots__ = (
+        "by_id",
+        "by_index",
+        "channel",
+        "event_id",
+        "handler",
+        "history",
+        "index",
+        "joining",
+        "linger",
+        "loaded_at",
+        "missing",
+        "news",
+        "opening",
+        "refreshing",
+        "served",
+        "snapshot",
+    )
+
+    def __init__(self, event_id: str, history: int) -> None:
+        self.event_id = event_id
+        self.channel = keys.seats_channel(event_id)
+        self.by_id = Fanout()
+        self.by_index = Fanout()
+        # Seat id -> index, read from the snapshot when a member first asks for it.
+        self.index: dict[str, int] | None = None
+        self.history = History(history)
+        self.snapshot: Snapshot | None = None
+        self.missing = False  # no such event (the room goes soon after it is empty)
+        self.loaded_at = 0.0  # when its event was last read (monotonic)
+        self.opening: asyncio.Task[None] | None = None
+        self.refreshing: asyncio.Task[Snapshot | None] | None = None
+        self.joining = 0  # connections between "subscribe" and membership
+        self.linger: asyncio.TimerHandle | None = None
+        self.served = 0  # the event's queue counter last broadcast here
+        self.handler = self.on_message
+        self.news = claimnews.Gathering(event_id, self.tell_news)
+
+    @property
+    def members(self) -> int:
+        return len(self.by_id.members) + len(self.by_index.members)
+
+    @property
+    def empty(self) -> bool:
+        return not self.members and not self.joining
+
+    def join(self, connection: Connection, indexed: bool = False) -> None:
+        """A member from now on. It was just given the snapshot and the history (in its form:
+        :meth:`catch_up`), which hold every delta broadcast so far: from the next frame on it
+        gets what the others get."""
+        (self.by_id if indexed else self.by_index).members.pop(connection, None)
+        (self.by_index if indexed else self.by_id).join(connection)
+
+    def leave(self, connection: Connection) -> None:
+        self.by_id.members.pop(connection, None)
+        self.by_index.members.pop(connection, None)
+
+    def on_message(self, data: bytes) -> None:
+        try:
+            head = messages.delta_head.decode(data)
+        except msgspec.DecodeError:
+            head = None
+        if head is not None and head.type in claimnews.TYPES:
+            try:
+                self.news.add(claimnews.decode(data))
+            except msgspec.DecodeError:
+                log.warning("malformed news of claims on %s: %r", self.channel, data[:200])
+            return
+        if head is None or head.version < 0:
+            log.warning("malformed seat delta on %s: %r", self.channel, data[:200])
+            return
+        # Decoded once, wrapped once: this same object goes to every socket.
+        frame = messages.frame_of(data)
+        if not self.history.add(head.version, frame):
+            return  # redelivered
+        self.broadcast(frame, delta=True)
+
+    def tell_news(self, claimed: list[str], released: list[str]) -> None:
+        """News of the queue's claims (:mod:`bilten.claimnews`): for who watches now, not kept
+        for joiners."""
+        for data in self.news.frames(claimed, released):
+            self.by_id.broadcast(messages.frame_of(data))
+        if self.by_index.members and self.index is not None:
+            data = indexed.claims(self.event_id, claimed, released, self.index)
+            self.by_index.broadcast(messages.frame_of(data))
+
+    def broadcast(self, frame: Frame, *, delta: bool = False) -> None:
+        """To every member, soon. A ``delta`` (a frame of the history) goes to members that
+        name seats by index in that form."""
+        self.by_id.broadcast(frame)
+        if self.by_index.members:
+            self.by_index.broadcast(self.indexed(frame) if delta else frame)
+
+    def indexed(self, frame: Frame) -> Frame:
+        """A delta of the history in its indexed form, made once."""
+        if frame.indexed is None:
+            assert self.index is not None  # a member that names seats by index had a snapshot
+            frame.indexed = messages.frame_of(indexed.delta(frame.payload(), self.index))
+        return frame.indexed
+
+    def catch_up(self, snapshot: Frame | None, deltas: list[Frame], by_index: bool) -> list[Frame]:
+        """What a joiner is given before it joins: the snapshot (when it needs one) and the
+        deltas it missed, in its form."""
+        if by_index:
+            if self.index is None:  # read once: an event's seats and their order never change
+                assert self.snapshot is not None  # the joiner was just given it, or had it
+                self.index = indexed.seat_index(self.snapshot.frame.payload())
+            deltas = [self.indexed(f) for f in deltas]
+        return deltas if snapshot is None else [snapshot, *deltas]
 
 
 class Mailbox:
