@@ -3,7 +3,7 @@
     python bench/flash_sale.py [--seats 5000] [--buyers 2000] [--instances 1] [--workers 4]
                                [--timeout 120] [--defer-mail] [--split-roles] [--api-budget]
                                [--env BILTEN_NAME=VALUE ...] [--profile FILE] [--watchers N]
-                               [--json FILE]
+                               [--watchers-by-id] [--json FILE]
 
 Creates a published event (one section, rows of 100 seats) and C buyers (users made in SQL,
 their access tokens signed with the secret key the servers run with), starts ``--instances``
@@ -12,8 +12,8 @@ buyer (buyers are spread round-robin over the instances) and lets every buyer lo
 Each buyer books 1-4 random seats it believes available with ``POST /bookings``
 (``Idempotency-Key``, ``Prefer: wait=30``, ``tok_visa``) until the event is sold out. Buyers
 share one view of the seat map, kept as a browser's live map is: the seat deltas of the event's
-room over a WebSocket (``/ws``) move seats in and out of it, and so does the news of seats
-claimed by queued bookings (``seats.claimed``, ``seats.released``); a confirmed booking and the
+room over a WebSocket (``/ws``, seats named by index) move seats in and out of it, and so does
+the news of seats claimed by queued bookings (``claims.indexed``); a confirmed booking and the
 ``seat_ids`` of a 409 remove seats from it at once; when it runs dry, it is reloaded from
 ``GET /events/{id}/seats`` (claimed seats left out). A buyer stops after ``--give-up`` 409s in
 a row once the map shows no seat available; the whole load is bounded by ``--timeout``.
@@ -31,7 +31,8 @@ to SQL-only is what the HTTP path keeps of what the SQL can do.
 With ``--watchers N``, N more WebSockets (the clients of ``bench/ws_fanout.py``, in two
 processes of their own) subscribe to the event's room on the first instance before the sale
 opens, as the browsers of people watching the map would; past their subscription they only
-count what they get. Printed: the bytes each got (all should get the same), and when the last
+count what they get; they name seats by index, as the web app's map does (``--watchers-by-id``:
+as ``seats`` deltas do). Printed: the bytes each got (all should get the same), and when the last
 of them reached each (:func:`print_watchers`).
 
 The sale opens ``SETTLE`` seconds after the servers answer ready (their start-up, such as the
@@ -364,15 +365,16 @@ class SeatMapReader:
         self.fetches += 1
 
 
-class _Change(msgspec.Struct):
-    seat_id: str
-    status: str
+class _SeatId(msgspec.Struct):
+    id: str
 
 
 class _Message(msgspec.Struct):
     type: str
-    changes: list[_Change] = []
-    seat_ids: list[str] = []  # seats.claimed, seats.released
+    seats: list[_SeatId] = []  # seats.snapshot: the order that indexes refer to
+    changes: dict[str, list[int]] = {}  # seats.indexed: status -> [index, age, ...]
+    claimed: list[int] = []  # claims.indexed
+    released: list[int] = []
 
 
 _decode_message = msgspec.json.Decoder(_Message).decode
@@ -380,35 +382,39 @@ _decode_message = msgspec.json.Decoder(_Message).decode
 
 async def watch_live_map(url: str, event_id: str, view: View) -> int:
     """Keep the shared view in step with the event's seat deltas and the news of the queue's
-    claims over one WebSocket, as a browser's live map is (until cancelled); returns the
-    messages applied."""
+    claims over one WebSocket, as a browser's live map is (until cancelled), seats named by
+    index (``"indexed": true``); returns the messages applied."""
     applied = 0
+    order: list[str] = []
+    subscribe = {"type": "subscribe", "room": f"event:{event_id}", "indexed": True}
     with contextlib.suppress(OSError, websockets.ConnectionClosed):
         async with websockets.connect(url.replace("http", "ws", 1) + "/ws", max_size=None) as ws:
-            await ws.send(msgspec.json.encode({"type": "subscribe", "room": f"event:{event_id}"}))
+            await ws.send(msgspec.json.encode(subscribe))
             async for raw in ws:
                 message = _decode_message(raw)
-                if message.type == "seats.claimed":
-                    view.claimed.update(message.seat_ids)
-                    view.drop(message.seat_ids)
-                    applied += 1
+                if message.type == "seats.snapshot":
+                    order = [seat.id for seat in message.seats]
                     continue
-                if message.type == "seats.released":
-                    view.claimed.difference_update(message.seat_ids)
-                    for seat in message.seat_ids:
+                if message.type == "claims.indexed":
+                    claimed = [order[i] for i in message.claimed]
+                    view.claimed.update(claimed)
+                    view.drop(claimed)
+                    for seat in (order[i] for i in message.released):
+                        view.claimed.discard(seat)
                         view.add(seat)
                     applied += 1
                     continue
-                if message.type != "seats":
+                if message.type != "seats.indexed":
                     continue
-                for change in message.changes:
-                    view.claimed.discard(change.seat_id)
-                    if change.status == "available":
-                        view.add(change.seat_id)
-                    else:
-                        view.drop([change.seat_id])
-                        if change.status == "sold":
-                            view.sold.add(change.seat_id)
+                for status, pairs in message.changes.items():
+                    for seat in (order[i] for i in pairs[::2]):
+                        view.claimed.discard(seat)
+                        if status == "available":
+                            view.add(seat)
+                        else:
+                            view.drop([seat])
+                            if status == "sold":
+                                view.sold.add(seat)
                 applied += 1
     return applied
 
@@ -1311,6 +1317,11 @@ def parse_args() -> argparse.Namespace:
         help="this many more WebSockets watch the event's seat map on the first instance "
         "(bench/ws_fanout.py's clients, in processes of their own), timed as they get each frame",
     )
+    parser.add_argument(
+        "--watchers-by-id",
+        action="store_true",
+        help="the watchers take seat changes naming seats by id, not by index",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     if args.default and (args.split_roles or args.defer_mail or args.instances != 1):
@@ -1345,14 +1356,16 @@ def server_env(args: argparse.Namespace, data_dir: str) -> dict[str, str]:
 
 
 def open_watchers(
-    count: int, url: str, event_id: str, stack: contextlib.ExitStack
+    count: int, url: str, event_id: str, stack: contextlib.ExitStack, by_id: bool = False
 ) -> ws_fanout.Clients | None:
-    """``count`` WebSockets subscribed to the event's room at ``url``, in two processes."""
+    """``count`` WebSockets subscribed to the event's room at ``url``, in two processes, seats
+    named by index (``by_id``: as in ``seats`` deltas)."""
     if not count:
         return None
     began = time.perf_counter()
     parts = urlsplit(url)
-    clients = ws_fanout.Clients(parts.hostname or "", parts.port or 80, event_id, False, None, True)
+    host, port = parts.hostname or "", parts.port or 80
+    clients = ws_fanout.Clients(host, port, event_id, False, None, True, not by_id)
     stack.callback(clients.close)
     errors = clients.open([count // 2, count - count // 2])
     print(
@@ -1466,7 +1479,7 @@ def http_run(
             f"{time.perf_counter() - began:.1f} s",
             flush=True,
         )
-        watchers = open_watchers(args.watchers, urls[0], event_id, stack)
+        watchers = open_watchers(args.watchers, urls[0], event_id, stack, args.watchers_by_id)
         # Ready is not idle: the mail worker's helper process is still importing. A sale opens
         # on servers that have been up a while, so it waits for their start-up to be over.
         time.sleep(SETTLE)

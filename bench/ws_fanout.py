@@ -241,6 +241,7 @@ class Swarm:
         by_seat: bool,
         secret: str | None,
         count_only: bool = False,
+        indexed: bool = False,
     ) -> None:
         self.host = f"{host}:{port}"
         # Past its subscription, a socket's frames are only counted (bytes, and when the last
@@ -250,8 +251,9 @@ class Swarm:
         self.by_seat = by_seat  # arrivals by "seat status" of each change, not by version
         # Each socket its own user: a token signed with the server's key.
         self.signer = tokens.signer(Settings(secret_key=secret)) if secret else None
+        subscribe = {"type": "subscribe", "room": f"event:{event_id}"}
         self.subscribe = _mask(
-            json.dumps({"type": "subscribe", "room": f"event:{event_id}"}).encode()
+            json.dumps(subscribe | ({"indexed": True} if indexed else {})).encode()
         )
         self.clients: list[Client] = []
         self.ready = 0
@@ -405,12 +407,13 @@ def client_process(
     by_seat: bool,
     secret: str | None,
     count_only: bool,
+    indexed: bool,
     count: int,
 ) -> None:
     import uvloop
 
     async def main() -> None:
-        swarm = Swarm(host, port, event_id, by_seat, secret, count_only)
+        swarm = Swarm(host, port, event_id, by_seat, secret, count_only, indexed)
         pump = asyncio.ensure_future(swarm.pump())
         try:
             await swarm.connect(count)
@@ -530,8 +533,9 @@ class Clients:
         by_seat: bool,
         secret: str | None,
         count_only: bool = False,
+        indexed: bool = False,
     ) -> None:
-        self.args = (host, port, event_id, by_seat, secret, count_only)
+        self.args = (host, port, event_id, by_seat, secret, count_only, indexed)
         self.context = multiprocessing.get_context("spawn")
         self.pipes: list[Pipe] = []
         self.processes: list[Any] = []
