@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -70,6 +71,14 @@ def test_a_hold_and_a_sale_show_live_in_another_window(chromium, site):
         page = one.new_page()
         seen = other.new_page()
         problems = watch_console(page) + watch_console(seen)
+        frames: list[str] = []  # what the watching window's socket sends and gets
+        seen.on(
+            "websocket",
+            lambda ws: (
+                ws.on("framesent", lambda f: frames.append(f"> {f}")),
+                ws.on("framereceived", lambda f: frames.append(f"< {f}")),
+            ),
+        )
         page.goto(f"{site.url}/")
         page.locator(".event-card").first.wait_for()
         shoot(page, "events")
@@ -96,6 +105,11 @@ def test_a_hold_and_a_sale_show_live_in_another_window(chromium, site):
         confirmed = time.monotonic()
         seat(seen, target["id"]).and_(seen.locator("[data-status=sold]")).wait_for(timeout=3000)
         assert time.monotonic() - confirmed < 1.0
+        # The map asks for seats by index, and the changes come so.
+        subscribe = next(json.loads(f[2:]) for f in frames if '"subscribe"' in f)
+        assert subscribe["indexed"] is True, subscribe
+        kinds = [json.loads(f[2:])["type"] for f in frames if f.startswith("<")]
+        assert "seats.indexed" in kinds and "seats" not in kinds, kinds
         # The QR code of the new ticket is shown at once.
         qr = page.locator("figure.ticket img")
         qr.first.wait_for()

@@ -74,7 +74,11 @@ def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
     "authenticated one also receives its user's messages. A bad token is refused with 401 "
     "before the upgrade. A room sends `seats.snapshot`, then `seats` deltas (versioned), and "
     "`seats.claimed` / `seats.released` (no version): seats asked for by queued bookings, and "
-    "given back unsold.",
+    'given back unsold. `{"type": "subscribe", "room": "event:<id>", "indexed": true}` '
+    "names seats by their index in the snapshot's `seats` list instead, in a sixth of the bytes: "
+    "`seats.indexed` `{event_id, version, changes: {status: [index, age, ...]}}` (a change's "
+    "version is `version - age`) for `seats`, and `claims.indexed` `{event_id, claimed: [index], "
+    "released: [index]}` for the news of claims.",
 )
 class SocketEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

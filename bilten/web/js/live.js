@@ -4,12 +4,17 @@
 // last seat-map version this tab holds, so the server sends only what was missed (or a fresh
 // snapshot when it cannot). A refreshed access token is handed to the open socket (``auth``);
 // a socket closed for an expired or revoked session (4401) reconnects once a token is fresh.
+//
+// A room joined with its seats' ids in the seat map's order asks for seats named by index
+// (``"indexed": true``, a sixth of the bytes in a rush); its ``seats.indexed`` and
+// ``claims.indexed`` messages are handed on as the ``seats``, ``seats.claimed`` and
+// ``seats.released`` messages they stand for, so pages see one form only.
 
 import { accessToken, onSession, refresh } from "./api.js";
 
 const PING_EVERY = 20000;
 const handlers = new Map(); // message type -> Set of functions
-const rooms = new Map(); // room -> {version}
+const rooms = new Map(); // room -> {version, order: seat ids by index, or null}
 let socket = null;
 let backoff = 500;
 let pinger = null;
@@ -36,11 +41,38 @@ export function on(type, fn) {
 }
 
 function dispatch(message) {
-  if (message.type === "seats.snapshot" || message.type === "seats") {
-    const room = rooms.get(`event:${message.event_id}`);
-    if (room) room.version = Math.max(room.version || 0, message.version);
+  const room = message.event_id ? rooms.get(`event:${message.event_id}`) : undefined;
+  if (message.type === "seats.indexed" || message.type === "claims.indexed") {
+    if (room && room.order) for (const plain of unindexed(message, room.order)) dispatch(plain);
+    return;
+  }
+  if (room && message.type === "seats.snapshot" && room.order) {
+    room.order = message.seats.map((seat) => seat.id);
+  }
+  if (room && (message.type === "seats.snapshot" || message.type === "seats")) {
+    room.version = Math.max(room.version || 0, message.version);
   }
   for (const fn of handlers.get(message.type) || []) fn(message);
+}
+
+/** The messages an indexed one stands for, seats named by id again. */
+function unindexed(message, order) {
+  const { event_id } = message;
+  if (message.type === "seats.indexed") {
+    const changes = [];
+    for (const [status, pairs] of Object.entries(message.changes)) {
+      for (let n = 0; n + 1 < pairs.length; n += 2) {
+        const seat_id = order[pairs[n]];
+        if (seat_id) changes.push({ seat_id, status, version: message.version - pairs[n + 1] });
+      }
+    }
+    return [{ type: "seats", event_id, version: message.version, changes }];
+  }
+  const ids = (indexes) => indexes.map((n) => order[n]).filter(Boolean);
+  const out = [];
+  if (message.claimed.length) out.push({ type: "seats.claimed", event_id, seat_ids: ids(message.claimed) });
+  if (message.released.length) out.push({ type: "seats.released", event_id, seat_ids: ids(message.released) });
+  return out;
 }
 
 function sendJson(message) {
@@ -48,8 +80,11 @@ function sendJson(message) {
 }
 
 function subscribeMessage(room) {
-  const known = rooms.get(room).version;
-  return known ? { type: "subscribe", room, version: known } : { type: "subscribe", room };
+  const { version, order } = rooms.get(room);
+  const message = { type: "subscribe", room };
+  if (version) message.version = version;
+  if (order) message.indexed = true;
+  return message;
 }
 
 function connect() {
@@ -89,12 +124,13 @@ function connect() {
 /**
  * Follow a room (``event:<id>``): its seat changes arrive as ``seats`` messages. ``version``:
  * the seat-map version the page already holds (from GET /events/{id}/seats), so that only
- * later changes are sent.
+ * later changes are sent; ``order``: that seat map's seat ids, in its order (seats are then
+ * named by index on the wire).
  */
-export function join(room, version = 0) {
+export function join(room, version = 0, order = null) {
   wanted = true;
   if (!rooms.has(room)) {
-    rooms.set(room, { version });
+    rooms.set(room, { version, order: order && order.length ? order : null });
     sendJson(subscribeMessage(room));
   }
   connect();

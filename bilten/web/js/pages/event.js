@@ -106,7 +106,7 @@ export async function render(root, { id }) {
       if (pending && m.request_id === pending.request_id) finish(m);
     }),
   );
-  stops.push(join(`event:${id}`, version));
+  stops.push(join(`event:${id}`, version, seatMap.seats.map((seat) => seat.id)));
   start();
 
   function total() {
