@@ -30,7 +30,8 @@ to SQL-only is what the HTTP path keeps of what the SQL can do.
 
 With ``--watchers N``, N more WebSockets (the clients of ``bench/ws_fanout.py``, in two
 processes of their own) subscribe to the event's room on the first instance before the sale
-opens, as the browsers of people watching the map would; past their subscription they only
+opens, as the browsers of people watching the map would (from the version of the seat map
+read once over HTTP: no snapshot each); past their subscription they only
 count what they get; they name seats by index, as the web app's map does (``--watchers-by-id``:
 as ``seats`` deltas do). Printed: the bytes each got (all should get the same), and when the last
 of them reached each (:func:`print_watchers`).
@@ -50,6 +51,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import os
 import random
@@ -59,6 +61,7 @@ import sys
 import tempfile
 import time
 import types
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -1365,7 +1368,10 @@ def open_watchers(
     began = time.perf_counter()
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or 80
-    clients = ws_fanout.Clients(host, port, event_id, False, None, True, not by_id)
+    # As a page does: the seat map over HTTP, then the room from its version on (no snapshot).
+    with urllib.request.urlopen(f"{url}/events/{event_id}/seats", timeout=30) as answer:
+        version = json.load(answer)["version"]
+    clients = ws_fanout.Clients(host, port, event_id, False, None, True, not by_id, version)
     stack.callback(clients.close)
     errors = clients.open([count // 2, count - count // 2])
     print(

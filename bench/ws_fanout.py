@@ -242,6 +242,7 @@ class Swarm:
         secret: str | None,
         count_only: bool = False,
         indexed: bool = False,
+        version: int | None = None,
     ) -> None:
         self.host = f"{host}:{port}"
         # Past its subscription, a socket's frames are only counted (bytes, and when the last
@@ -251,10 +252,11 @@ class Swarm:
         self.by_seat = by_seat  # arrivals by "seat status" of each change, not by version
         # Each socket its own user: a token signed with the server's key.
         self.signer = tokens.signer(Settings(secret_key=secret)) if secret else None
-        subscribe = {"type": "subscribe", "room": f"event:{event_id}"}
-        self.subscribe = _mask(
-            json.dumps(subscribe | ({"indexed": True} if indexed else {})).encode()
-        )
+        # With the seat map's version (read beforehand, as a page does), no snapshot each.
+        subscribe: dict[str, Any] = {"type": "subscribe", "room": f"event:{event_id}"}
+        subscribe |= {"indexed": True} if indexed else {}
+        subscribe |= {"version": version} if version is not None else {}
+        self.subscribe = _mask(json.dumps(subscribe).encode())
         self.clients: list[Client] = []
         self.ready = 0
         self.subscribed: asyncio.Event = asyncio.Event()
@@ -408,12 +410,13 @@ def client_process(
     secret: str | None,
     count_only: bool,
     indexed: bool,
+    version: int | None,
     count: int,
 ) -> None:
     import uvloop
 
     async def main() -> None:
-        swarm = Swarm(host, port, event_id, by_seat, secret, count_only, indexed)
+        swarm = Swarm(host, port, event_id, by_seat, secret, count_only, indexed, version)
         pump = asyncio.ensure_future(swarm.pump())
         try:
             await swarm.connect(count)
@@ -534,8 +537,9 @@ class Clients:
         secret: str | None,
         count_only: bool = False,
         indexed: bool = False,
+        version: int | None = None,
     ) -> None:
-        self.args = (host, port, event_id, by_seat, secret, count_only, indexed)
+        self.args = (host, port, event_id, by_seat, secret, count_only, indexed, version)
         self.context = multiprocessing.get_context("spawn")
         self.pipes: list[Pipe] = []
         self.processes: list[Any] = []
