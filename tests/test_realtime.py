@@ -897,6 +897,7 @@ async def test_a_room_delivers_in_steps_and_a_change_during_a_pass_rides_along(m
     from bilten.realtime import rooms
 
     monkeypatch.setattr(rooms, "PASS_STEP", 0.0)  # one socket written a step
+    monkeypatch.setattr(rooms.random, "randrange", lambda n: 0)  # passes from the first
 
     class Member:  # what a room calls on a connection
         def __init__(self, room):
@@ -944,6 +945,32 @@ async def test_a_room_delivers_in_steps_and_a_change_during_a_pass_rides_along(m
         await asyncio.sleep(0)
     assert newcomer.writes == [["3"]] and members[0].writes[-1] == ["3"]
     assert room.by_id.pending == [] and room.by_id.sending is None
+
+
+async def test_each_pass_of_a_room_starts_at_a_member_drawn_at_random():
+    """No socket is always the last one a pass reaches."""
+    from bilten.realtime import rooms
+
+    writes: list[int] = []
+
+    class Member:
+        def __init__(self, n):
+            self.n = n
+
+        def offer(self, f):
+            writes.append(self.n)
+            return True
+
+    room = rooms.Room(str(uuid.uuid4()), 8)
+    for n in range(5):
+        room.join(Member(n))
+    for n in range(100):  # one frame a pass: each pass writes each member once
+        room.broadcast(frame(str(n)))
+        while room.by_id.sending is not None:
+            await asyncio.sleep(0)
+    passes = [writes[n : n + 5] for n in range(0, len(writes), 5)]
+    assert len(passes) == 100 and all(sorted(p) == [0, 1, 2, 3, 4] for p in passes)
+    assert {p[-1] for p in passes} == {0, 1, 2, 3, 4}  # the last one drawn anew (p ~ 1e-9)
 
 
 async def test_the_lean_protocols_inbox_and_flag():

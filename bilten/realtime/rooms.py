@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -99,7 +100,11 @@ class Fanout:
         """
         self.sending = None
         if self.cursor == 0:
-            self.order = list(self.members)
+            # Each pass from a member drawn at random: no socket is always the last one (a
+            # pass over 10,000 takes tens of milliseconds), each waits half a pass on average.
+            order = list(self.members)
+            start = random.randrange(len(order)) if order else 0
+            self.order = order[start:] + order[:start]
             self.started = self.sent
         members = self.members
         pending = self.pending
