@@ -315,6 +315,43 @@ async def test_a_watcher_naming_seats_by_index_gets_the_same_news_in_fewer_bytes
         assert by_seat(freed).keys() == set(seats[:2])
 
 
+async def test_a_delta_not_as_published_goes_to_members_by_id_and_is_logged(caplog):
+    """One odd message on a room's channel fails alone: the members by index miss it."""
+    from bilten.realtime.rooms import Room
+
+    class Member:
+        def __init__(self):
+            self.got: list[str] = []
+
+        def offer(self, f):
+            self.got.append(f.event["text"])
+            return True
+
+        def offer_all(self, frames, joined):
+            self.got += [f.event["text"] for f in frames]
+            return True
+
+    room = Room("e1", history=4)
+    room.index = {"s1": 0}
+    plain, compact = Member(), Member()
+    room.join(plain)
+    room.join(compact, indexed=True)
+    odd = b'{"type":"seats","event_id":"e1","version":3,"changes":"s1"}'
+    change = {"seat_id": "s1", "status": "held", "version": 4}
+    good = json.dumps({"type": "seats", "event_id": "e1", "version": 4, "changes": [change]})
+    good = good.encode()
+    room.on_message(odd)
+    room.on_message(good)
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert plain.got == [odd.decode(), good.decode()]
+    assert [json.loads(m) for m in compact.got] == [
+        {"type": "seats.indexed", "event_id": "e1", "version": 4, "changes": {"held": [0, 0]}}
+    ]
+    assert "not as published" in caplog.text
+    assert len(room.catch_up(None, room.history.after(0), True)) == 1
+
+
 def test_the_indexed_form_of_a_delta_and_of_news():
     from bilten.realtime import indexed
 
@@ -480,6 +517,8 @@ async def test_malformed_messages_get_an_error_and_the_connection_survives(a):
             '{"type": "subscribe", "room": "venue:1"}',
             '{"type": "subscribe", "room": "event:nope"}',
             '{"type": "subscribe", "room": "event:1", "version": -1}',
+            '{"type": "subscribe", "room": "event:1", "indexed": "yes"}',
+            '{"type": "subscribe", "room": "event:1", "indexed": 1}',
             '{"type": "ping", "extra": 1}',
             b"\xff\xfe binary",
         ):

@@ -245,13 +245,21 @@ class Room:
         name seats by index in that form."""
         self.by_id.broadcast(frame)
         if self.by_index.members:
-            self.by_index.broadcast(self.indexed(frame) if delta else frame)
+            made = self.indexed(frame) if delta else frame
+            if made is not None:
+                self.by_index.broadcast(made)
 
-    def indexed(self, frame: Frame) -> Frame:
-        """A delta of the history in its indexed form, made once."""
+    def indexed(self, frame: Frame) -> Frame | None:
+        """A delta of the history in its indexed form, made once; None for one that is not a
+        delta as the relay publishes them (logged: its members by id got it as it came)."""
         if frame.indexed is None:
             assert self.index is not None  # a member that names seats by index had a snapshot
-            frame.indexed = messages.frame_of(indexed.delta(frame.payload(), self.index))
+            try:
+                data = indexed.delta(frame.payload(), self.index)
+            except msgspec.DecodeError:
+                log.warning("seat delta on %s not as published: %r", self.channel, frame.wire[:200])
+                return None
+            frame.indexed = messages.frame_of(data)
         return frame.indexed
 
     def catch_up(self, snapshot: Frame | None, deltas: list[Frame], by_index: bool) -> list[Frame]:
@@ -261,7 +269,7 @@ class Room:
             if self.index is None:  # read once: an event's seats and their order never change
                 assert self.snapshot is not None  # the joiner was just given it, or had it
                 self.index = indexed.seat_index(self.snapshot.frame.payload())
-            deltas = [self.indexed(f) for f in deltas]
+            deltas = [made for made in map(self.indexed, deltas) if made is not None]
         return deltas if snapshot is None else [snapshot, *deltas]
 
 
