@@ -1,8 +1,9 @@
 """Rooms (an event's seat map) and mailboxes (a user's personal messages) of one process.
 
 Each has one handler on the process's pub/sub hub. A message is decoded at most once, made
-once into a frame, and those same bytes go to every local connection: a room's in passes
-over its members, a fraction of a millisecond of writes at a time (see :meth:`Room.deliver`).
+once into a frame (once more for the members that name seats by index), and those same bytes
+go to every local connection: a room's in passes over its members, a fraction of a
+millisecond of writes at a time (see :meth:`Fanout.deliver`).
 """
 
 from __future__ import annotations
