@@ -1371,7 +1371,10 @@ def open_watchers(
     # As a page does: the seat map over HTTP, then the room from its version on (no snapshot).
     with urllib.request.urlopen(f"{url}/events/{event_id}/seats", timeout=30) as answer:
         version = json.load(answer)["version"]
-    clients = ws_fanout.Clients(host, port, event_id, False, None, True, not by_id, version)
+    target = ws_fanout.Target(
+        host, port, event_id, count_only=True, indexed=not by_id, version=version
+    )
+    clients = ws_fanout.Clients(target)
     stack.callback(clients.close)
     errors = clients.open([count // 2, count - count // 2])
     print(

@@ -230,32 +230,34 @@ class Client:
             self.rest = data[at:]
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the client sockets connect, and how they subscribe."""
+
+    host: str
+    port: int
+    event_id: str
+    by_seat: bool = False  # arrivals by "seat status" of each change, not by version
+    secret: str | None = None  # each socket its own user: a token signed with the server's key
+    # Past its subscription, a socket's frames are only counted (bytes, and when the last
+    # came), not parsed: for watchers by the ten thousand beside a load on the same cores.
+    count_only: bool = False
+    indexed: bool = False  # seats named by index ("indexed": true)
+    version: int | None = None  # the seat map's, read beforehand as a page does: no snapshot
+
+
 class Swarm:
     """This process's share of the connections, and what they saw."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        event_id: str,
-        by_seat: bool,
-        secret: str | None,
-        count_only: bool = False,
-        indexed: bool = False,
-        version: int | None = None,
-    ) -> None:
-        self.host = f"{host}:{port}"
-        # Past its subscription, a socket's frames are only counted (bytes, and when the last
-        # came), not parsed: for watchers by the ten thousand beside a load on the same cores.
-        self.count_only = count_only
-        self.address = (host, port)
-        self.by_seat = by_seat  # arrivals by "seat status" of each change, not by version
-        # Each socket its own user: a token signed with the server's key.
-        self.signer = tokens.signer(Settings(secret_key=secret)) if secret else None
-        # With the seat map's version (read beforehand, as a page does), no snapshot each.
-        subscribe: dict[str, Any] = {"type": "subscribe", "room": f"event:{event_id}"}
-        subscribe |= {"indexed": True} if indexed else {}
-        subscribe |= {"version": version} if version is not None else {}
+    def __init__(self, target: Target) -> None:
+        self.host = f"{target.host}:{target.port}"
+        self.count_only = target.count_only
+        self.address = (target.host, target.port)
+        self.by_seat = target.by_seat
+        self.signer = tokens.signer(Settings(secret_key=target.secret)) if target.secret else None
+        subscribe: dict[str, Any] = {"type": "subscribe", "room": f"event:{target.event_id}"}
+        subscribe |= {"indexed": True} if target.indexed else {}
+        subscribe |= {"version": target.version} if target.version is not None else {}
         self.subscribe = _mask(json.dumps(subscribe).encode())
         self.clients: list[Client] = []
         self.ready = 0
@@ -401,22 +403,11 @@ class Swarm:
         await asyncio.wait_for(self.subscribed.wait(), 120)
 
 
-def client_process(
-    pipe: Pipe,
-    host: str,
-    port: int,
-    event_id: str,
-    by_seat: bool,
-    secret: str | None,
-    count_only: bool,
-    indexed: bool,
-    version: int | None,
-    count: int,
-) -> None:
+def client_process(pipe: Pipe, target: Target, count: int) -> None:
     import uvloop
 
     async def main() -> None:
-        swarm = Swarm(host, port, event_id, by_seat, secret, count_only, indexed, version)
+        swarm = Swarm(target)
         pump = asyncio.ensure_future(swarm.pump())
         try:
             await swarm.connect(count)
@@ -528,18 +519,8 @@ class Collected:
 class Clients:
     """The client processes, driven over pipes."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        event_id: str,
-        by_seat: bool,
-        secret: str | None,
-        count_only: bool = False,
-        indexed: bool = False,
-        version: int | None = None,
-    ) -> None:
-        self.args = (host, port, event_id, by_seat, secret, count_only, indexed, version)
+    def __init__(self, target: Target) -> None:
+        self.target = target
         self.context = multiprocessing.get_context("spawn")
         self.pipes: list[Pipe] = []
         self.processes: list[Any] = []
@@ -550,7 +531,7 @@ class Clients:
         started = []
         for count in shares:
             parent, child = self.context.Pipe()
-            process = self.context.Process(target=client_process, args=(child, *self.args, count))
+            process = self.context.Process(target=client_process, args=(child, self.target, count))
             process.start()
             started.append(parent)
             self.processes.append(process)
@@ -871,7 +852,8 @@ def main() -> None:
                 flush=True,
             )
             seats = [s["id"] for s in httpx.get(f"{url}/events/{event_id}/seats").json()["seats"]]
-            clients = Clients(host, int(port), event_id, holds, secret if args.auth else None)
+            target = Target(host, int(port), event_id, holds, secret if args.auth else None)
+            clients = Clients(target)
             # One socket first, so the room and its snapshot exist before memory is measured.
             clients.open([1])
             time.sleep(1.0)
