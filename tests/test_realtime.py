@@ -16,6 +16,8 @@ import uuid
 import httpx
 import pytest
 import websockets
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 
 from bilten.realtime.history import History
@@ -383,6 +385,42 @@ def test_the_indexed_form_of_a_delta_and_of_news():
         "claimed": [1],
         "released": [0],
     }
+
+
+@given(
+    seats=st.integers(1, 300),
+    changes=st.lists(
+        st.tuples(
+            st.integers(0, 400),  # a seat's index; at or past ``seats``: not of the map
+            st.sampled_from(["available", "held", "sold"]),
+            st.integers(0, 50) | st.none(),  # how far below the delta's version; None: none
+        ),
+        max_size=60,
+        unique_by=lambda c: c[0],
+    ),
+)
+def test_a_delta_by_index_names_the_same_changes(seats, changes):
+    """Any delta, put by index and read back against the map's order, is the same changes
+    (a version-less change as the delta's version), seats not of the map left out."""
+    from bilten.realtime import indexed
+
+    order = [str(uuid.UUID(int=n)) for n in range(seats)]
+    index = {seat: n for n, seat in enumerate(order)}
+    version = 1000
+    published = [
+        {"seat_id": order[n] if n < seats else str(uuid.UUID(int=10_000 + n)), "status": status}
+        | ({} if age is None else {"version": version - age})
+        for n, status, age in changes
+    ]
+    delta = {"type": "seats", "event_id": "e", "version": version, "changes": published}
+    short = json.loads(indexed.delta(json.dumps(delta).encode(), index))
+    assert short["type"] == "seats.indexed" and short["version"] == version
+    expected = {
+        c["seat_id"]: (c["status"], c.get("version", version))
+        for c in published
+        if c["seat_id"] in index
+    }
+    assert unindexed(short, order) == expected
 
 
 async def test_news_of_claims_is_gathered_per_seat_and_told_in_two_frames():
