@@ -3,7 +3,7 @@
     python bench/flash_sale.py [--seats 5000] [--buyers 2000] [--instances 1] [--workers 4]
                                [--timeout 120] [--defer-mail] [--split-roles] [--api-budget]
                                [--env BILTEN_NAME=VALUE ...] [--profile FILE] [--watchers N]
-                               [--watchers-by-id] [--json FILE]
+                               [--watchers-apart] [--watchers-by-id] [--json FILE]
 
 Creates a published event (one section, rows of 100 seats) and C buyers (users made in SQL,
 their access tokens signed with the secret key the servers run with), starts ``--instances``
@@ -32,7 +32,8 @@ With ``--watchers N``, N more WebSockets (the clients of ``bench/ws_fanout.py``,
 processes of their own) subscribe to the event's room on the first instance before the sale
 opens, as the browsers of people watching the map would (from the version of the seat map
 read once over HTTP: no snapshot each); past their subscription they only
-count what they get; they name seats by index, as the web app's map does (``--watchers-by-id``:
+count what they get (``--watchers-apart``: on an instance of the realtime role alone, as an
+operator would put them); they name seats by index, as the web app's map does (``--watchers-by-id``:
 as ``seats`` deltas do). Printed: the bytes each got (all should get the same), and when the last
 of them reached each (:func:`print_watchers`).
 
@@ -1321,6 +1322,11 @@ def parse_args() -> argparse.Namespace:
         "(bench/ws_fanout.py's clients, in processes of their own), timed as they get each frame",
     )
     parser.add_argument(
+        "--watchers-apart",
+        action="store_true",
+        help="the watchers on an instance of their own (--roles realtime), not the first",
+    )
+    parser.add_argument(
         "--watchers-by-id",
         action="store_true",
         help="the watchers take seat changes naming seats by id, not by index",
@@ -1359,17 +1365,23 @@ def server_env(args: argparse.Namespace, data_dir: str) -> dict[str, str]:
 
 
 def open_watchers(
-    count: int, url: str, event_id: str, stack: contextlib.ExitStack, by_id: bool = False
+    count: int,
+    url: str,
+    api: str,
+    event_id: str,
+    stack: contextlib.ExitStack,
+    by_id: bool = False,
 ) -> ws_fanout.Clients | None:
-    """``count`` WebSockets subscribed to the event's room at ``url``, in two processes, seats
-    named by index (``by_id``: as in ``seats`` deltas)."""
+    """``count`` WebSockets subscribed to the event's room at ``url`` (the seat map's version
+    read from ``api``), in two processes, seats named by index (``by_id``: as in ``seats``
+    deltas)."""
     if not count:
         return None
     began = time.perf_counter()
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or 80
     # As a page does: the seat map over HTTP, then the room from its version on (no snapshot).
-    with urllib.request.urlopen(f"{url}/events/{event_id}/seats", timeout=30) as answer:
+    with urllib.request.urlopen(f"{api}/events/{event_id}/seats", timeout=30) as answer:
         version = json.load(answer)["version"]
     target = ws_fanout.Target(
         host, port, event_id, count_only=True, indexed=not by_id, version=version
@@ -1378,9 +1390,8 @@ def open_watchers(
     stack.callback(clients.close)
     errors = clients.open([count // 2, count - count // 2])
     print(
-        f"watchers: {clients.sockets} sockets subscribed to the event's room on the first "
-        f"instance in {time.perf_counter() - began:.1f} s"
-        + (f"; errors: {errors[:3]}" if errors else ""),
+        f"watchers: {clients.sockets} sockets subscribed to the event's room at {url} in "
+        f"{time.perf_counter() - began:.1f} s" + (f"; errors: {errors[:3]}" if errors else ""),
         flush=True,
     )
     return clients
@@ -1483,12 +1494,26 @@ def http_run(
             )
             pids.append(proc.pid)
             names.append(f"workers (pid {proc.pid})")
+        watched = urls[0]
+        if args.watchers_apart:
+            watched, proc = stack.enter_context(
+                bilten_process(
+                    database_url,
+                    redis_url,
+                    secret_key=secret_key,
+                    **{**env, "BILTEN_ROLES": "realtime"},
+                )
+            )
+            pids.append(proc.pid)
+            names.append(f"realtime for the watchers {watched} (pid {proc.pid})")
         print(
             f"setup: event {event_id}, {len(buyer_ids)} buyers; {', '.join(names)}; "
             f"{time.perf_counter() - began:.1f} s",
             flush=True,
         )
-        watchers = open_watchers(args.watchers, urls[0], event_id, stack, args.watchers_by_id)
+        watchers = open_watchers(
+            args.watchers, watched, urls[0], event_id, stack, args.watchers_by_id
+        )
         # Ready is not idle: the mail worker's helper process is still importing. A sale opens
         # on servers that have been up a while, so it waits for their start-up to be over.
         time.sleep(SETTLE)
@@ -1516,6 +1541,7 @@ def http_run(
         rate = print_load(load, args.seats)
         roles = [f"http {n + 1}" for n in range(args.instances)]
         roles += ["workers"] if args.split_roles else []
+        roles += ["realtime"] if args.watchers_apart else []
         print_cpu(
             cpu_before, cpu_after, load.ended - load.started, dict(zip(pids, roles, strict=True))
         )
