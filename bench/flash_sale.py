@@ -1339,6 +1339,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--seats, --buyers and --instances must be positive")
     if args.watchers < 0:
         parser.error("--watchers must be 0 or more")
+    if (args.watchers_apart or args.watchers_by_id) and not args.watchers:
+        parser.error("--watchers-apart and --watchers-by-id go with --watchers N")
     return args
 
 
@@ -1413,16 +1415,19 @@ def print_watchers(clients: ws_fanout.Clients, last_confirmed: float, cpu_before
         seen = now_seen
     sizes = [size for size, _ in seen if size >= 0]
     lasts = [last for size, last in seen if size >= 0]
-    most = max(sizes, default=0)
+    if not lasts:
+        print(f"  watchers: none of {len(seen)} sockets subscribed")
+        return
+    most = max(sizes)
     short = sum(1 for size in sizes if size < most)
-    first = min(lasts, default=last_confirmed)
+    first = min(lasts)
     behind = [last - first for last in lasts]
     print(
         f"  watchers: {len(sizes)} of {len(seen)} sockets subscribed got {most / 1024:.0f} KiB "
         f"each ({short} got less); the first had its last byte "
         f"{(first - last_confirmed) * 1000:.0f} ms after the sale's last confirmation, the others "
         f"after the first: p50 {percentile(behind, 0.5):.0f} ms, p99 "
-        f"{percentile(behind, 0.99):.0f} ms, max {max(behind, default=0) * 1000:.0f} ms"
+        f"{percentile(behind, 0.99):.0f} ms, max {max(behind) * 1000:.0f} ms"
     )
     got = clients.collect()
     if got.codes or got.lost or got.errors:
