@@ -1478,37 +1478,26 @@ def http_run(
     buyer_tokens = attendee_tokens(secret_key, buyer_ids)
     env = {**server_env(args, data_dir), **(extra_env or {})}
     with contextlib.ExitStack() as stack:
-        roles = {"BILTEN_ROLES": "api,realtime"} if args.split_roles else {}
+
+        def serve(roles: str | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+            """One more server, with these roles (None: every role)."""
+            role = {"BILTEN_ROLES": roles} if roles else {}
+            server = bilten_process(database_url, redis_url, secret_key=secret_key, **env, **role)
+            return stack.enter_context(server)
+
         started = [
-            stack.enter_context(
-                bilten_process(database_url, redis_url, secret_key=secret_key, **{**env, **roles})
-            )
-            for _ in range(args.instances)
+            serve("api,realtime" if args.split_roles else None) for _ in range(args.instances)
         ]
         urls = [url for url, _ in started]
         pids = [proc.pid for _, proc in started]
         names = [f"{url} (pid {pid})" for url, pid in zip(urls, pids, strict=True)]
         if args.split_roles:
-            _, proc = stack.enter_context(
-                bilten_process(
-                    database_url,
-                    redis_url,
-                    secret_key=secret_key,
-                    **{**env, "BILTEN_ROLES": "workers"},
-                )
-            )
+            _, proc = serve("workers")
             pids.append(proc.pid)
             names.append(f"workers (pid {proc.pid})")
         watched = urls[0]
         if args.watchers_apart:
-            watched, proc = stack.enter_context(
-                bilten_process(
-                    database_url,
-                    redis_url,
-                    secret_key=secret_key,
-                    **{**env, "BILTEN_ROLES": "realtime"},
-                )
-            )
+            watched, proc = serve("realtime")
             pids.append(proc.pid)
             names.append(f"realtime for the watchers {watched} (pid {proc.pid})")
         print(
