@@ -68,8 +68,7 @@ class Helper:
     """A helper process that work may use, and runs without: :meth:`run` gives the same result
     either way. Started and restarted by :meth:`worker`."""
 
-    def __init__(self, warm_up: Callable[[], Any] = _ready) -> None:
-        self.warm_up = warm_up
+    def __init__(self) -> None:
         self.executor: ProcessPoolExecutor | None = None  # None: the work runs in this process
         self.broken = asyncio.Event()
 
@@ -90,7 +89,7 @@ class Helper:
         """Keeps a helper process running until ``stop``: a new one when it dies."""
 
         async def run(stop: asyncio.Event) -> None:
-            executor = await start(self.warm_up)
+            executor = await start()
             self.broken.clear()
             self.executor = executor
             try:

@@ -46,9 +46,6 @@ function dispatch(message) {
     if (room && room.order) for (const plain of unindexed(message, room.order)) dispatch(plain);
     return;
   }
-  if (room && message.type === "seats.snapshot" && room.order) {
-    room.order = message.seats.map((seat) => seat.id);
-  }
   if (room && (message.type === "seats.snapshot" || message.type === "seats")) {
     room.version = Math.max(room.version || 0, message.version);
   }
