@@ -1,8 +1,11 @@
 """Accepted booking requests, recorded in PostgreSQL before they are answered 202.
 
 The door queues a request in Redis (``bilten.queue.submit``: claims, Idempotency-Key, stream
-entry), then records it here before it answers: a 202 is a promise, and Redis alone may lose
-it (a flush, a restart without its append-only file, a failover). Requests that arrive in the
+entry), then records it here before it answers 202: a 202 is a promise, and Redis alone may
+lose it (a flush, a restart without its append-only file, a failover). A request that waits
+for its outcome (``Prefer: wait``) is recorded only if its wait ends without one: answered
+201 or refused, its booking is final in PostgreSQL already (or it has none to lose), and a
+client that got no answer has been promised nothing. Requests that arrive in the
 same turn of the event loop are written in one statement (a group commit), so the record costs
 one round trip per turn, not one per request. A request refused in Redis (seat taken, key
 known, queue full) never reaches PostgreSQL.

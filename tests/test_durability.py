@@ -89,6 +89,54 @@ async def test_a_request_is_on_record_before_it_is_answered_and_refusals_are_not
         assert [r["id"] for r in on_record] == [answer.json()["request_id"]]
 
 
+async def test_a_waiting_request_is_recorded_only_when_its_wait_ends_in_a_202(settings):
+    """``Prefer: wait``: answered with its outcome, a request leaves no record (its booking is
+    final in PostgreSQL); when its wait runs out it is recorded before its 202, so a flush of
+    Redis during the wait loses it no more than one after a 202."""
+    from bilten import keys
+
+    async with running(settings.replace(roles=frozenset({"api"}))) as (door, c):
+        event_id, seats, _, _ = await published_event(c)
+        ann, bob = await buyer(c), await buyer(c)
+        waiting = asyncio.ensure_future(
+            book(
+                c,
+                bob,
+                {"event_id": event_id, "seat_ids": seats[1:2]},
+                headers={"Prefer": "wait=10"},
+            )
+        )
+        while not (entries := await queued(door.state, event_id)):
+            await asyncio.sleep(0.05)
+        [outcome] = await batch.run_batch(door.state, entries)
+        assert outcome is not None and outcome.state == "CONFIRMED"
+        # As a worker announces it (the outcome left out: the door reads it back).
+        await door.state.redis.publish(keys.BOOKING_DONE, f"{entries[0].request_id} ")
+        won = await waiting
+        assert won.status_code == 201, won.text
+        recorded = "SELECT id::text FROM accepted_requests WHERE id = ANY ($1::uuid[])"
+        assert await door.state.db.fetch(recorded, [won.json()["request_id"]]) == []
+
+        pending = asyncio.ensure_future(
+            book(
+                c, ann, {"event_id": event_id, "seat_ids": seats[:1]}, headers={"Prefer": "wait=1"}
+            )
+        )
+        while len(entries := await queued(door.state, event_id)) < 2:
+            await asyncio.sleep(0.05)
+        request_id = entries[1].request_id
+        assert await door.state.db.fetch(recorded, [request_id]) == []
+        await door.state.redis.flushdb()  # this test's database only, not a shared server's
+        answer = await pending
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["request_id"] == request_id
+        assert len(await door.state.db.fetch(recorded, [request_id])) == 1
+
+    async with running(settings) as (instance, _):
+        states = await wait_until_final(instance.state.db, [request_id])
+        assert states == {request_id: "CONFIRMED"}
+
+
 async def test_a_request_asked_again_is_made_sure_of_as_the_first_time(settings):
     """The first answer was 503 after the request was queued (PostgreSQL or Redis out of reach
     for what came next): asked again with its key, it is put on record and among the active

@@ -262,15 +262,14 @@ async def _book(request: Request, default_wait: float) -> Response:
                 raise bookings.key_reused(key)
             first = msgspec.structs.replace(entry, id=submitted.request_id)
             return await _repeat(app, who.user_id, first, wait)
-        # On record in PostgreSQL before any answer: Redis alone may lose it. Should this fail
-        # (503), the request may still be booked; a retry with its key finds it.
+        if future is not None:
+            answer = await _outcome(app, future, wait, who.user_id, entry.id)
+            if answer is not None:
+                return answer
+        # On record in PostgreSQL before a 202: Redis alone may lose the request. Should this
+        # fail (503), the request may still be booked; a retry with its key finds it.
         await app.intake.record(entry.id, queue.encode_request(entry))
         if future is not None:
-            with contextlib.suppress(TimeoutError):
-                outcome = await asyncio.wait_for(asyncio.shield(future), wait)
-                answer = await _answer_from(app, outcome, who.user_id, entry.id)
-                if answer is not None:
-                    return answer
             return await _queued(app, entry.id, event_id, who.user_id)
         return JSONResponse(
             Queued(request_id=entry.id, status="queued", position=submitted), status_code=202
@@ -280,25 +279,33 @@ async def _book(request: Request, default_wait: float) -> Response:
             app.waiters.discard(entry.id, future)
 
 
+async def _outcome(
+    app: State, future: asyncio.Future[bytes], wait: float, user_id: str, request_id: str
+) -> Response | None:
+    """The final answer, if the request's outcome is known within ``wait`` seconds. A request
+    answered so needs no record in PostgreSQL: its booking (or its refusal) is final there or
+    in the announcement; only a 202 is a promise."""
+    with contextlib.suppress(TimeoutError):
+        outcome = await asyncio.wait_for(asyncio.shield(future), wait)
+        return await _answer_from(app, outcome, user_id, request_id)
+    return None
+
+
 async def _repeat(app: State, user_id: str, known: queue.Request, wait: float) -> Response:
     """A request made again with its Idempotency-Key (``known``: the first one, as it was
     queued): the first one's answer, when known. Until then it is made sure of as the first
-    time: on record in PostgreSQL and its event among the active queues, in case what came
-    after its queueing failed then (an outage: the first answer was 503)."""
+    time: its event among the active queues, and on record in PostgreSQL before a 202, in case
+    what came after its queueing failed then (an outage: the first answer was 503)."""
     request_id, event_id = known.id, known.event_id
     future = app.waiters.register(request_id) if wait > 0 else None
     try:
         status = await app.pipeline.command("HGETALL", keys.booking_request(request_id))
-        finished = b"result" in status
-        if not finished:
-            await app.intake.record(request_id, queue.encode_request(known))
+        if b"result" not in status:
             await app.pipeline.command("SADD", keys.QUEUE_ACTIVE, event_id)
-        if future is not None and not finished:
-            with contextlib.suppress(TimeoutError):
-                outcome = await asyncio.wait_for(asyncio.shield(future), wait)
-                answer = await _answer_from(app, outcome, user_id, request_id)
-                if answer is not None:
-                    return answer
+            answer = await _outcome(app, future, wait, user_id, request_id) if future else None
+            if answer is not None:
+                return answer
+            await app.intake.record(request_id, queue.encode_request(known))
         return await _queued(app, request_id, event_id, user_id)
     finally:
         if future is not None:
