@@ -2,8 +2,9 @@
 a relay that publishes them to Redis afterwards, in order, at least once.
 
 Topics: ``seats`` (a seat-map delta for an event's room), ``user`` (a message for one user's
-channel: booking results, payment status), ``catalog`` (an event whose cached details are
-stale). Consumers must tolerate redelivery.
+channel: booking results, payment status), ``users`` (the messages of a batch's bookings in one
+row, a list of ``user`` payloads: one row a batch instead of one a booking), ``catalog`` (an
+event whose cached details are stale). Consumers must tolerate redelivery.
 
 The relay is woken by PostgreSQL's ``LISTEN/NOTIFY``, and the table stays the record: a lost
 notification delays a row (to the next slow poll, or the drain after a reconnect), never loses
@@ -144,6 +145,9 @@ def messages_of(rows: Sequence[Row]) -> list[tuple[str, bytes]]:
     for topic, payload in rows:
         if topic == "catalog":
             changed[payload["event_id"]] = None
+            continue
+        if topic == "users":
+            planned += [channel_for("user", note) for note in payload]
             continue
         if topic != "seats":
             planned.append(channel_for(topic, payload))

@@ -241,6 +241,31 @@ def test_the_seat_changes_of_an_event_in_one_pass_are_one_delta():
     ]
 
 
+def test_a_batchs_messages_in_one_row_go_each_to_its_users_channel_in_order():
+    e = str(uuid.uuid4())
+    notes = [
+        {"user_id": f"u{n}", "message": {"type": "booking.result", "booking_id": f"b{n}"}}
+        for n in range(3)
+    ]
+    rows: list[outbox.Row] = [
+        ("user", {"user_id": "u9", "message": {"type": "payment.status"}}),
+        *seat_row(e, "s1", "sold", 3),
+        ("users", notes),
+        ("user", {"user_id": "u0", "message": {"type": "notification"}}),
+    ]
+    published = [
+        (channel, data.decode() if channel == keys.CATALOG_CHANGED else json.loads(data))
+        for channel, data in outbox.messages_of(rows)
+    ]
+    assert published == [
+        (keys.user_channel("u9"), {"type": "payment.status"}),
+        (keys.seats_channel(e), json.loads(outbox.messages_of(seat_row(e, "s1", "sold", 3))[0][1])),
+        *((keys.user_channel(n["user_id"]), n["message"]) for n in notes),
+        (keys.user_channel("u0"), {"type": "notification"}),
+        (keys.CATALOG_CHANGED, e),
+    ]
+
+
 def test_a_long_pass_splits_an_events_delta(monkeypatch):
     monkeypatch.setattr(outbox, "MERGE_MAX", 2)
     e = str(uuid.uuid4())
@@ -296,3 +321,43 @@ async def test_watchers_get_one_delta_per_pass_and_end_where_the_database_is(
             replay = await subscribe(ws, event_id, seen[-1]["version"])
             assert [m["type"] for m in replay] == ["seats", "subscribed"]
             assert replay[0] == delta and replay[-1]["version"] == delta["version"]
+
+
+async def test_a_batch_tells_its_buyers_from_one_outbox_row_a_step(settings):
+    """Three bookings confirmed and one refused (its seat held meanwhile) in one batch: the
+    refusal's step and the confirmations' step each write one ``users`` row, and the relay
+    publishes each result to its buyer's channel."""
+    from bilten.sagas import batch
+    from tests.test_bookings import book, queued
+    from tests.test_catalog import running as instance
+
+    async with instance(settings.replace(roles=frozenset({"api"}))) as (door, c):
+        state = door.state
+        event_id, seats, _, _ = await published_event(c)
+        for n in range(4):
+            body = {"event_id": event_id, "seat_ids": [seats[min(n, 3)]]}
+            answer = await book(c, await buyer(c), body, headers={})
+            assert answer.status_code == 202, answer.text
+        held = await c.post(
+            "/holds", headers=await buyer(c), json={"event_id": event_id, "seat_ids": seats[3:4]}
+        )
+        assert held.status_code == 201, held.text
+        entries = await queued(state, event_id)
+        channels = {keys.user_channel(e.request.user_id) for e in entries}
+        await state.db.execute("DELETE FROM outbox")
+        async with Listener(state.redis, *channels) as heard:
+            outcomes = await batch.run_batch(state, entries)
+            assert [o.state for o in outcomes] == ["CONFIRMED"] * 3 + ["FAILED"]
+            rows = await state.db.fetch(
+                "SELECT topic, payload FROM outbox WHERE topic LIKE 'user%' ORDER BY id"
+            )
+            assert [r["topic"] for r in rows] == ["users", "users"]
+            assert [len(r["payload"]) for r in rows] == [1, 3]
+            async with state.db.acquire() as conn:
+                while await outbox.relay_once(conn, state.redis):
+                    pass
+            got = await heard.next(4)
+        assert sorted((channel, m["booking_id"], m["status"]) for _, channel, m in got) == sorted(
+            (keys.user_channel(e.request.user_id), e.request_id, o.state.lower())
+            for e, o in zip(entries, outcomes, strict=True)
+        )

@@ -248,7 +248,7 @@ def _mismatch(row: Any, charge: payments.Charge) -> ApiError:
 
 
 # → CONFIRMED: the bookings (their history step included) and the outbox rows (the seat deltas
-# and catalog changes, then the buyers' messages) in one statement.
+# and catalog changes, then the buyers' messages, all in one row) in one statement.
 _CONFIRMED = """
 WITH p AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS p(id, payment_id, note)),
 moved AS (
@@ -261,7 +261,7 @@ moved AS (
 INSERT INTO outbox (topic, payload)
 SELECT * FROM unnest($4::text[], $5::jsonb[])
 UNION ALL
-SELECT 'user', p.note FROM p JOIN moved USING (id)
+SELECT 'users', jsonb_agg(p.note) FROM p JOIN moved USING (id) HAVING count(*) > 0
 """
 
 

@@ -409,7 +409,8 @@ made AS (
     RETURNING id),
 told AS (
     INSERT INTO outbox (topic, payload)
-    SELECT 'user', r.note FROM r JOIN made USING (id) WHERE r.code IS NOT NULL),
+    SELECT 'users', jsonb_agg(r.note) FROM r JOIN made USING (id) WHERE r.code IS NOT NULL
+    HAVING count(*) > 0),
 items AS (
     INSERT INTO booking_items (booking_id, position, seat_id, ticket_type_id, label,
                                price_cents)

@@ -92,7 +92,8 @@ moved AS (
                'from', f.src, 'to', 'FAILED', 'reason', f.code, 'at', now())
     FROM f WHERE b.id = ANY ($1::uuid[]) AND b.id = f.id
     RETURNING b.id)
-INSERT INTO outbox (topic, payload) SELECT 'user', f.note FROM f JOIN moved USING (id)
+INSERT INTO outbox (topic, payload)
+SELECT 'users', jsonb_agg(f.note) FROM f JOIN moved USING (id) HAVING count(*) > 0
 """
 
 
