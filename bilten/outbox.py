@@ -51,7 +51,7 @@ APPLICATION_NAME = "bilten outbox relay"  # of its connection in pg_stat_activit
 _encoder = msgspec.json.Encoder()
 
 
-Row = tuple[str, dict[str, Any]]  # topic, payload
+Row = tuple[str, Any]  # topic, payload (an object; for ``users`` a list of them)
 
 
 async def add(conn: Connection, topic: str, payload: dict[str, Any]) -> None:
