@@ -317,6 +317,104 @@ async def test_a_watcher_naming_seats_by_index_gets_the_same_news_in_fewer_bytes
         assert by_seat(freed).keys() == set(seats[:2])
 
 
+async def test_a_snapshot_by_index_for_a_joiner_that_knows_the_seats_order(b, http):
+    """A joiner by index whose version the room cannot reach back to needs a snapshot: having
+    named a version, it holds a seat map, so it gets every seat by index (each with its own
+    version) in a fraction of the bytes; one that named no version gets the snapshot."""
+    event_id, seats, _, _ = await published_event(http)
+    auth = await buyer(http)
+    hold = await http.post(
+        "/holds", headers=auth, json={"event_id": event_id, "seat_ids": seats[:2]}
+    )
+    assert hold.status_code == 201, hold.text
+    sold = await book(http, auth, {"event_id": event_id, "seat_ids": seats[2:3]})
+    assert sold.status_code == 201, sold.text
+    async with socket_to(b) as plain, socket_to(b) as compact:
+        snapshot, *_ = await subscribe(plain, event_id)
+        order = [seat["id"] for seat in snapshot["seats"]]
+        expected = {seat["id"]: (seat["status"], seat["version"]) for seat in snapshot["seats"]}
+        assert {status for status, _ in expected.values()} == {"available", "held", "sold"}
+        raw = []
+        await compact.send(
+            json.dumps(
+                {"type": "subscribe", "room": f"event:{event_id}", "version": 1, "indexed": True}
+            )
+        )
+        while not raw or json.loads(raw[-1])["type"] != "subscribed":
+            raw.append(await asyncio.wait_for(compact.recv(), 5))
+        whole, *_, done = [json.loads(r) for r in raw]
+        assert whole["type"] == "seats.indexed" and whole["version"] == snapshot["version"]
+        assert unindexed(whole, order) == expected
+        assert done["version"] >= snapshot["version"]
+        assert len(raw[0]) * 4 < len(json.dumps(snapshot, separators=(",", ":")))
+        fresh = await subscribe(compact, event_id, indexed=True)
+        assert fresh[0]["type"] == "seats.snapshot" and fresh[-1]["type"] == "subscribed"
+
+
+async def test_snapshots_sent_again_reach_members_by_index_by_index():
+    """After a lost pub/sub connection a room sends its snapshot again: by index to the
+    members that name seats so (all of them had a seat map), made once for all of them."""
+    from bilten.realtime import messages
+    from bilten.realtime.rooms import Room
+
+    class Member:
+        def __init__(self):
+            self.got: list[str] = []
+
+        def offer(self, f):
+            self.got.append(f.event["text"])
+            return True
+
+    room = Room("e1", history=4)
+    seats = [
+        {"id": f"s{n}", "status": "held" if n == 1 else "available", "version": n} for n in range(3)
+    ]
+    body = json.dumps({"event_id": "e1", "version": 7, "seats": seats}).encode()
+    frame = messages.snapshot(body)
+    plain, compact, other = Member(), Member(), Member()
+    room.join(plain)
+    room.join(compact, indexed=True)
+    room.join(other, indexed=True)
+    room.broadcast(frame, snapshot=True)
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert json.loads(plain.got[0])["type"] == "seats.snapshot"
+    assert [json.loads(m) for m in compact.got] == [
+        {
+            "type": "seats.indexed",
+            "event_id": "e1",
+            "version": 7,
+            "changes": {"available": [0, 7, 2, 5], "held": [1, 6]},
+        }
+    ]
+    assert other.got == compact.got and room.whole(frame) is frame.indexed
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["available", "held", "sold"]), st.integers(0, 10**6)),
+        max_size=300,
+    )
+)
+def test_a_snapshot_by_index_names_every_seat_as_it_was(seats):
+    from bilten.realtime import indexed
+
+    order = [str(uuid.UUID(int=n)) for n in range(len(seats))]
+    version = max((v for _, v in seats), default=0) + 1
+    body = {
+        "type": "seats.snapshot",
+        "event_id": "e",
+        "version": version,
+        "seats": [
+            {"id": i, "x": 1.5, "status": st_, "version": v}
+            for i, (st_, v) in zip(order, seats, strict=True)
+        ],
+    }
+    whole = json.loads(indexed.snapshot(json.dumps(body).encode()))
+    assert whole["type"] == "seats.indexed" and whole["version"] == version
+    assert unindexed(whole, order) == {i: s for i, s in zip(order, seats, strict=True)}
+
+
 async def test_a_delta_not_as_published_goes_to_members_by_id_and_is_logged(caplog):
     """One odd message on a room's channel fails alone: the members by index miss it."""
     from bilten.realtime.rooms import Room

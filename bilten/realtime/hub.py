@@ -278,7 +278,7 @@ class Realtime:
             version = since
         else:
             missed = room.history.after(snapshot.version, snapshot.mark)
-            frames = room.catch_up(snapshot.frame, missed, request.indexed)
+            frames = room.catch_up(snapshot.frame, missed, request.indexed, since is not None)
             version = snapshot.version
         for frame in frames:
             if not connection.offer(frame):
@@ -387,7 +387,7 @@ class Realtime:
                 log.warning("could not reload the seat map of %s", room.event_id, exc_info=True)
                 continue
             if snapshot is not None:
-                room.broadcast(snapshot.frame)
+                room.broadcast(snapshot.frame, snapshot=True)
                 for frame in room.history.after(snapshot.version, snapshot.mark):
                     room.broadcast(frame, delta=True)
 

@@ -241,12 +241,13 @@ class Room:
             data = indexed.claims(self.event_id, claimed, released, self.index)
             self.by_index.broadcast(messages.frame_of(data))
 
-    def broadcast(self, frame: Frame, *, delta: bool = False) -> None:
-        """To every member, soon. A ``delta`` (a frame of the history) goes to members that
-        name seats by index in that form."""
+    def broadcast(self, frame: Frame, *, delta: bool = False, snapshot: bool = False) -> None:
+        """To every member, soon. A ``delta`` (a frame of the history) or a ``snapshot`` goes
+        to members that name seats by index in that form (they all know the seats' order: each
+        had a snapshot or a seat map)."""
         self.by_id.broadcast(frame)
         if self.by_index.members:
-            made = self.indexed(frame) if delta else frame
+            made = self.indexed(frame) if delta else self.whole(frame) if snapshot else frame
             if made is not None:
                 self.by_index.broadcast(made)
 
@@ -263,14 +264,29 @@ class Room:
             frame.indexed = messages.frame_of(data)
         return frame.indexed
 
-    def catch_up(self, snapshot: Frame | None, deltas: list[Frame], by_index: bool) -> list[Frame]:
+    def whole(self, snapshot: Frame) -> Frame:
+        """A snapshot in its indexed form (every seat in one ``seats.indexed``), made once."""
+        if snapshot.indexed is None:
+            snapshot.indexed = messages.frame_of(indexed.snapshot(snapshot.payload()))
+        return snapshot.indexed
+
+    def catch_up(
+        self,
+        snapshot: Frame | None,
+        deltas: list[Frame],
+        by_index: bool,
+        knows_order: bool = False,
+    ) -> list[Frame]:
         """What a joiner is given before it joins: the snapshot (when it needs one) and the
-        deltas it missed, in its form."""
+        deltas it missed, in its form. A joiner by index that ``knows_order`` (it holds a seat
+        map: it named its version) gets the snapshot by index too."""
         if by_index:
             if self.index is None:  # read once: an event's seats and their order never change
                 assert self.snapshot is not None  # the joiner was just given it, or had it
                 self.index = indexed.seat_index(self.snapshot.frame.payload())
             deltas = [made for made in map(self.indexed, deltas) if made is not None]
+            if snapshot is not None and knows_order:
+                snapshot = self.whole(snapshot)
         return deltas if snapshot is None else [snapshot, *deltas]
 
 

@@ -78,7 +78,9 @@ def _socket(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
     "names seats by their index in the snapshot's `seats` list instead, in a sixth of the bytes: "
     "`seats.indexed` `{event_id, version, changes: {status: [index, age, ...]}}` (a change's "
     "version is `version - age`) for `seats`, and `claims.indexed` `{event_id, claimed: [index], "
-    "released: [index]}` for the news of claims.",
+    "released: [index]}` for the news of claims. A snapshot for such a subscriber that holds the "
+    "seats' order (it gave a `version`, or had a snapshot) comes as a `seats.indexed` naming "
+    "every seat.",
 )
 class SocketEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
