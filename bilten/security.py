@@ -9,6 +9,7 @@ from starlette.requests import HTTPConnection
 from bilten.errors import ApiError
 from bilten.state import state
 from bilten.tokens import InvalidToken
+from bilten.wire import header
 
 ROLES = ("attendee", "organizer", "admin")
 
@@ -22,10 +23,10 @@ class Principal:
 
 
 def bearer(conn: HTTPConnection) -> str | None:
-    header = conn.headers.get("authorization")
-    if not header:
+    value = header(conn, b"authorization")
+    if not value:
         return None
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError("unauthorized", "The Authorization header must be 'Bearer <token>'.")
     return token.strip()

@@ -56,6 +56,6 @@ class State:
 
 
 def state(conn: HTTPConnection) -> State:
-    value: Any = conn.state.bilten
+    value: Any = conn.scope["state"]["bilten"]  # what ``conn.state.bilten`` reads, directly
     assert isinstance(value, State)
     return value

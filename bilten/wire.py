@@ -6,7 +6,7 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 
 from bilten.errors import ApiError
@@ -100,9 +100,23 @@ def _nul_in(value: Any, path: str) -> str | None:
     return None
 
 
+def header(conn: HTTPConnection, name: bytes) -> str | None:
+    """The first value of a request header (``name`` in lower case), or None. The headers are
+    made a dict once per request: the hot routes read four or five, and Starlette's ``Headers``
+    searches the whole list for each."""
+    scope = conn.scope
+    found = scope.get("bilten.headers")
+    if found is None:
+        found = scope["bilten.headers"] = {k.lower(): v for k, v in reversed(scope["headers"])}
+    value = found.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``. Read
+    from the ASGI messages themselves (Starlette's stream is an async generator around them),
+    and kept where Starlette's ``Request.body()`` finds it."""
+    declared = header(request, b"content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError("bad_request", "Content-Length must be a number.")
@@ -110,16 +124,24 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError("payload_too_large", f"The body exceeds {limit} bytes.")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise ApiError("payload_too_large", f"The body exceeds {limit} bytes.")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    body = request._body = b"".join(chunks)
+    return body
 
 
 async def read_json(request: Request, type_: type[T], limit: int = JSON_MAX_BYTES) -> T:
-    content_type = request.headers.get("content-type", "")
+    content_type = header(request, b"content-type") or ""
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise ApiError("bad_request", "Content-Type must be application/json.")

@@ -295,3 +295,56 @@ async def test_routes_filed_by_first_segment_answer_as_starlette_does():
     filed.router.routes.append(Route("/late", endpoint("late")))
     async with AsyncClient(transport=ASGITransport(app=filed), base_url="http://t") as c:
         assert (await c.get("/late")).text == "late {}"
+
+
+def _request(headers: list[tuple[bytes, bytes]], messages: list[dict]) -> Request:
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+def test_a_header_is_its_first_value_whatever_the_case_of_its_name():
+    from bilten.wire import header
+
+    request = _request(
+        [
+            (b"Authorization", b"Bearer first"),
+            (b"authorization", b"Bearer second"),
+            (b"x", b"\xe9"),
+        ],
+        [],
+    )
+    assert header(request, b"authorization") == "Bearer first"
+    assert header(request, b"x") == "\xe9"  # latin-1, as Starlette reads headers
+    assert header(request, b"prefer") is None
+
+
+async def test_a_body_in_pieces_is_read_whole_and_kept_for_starlette():
+    from bilten.wire import read_body
+
+    pieces = [{"type": "http.request", "body": b"ab", "more_body": True}]
+    pieces += [{"type": "http.request", "body": b"", "more_body": True}]
+    pieces += [{"type": "http.request", "body": b"cd"}]
+    request = _request([], pieces)
+    assert await read_body(request, 10) == b"abcd"
+    assert await request.body() == b"abcd"
+
+
+async def test_a_body_past_its_limit_is_refused_before_the_rest_is_read():
+    from starlette.requests import ClientDisconnect
+
+    from bilten.errors import ApiError
+    from bilten.wire import read_body
+
+    pieces = [{"type": "http.request", "body": b"x" * 6, "more_body": True}] * 3
+    request = _request([], list(pieces))
+    with pytest.raises(ApiError) as refused:
+        await read_body(request, 10)
+    assert refused.value.code == "payload_too_large"
+    left = [{"type": "http.request", "body": b"x", "more_body": True}, {"type": "http.disconnect"}]
+    with pytest.raises(ClientDisconnect):
+        await read_body(_request([], left), 10)
+    declared = _request([(b"content-length", b"11")], [])
+    with pytest.raises(ApiError):
+        await read_body(declared, 10)

@@ -21,7 +21,7 @@ from bilten.payments import webhooks
 from bilten.routes.holds import Quantity, SeatIds, what
 from bilten.sagas import booking as saga
 from bilten.state import State, state
-from bilten.wire import JSONResponse, Struct, read_body, read_json, read_query
+from bilten.wire import JSONResponse, Struct, header, read_body, read_json, read_query
 
 MAX_WAIT = 30.0
 WEBHOOK_MAX_BYTES = 256 * 1024  # Stripe's events are a few KB; anything larger is refused (413)
@@ -88,7 +88,7 @@ class Received(msgspec.Struct, kw_only=True):
 
 
 def _idempotency_key(request: Request) -> str:
-    key = request.headers.get("idempotency-key", "").strip()
+    key = (header(request, b"idempotency-key") or "").strip()
     if not key or len(key) > 200:
         raise ApiError(
             "validation_error",
@@ -99,7 +99,7 @@ def _idempotency_key(request: Request) -> str:
 
 
 def _wait_seconds(request: Request, default: float) -> float:
-    match = _PREFER_WAIT.search(request.headers.get("prefer", ""))
+    match = _PREFER_WAIT.search(header(request, b"prefer") or "")
     return min(float(match[1]), MAX_WAIT) if match else default
 
 
