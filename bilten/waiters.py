@@ -13,11 +13,13 @@ import asyncio
 
 class Waiters:
     def __init__(self) -> None:
-        self.futures: dict[str, set[asyncio.Future[bytes]]] = {}
+        # Resolved with the outcome (b"": answer with what is known), or by the waiter's own
+        # timer with None.
+        self.futures: dict[str, set[asyncio.Future[bytes | None]]] = {}
         self.closed = False
 
-    def register(self, key: str) -> asyncio.Future[bytes]:
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    def register(self, key: str) -> asyncio.Future[bytes | None]:
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         if self.closed:
             future.set_result(b"")  # shutting down: nobody parks any more
         else:
@@ -31,7 +33,7 @@ class Waiters:
         for key in list(self.futures):
             self.resolve(key)
 
-    def discard(self, key: str, future: asyncio.Future[bytes]) -> None:
+    def discard(self, key: str, future: asyncio.Future[bytes | None]) -> None:
         waiting = self.futures.get(key)
         if waiting is not None:
             waiting.discard(future)

