@@ -27,8 +27,9 @@ _LOST = (AttributeError, TypeError)
 
 Arg = str | bytes | int | float
 # A script (its text and SHA1, its keys and arguments), or a plain command (no script, no sha:
-# the arguments are the command).
+# the arguments are the command; ``ONCE`` for a sha: an idempotent one, see ``command_once``).
 Call = tuple[str, str, Sequence[Arg], Sequence[Arg]]
+ONCE = "once"
 
 
 class AutoPipeline(Batcher[Call, Any]):
@@ -45,11 +46,30 @@ class AutoPipeline(Batcher[Call, Any]):
         """A plain command with the next pipeline; returns its reply or raises its error."""
         return await self.call(("", "", (), args))
 
+    async def command_once(self, *args: Arg) -> Any:
+        """An idempotent command (``SADD``, say) with the next pipeline: the same command asked
+        for by several callers of one pipeline is sent once, and each gets its reply."""
+        return await self.call(("", ONCE, (), args))
+
     async def handle(self, calls: list[Call]) -> list[Any]:
+        unique: list[Call] = []
+        where: list[int] = []  # each call's place in ``unique``
+        once: dict[tuple[Arg, ...], int] = {}
+        for call in calls:
+            if call[1] == ONCE:
+                found = once.get(tuple(call[3]))
+                if found is None:
+                    found = once[tuple(call[3])] = len(unique)
+                    unique.append(("", "", (), call[3]))
+                where.append(found)
+            else:
+                where.append(len(unique))
+                unique.append(call)
         try:
-            return await send(self.redis, calls)
+            replies = await send(self.redis, unique)
         except _LOST as error:
             raise RedisConnectionError(f"the connection to Redis was lost: {error}") from error
+        return [replies[n] for n in where]
 
 
 async def send(redis: Redis, calls: Sequence[Call]) -> list[Any]:

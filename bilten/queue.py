@@ -199,7 +199,7 @@ async def submit(
     if kind == "queued":
         # After the entry, never before it: a worker that found the stream empty takes the
         # event out of the set and then looks at the stream again (bilten.workers.bookings).
-        await redis.command("SADD", keys.QUEUE_ACTIVE, request.event_id)
+        await redis.command_once("SADD", keys.QUEUE_ACTIVE, request.event_id)
     if kind == "known":
         request_id, _, digest = answer[1].decode().partition(" ")
         return Known(request_id, digest)

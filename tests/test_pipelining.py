@@ -72,6 +72,22 @@ async def test_a_failed_connection_fails_every_call_of_the_batch(redis_url):
     await unreachable.aclose()
 
 
+async def test_an_idempotent_command_asked_by_many_callers_of_one_pipeline_is_sent_once(redis):
+    pipeline = AutoPipeline(redis)
+    mark = (await redis.info("stats"))["total_commands_processed"]
+    replies = await asyncio.gather(
+        *(pipeline.command_once("SADD", "active", "e1") for _ in range(50)),
+        *(pipeline.command_once("SADD", "active", "e2") for _ in range(50)),
+        pipeline.command("SADD", "active", "e1"),  # not marked: sent as asked
+        pipeline.command_once("SADD", "active", "e1", "e3"),
+    )
+    after = (await redis.info("stats"))["total_commands_processed"]
+    assert after - mark == 4 + 1  # and the INFO that counted them
+    assert replies[:50] == [1] * 50 and replies[50:100] == [1] * 50
+    assert replies[100:] == [0, 1]
+    assert await redis.smembers("active") == {b"e1", b"e2", b"e3"}
+
+
 async def test_plain_commands_of_concurrent_callers_share_the_pipeline(redis):
     """Status reads (HGETALL, GET) of a burst of requests go out with one pipeline: each
     caller gets its own reply, a bad command fails only its caller."""
