@@ -317,6 +317,21 @@ async def test_a_watcher_naming_seats_by_index_gets_the_same_news_in_fewer_bytes
         assert by_seat(freed).keys() == set(seats[:2])
 
 
+class Member:
+    """A room member that notes the text of each frame it is given."""
+
+    def __init__(self):
+        self.got: list[str] = []
+
+    def offer(self, f):
+        self.got.append(f.event["text"])
+        return True
+
+    def offer_all(self, frames, joined):
+        self.got += [f.event["text"] for f in frames]
+        return True
+
+
 async def test_a_snapshot_by_index_for_a_joiner_that_knows_the_seats_order(b, http):
     """A joiner by index whose version the room cannot reach back to needs a snapshot: having
     named a version, it holds a seat map, so it gets every seat by index (each with its own
@@ -356,14 +371,6 @@ async def test_snapshots_sent_again_reach_members_by_index_by_index():
     members that name seats so (all of them had a seat map), made once for all of them."""
     from bilten.realtime import messages
     from bilten.realtime.rooms import Room
-
-    class Member:
-        def __init__(self):
-            self.got: list[str] = []
-
-        def offer(self, f):
-            self.got.append(f.event["text"])
-            return True
 
     room = Room("e1", history=4)
     seats = [
@@ -418,18 +425,6 @@ def test_a_snapshot_by_index_names_every_seat_as_it_was(seats):
 async def test_a_delta_not_as_published_goes_to_members_by_id_and_is_logged(caplog):
     """One odd message on a room's channel fails alone: the members by index miss it."""
     from bilten.realtime.rooms import Room
-
-    class Member:
-        def __init__(self):
-            self.got: list[str] = []
-
-        def offer(self, f):
-            self.got.append(f.event["text"])
-            return True
-
-        def offer_all(self, frames, joined):
-            self.got += [f.event["text"] for f in frames]
-            return True
 
     room = Room("e1", history=4)
     room.index = {"s1": 0}
