@@ -752,6 +752,14 @@ async def test_a_client_that_does_not_read_is_closed_with_1013(c, http):
     sock.setblocking(False)
     host, port = c.url.removeprefix("http://").split(":")
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    with sock:  # the loop's transport works on a copy of it: this one is closed here
+        await _fill_until_closed(c, event_id, sock)
+    async with httpx.AsyncClient(base_url=c.url) as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'bilten_ws_closed_total{reason="slow"}' in metrics
+
+
+async def _fill_until_closed(c, event_id: str, sock: socket.socket) -> None:
     async with connect(
         ws_url(c), sock=sock, proxy=None, compression=None, max_queue=1, max_size=None
     ) as ws:
@@ -766,9 +774,6 @@ async def test_a_client_that_does_not_read_is_closed_with_1013(c, http):
                 received += 1
         assert ws.close_code == 1013
         assert received < 400
-    async with httpx.AsyncClient(base_url=c.url) as client:
-        metrics = (await client.get("/metrics")).text
-    assert 'bilten_ws_closed_total{reason="slow"}' in metrics
 
 
 async def test_idle_connections_are_closed(c):
