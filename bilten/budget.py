@@ -38,7 +38,7 @@ from bilten.settings import Rate
 log = logging.getLogger(__name__)
 
 INTERVAL = 0.005  # seconds between batches (only while hits wait to be sent)
-PRUNE_ABOVE = 10_000  # subjects remembered before ended windows are swept out
+PRUNE_ABOVE = 10_000  # subjects remembered before ended windows are first swept out
 
 
 @dataclass
@@ -65,6 +65,9 @@ class Budget:
         self.pending: dict[str, int] = {}  # hits not sent yet
         self.sending: dict[str, int] = {}  # hits sent, their answer not back yet
         self.seen: dict[str, Seen] = {}
+        # The next sweep of ended windows: twice what the last one kept, so that many
+        # subjects in live windows (a crowd behind many addresses) are not swept every batch.
+        self.prune_above = PRUNE_ABOVE
         self.asking: dict[str, Asking] = {}
         self.asks: set[asyncio.Task[None]] = set()  # kept while they run
         self.task: asyncio.Task[None] | None = None
@@ -178,9 +181,10 @@ class Budget:
             landed.set_result(None)
         for subject, (count, ttl_ms) in zip(batch, answers, strict=True):
             self._saw(subject, int(count), int(ttl_ms))
-        if len(self.seen) > PRUNE_ABOVE:
+        if len(self.seen) > self.prune_above:
             now = time.monotonic()
             self.seen = {s: v for s, v in self.seen.items() if v.ends > now}
+            self.prune_above = max(PRUNE_ABOVE, 2 * len(self.seen))
 
     def _warn(self, exc: RedisError) -> None:
         now = time.monotonic()

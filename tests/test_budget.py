@@ -8,6 +8,7 @@ import random
 
 import redis.asyncio as aioredis
 
+from bilten import budget as budget_module
 from bilten.budget import Budget
 from bilten.settings import Rate
 from tests.conftest import free_port
@@ -70,6 +71,32 @@ async def test_hits_spread_over_several_batches_admit_exactly_the_limit(redis):
         allowed = await asyncio.gather(*(one(budget, rng.uniform(0, 0.03)) for _ in range(100)))
         assert sum(allowed) == 40
         await budget.aclose()
+
+
+async def test_ended_windows_are_swept_and_live_ones_are_not_swept_each_batch(redis, monkeypatch):
+    """A crowd behind many addresses keeps many subjects in live windows: the table of shared
+    counts is swept only once it has doubled since the last sweep, not on every batch."""
+    monkeypatch.setattr(budget_module, "PRUNE_ABOVE", 20)
+    budget = Budget(redis, "t", Rate(1000, 60))
+    for n in range(30):
+        await budget.hit(f"10.0.1.{n}")
+    await budget.aclose()
+    # Past the threshold, nothing ended: all kept, and the next sweep waits for twice as many.
+    assert len(budget.seen) == 30
+    assert budget.prune_above == 60
+    for n in range(20):
+        await budget.hit(f"10.0.2.{n}")
+    await budget.aclose()
+    assert len(budget.seen) == 50
+    for seen in budget.seen.values():  # their windows end
+        seen.ends = 0.0
+    for n in range(11):
+        await budget.hit(f"10.0.3.{n}")
+    await budget.aclose()
+    assert sorted(budget.seen) == sorted(f"10.0.3.{n}" for n in range(11))
+    assert budget.prune_above == 22  # twice the 11 kept
+    assert (await budget.hit("10.0.2.0")).allowed  # a swept subject starts again from Redis
+    await budget.aclose()
 
 
 async def test_a_redis_outage_lets_requests_through(caplog):
