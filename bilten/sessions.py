@@ -22,12 +22,15 @@ from bilten.pubsub import Hub
 
 log = logging.getLogger(__name__)
 
+SWEEP_ABOVE = 1000  # revocations remembered before those that no longer matter are swept out
+
 
 class Revocations:
     def __init__(self, redis: Redis, keep: int) -> None:
         self.redis = redis
         self.keep = keep  # seconds a revocation matters: the access tokens' lifetime
         self.ended: dict[str, float] = {}  # sid -> until when it matters
+        self.sweep_above = SWEEP_ABOVE  # twice what the last sweep kept (amortised O(1))
         self.listeners: list[Callable[[set[str]], None]] = []
         self._loading: set[asyncio.Task[None]] = set()
 
@@ -55,13 +58,18 @@ class Revocations:
         self._add(data.decode().split(), time.time() + self.keep)
 
     def _add(self, sids: list[str], until: float) -> None:
-        now = time.time()
-        if len(self.ended) > 1000:  # those that no longer matter go (their tokens expired)
-            self.ended = {s: u for s, u in self.ended.items() if u > now}
+        if len(self.ended) > self.sweep_above:
+            self._sweep()
         for sid in sids:
             self.ended[sid] = until
         for listener in self.listeners:
             listener(set(sids))
+
+    def _sweep(self) -> None:
+        """Forget the revocations that no longer matter (their tokens expired)."""
+        now = time.time()
+        self.ended = {s: u for s, u in self.ended.items() if u > now}
+        self.sweep_above = max(SWEEP_ABOVE, 2 * len(self.ended))
 
     def _reload(self) -> None:
         task = asyncio.ensure_future(self._load())
@@ -76,8 +84,7 @@ class Revocations:
         except Exception:
             log.warning("could not load revoked sessions", exc_info=True)
             return
-        now = time.time()
-        self.ended = {s: u for s, u in self.ended.items() if u > now}
+        self._sweep()
         for sid, until in found:
             self.ended[sid.decode()] = float(until)
         for listener in self.listeners:
