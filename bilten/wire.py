@@ -118,9 +118,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     and kept where Starlette's ``Request.body()`` finds it."""
     declared = header(request, b"content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ApiError("bad_request", "Content-Length must be a number.")
-        if int(declared) > limit:
+        digits = declared.lstrip("0")  # compared as text first: int() of 5,000 digits fails
+        if len(digits) > len(str(limit)) or int(digits or "0") > limit:
             raise ApiError("payload_too_large", f"The body exceeds {limit} bytes.")
     chunks = []
     size = 0

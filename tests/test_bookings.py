@@ -580,6 +580,28 @@ async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
             assert again.json() == {"received": True, "duplicate": True}
             unknown = await c.post("/payments/webhooks/paypal", content=payload)
             assert unknown.status_code == 404
+            long_time = await post(payload, "t=" + "1" * 5000 + ",v1=ab")
+            assert long_time.status_code == 400, long_time.text
+            # Signed, but not of the shape read: refused (the provider would retry a 500).
+            for event in (
+                {"id": "evt_3", "type": "charge.refunded", "data": "a string"},
+                {"id": "evt_4", "type": "charge.refunded", "data": {"object": [1]}},
+                {"id": "evt_5", "data": {"object": {"amount_refunded": "many"}}},
+                {"id": "evt_6", "data": {"object": {"metadata": {"booking_id": 7}}}},
+                {"id": "evt\u0000", "type": "charge.refunded"},
+                {"id": "", "type": "charge.refunded"},
+                {"type": "charge.refunded"},
+            ):
+                body = json.dumps(event).encode()
+                answer = await post(body, sign_stripe_payload(body, secret, now))
+                assert answer.status_code == 422, (event, answer.text)
+                assert answer.json()["error"]["code"] == "validation_error"
+    conn = await db.connect(settings.database_url)
+    try:
+        ids = await conn.fetch("SELECT id FROM payment_webhook_events")
+    finally:
+        await conn.close()
+    assert [r["id"] for r in ids] == ["evt_1"]  # nothing of the refused ones was written
 
 
 async def test_one_batch_settles_each_booking_on_its_own(settings):

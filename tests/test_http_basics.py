@@ -348,3 +348,30 @@ async def test_a_body_past_its_limit_is_refused_before_the_rest_is_read():
     declared = _request([(b"content-length", b"11")], [])
     with pytest.raises(ApiError):
         await read_body(declared, 10)
+
+
+@pytest.mark.parametrize(
+    ("declared", "code"),
+    [
+        (b"0" * 5000 + b"11", "payload_too_large"),  # int() of so many digits would fail
+        (b"9" * 5000, "payload_too_large"),
+        (b"\xd9\xa1\xd9\xa1", "bad_request"),  # Arabic-Indic digits: isdigit(), not ASCII
+        (b"-1", "bad_request"),
+    ],
+)
+async def test_an_odd_content_length_is_a_clear_error(declared, code):
+    from bilten.errors import ApiError
+    from bilten.wire import read_body
+
+    with pytest.raises(ApiError) as refused:
+        await read_body(_request([(b"content-length", declared)], []), 10)
+    assert refused.value.code == code
+
+
+async def test_a_content_length_with_leading_zeros_within_the_limit_is_read():
+    from bilten.wire import read_body
+
+    request = _request(
+        [(b"content-length", b"0" * 5000 + b"4")], [{"type": "http.request", "body": b"abcd"}]
+    )
+    assert await read_body(request, 10) == b"abcd"

@@ -20,7 +20,7 @@ from bilten.payments import webhooks
 from bilten.routes.holds import Quantity, SeatIds, what
 from bilten.sagas import booking as saga
 from bilten.state import State, state
-from bilten.wire import JSONResponse, Struct, header, read_body, read_json, read_query
+from bilten.wire import JSONResponse, Struct, decode, header, read_body, read_json, read_query
 
 MAX_WAIT = 30.0
 WEBHOOK_MAX_BYTES = 256 * 1024  # Stripe's events are a few KB; anything larger is refused (413)
@@ -499,15 +499,13 @@ async def webhook(request: Request) -> Response:
         raise ApiError("not_found", "No webhooks for this provider.")
     payload = await read_body(request, WEBHOOK_MAX_BYTES)
     try:
-        event = webhooks.verify_stripe_signature(
+        webhooks.verify_stripe_signature(
             payload, request.headers.get("stripe-signature"), app.settings.stripe_webhook_secret
         )
     except webhooks.InvalidSignature as exc:
         raise ApiError("bad_request", f"Invalid webhook signature: {exc}") from None
-    event_id = str(event.get("id", ""))
-    kind = str(event.get("type", ""))
-    if not event_id:
-        raise ApiError("bad_request", "The event has no id.")
+    event = decode(payload, webhooks.Event)
+    event_id, kind = event.id, event.type
     async with app.db.acquire() as conn:
         fresh = await conn.fetchval(
             """INSERT INTO payment_webhook_events (id, provider, type) VALUES ($1, 'stripe', $2)
@@ -518,7 +516,7 @@ async def webhook(request: Request) -> Response:
     if not fresh:
         return JSONResponse(Received(received=True, duplicate=True))
     try:
-        await saga.apply_webhook(app, kind, event.get("data", {}).get("object", {}))
+        await saga.apply_webhook(app, kind, event.data.object)
     except Exception:
         # Not applied: forget the delivery, so the provider's retry is applied, not skipped.
         await app.db.execute("DELETE FROM payment_webhook_events WHERE id = $1", event_id)

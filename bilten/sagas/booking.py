@@ -22,6 +22,7 @@ from redis.asyncio.client import Pipeline
 from bilten import bookings, keys, metrics, notifications, outbox, payments, pubsub, refunds
 from bilten.db import Connection
 from bilten.errors import ApiError
+from bilten.payments import webhooks
 from bilten.sagas.finish import finish, finish_committed
 from bilten.sagas.reserve import reserve
 from bilten.sagas.steps import (
@@ -356,27 +357,25 @@ async def refund_stray(app: State, booking_id: str, charge: payments.Charge) -> 
     await refunds.run(app, [booking_id])
 
 
-async def apply_webhook(app: State, kind: str, obj: dict[str, Any]) -> None:
+async def apply_webhook(app: State, kind: str, obj: webhooks.EventObject) -> None:
     """Apply a provider callback about a payment made with a booking id as its key."""
-    metadata = obj.get("metadata") or {}
-    booking_id = str(metadata.get("booking_id", ""))
     try:
-        booking_id = str(uuid.UUID(booking_id))
+        booking_id = str(uuid.UUID(obj.metadata.booking_id if obj.metadata else ""))
     except ValueError:
         return
     result: PaymentResult | None = None
     if kind == "payment_intent.succeeded":
         result = payments.Charge(
-            id=str(obj.get("id")),
-            amount_cents=int(obj.get("amount", 0)),
-            currency=str(obj.get("currency", "")).upper(),
+            id=obj.id,
+            amount_cents=obj.amount,
+            currency=obj.currency.upper(),
             status="succeeded",
         )
     elif kind == "payment_intent.payment_failed":
-        error = obj.get("last_payment_error") or {}
-        result = payments.PaymentDeclined(str(error.get("decline_code") or "declined"))
+        error = obj.last_payment_error
+        result = payments.PaymentDeclined((error and error.decline_code) or "declined")
     elif kind == "charge.refunded":
-        await refunds.confirmed(app, booking_id, None, int(obj.get("amount_refunded", 0)))
+        await refunds.confirmed(app, booking_id, None, obj.amount_refunded)
         await app.db.execute(
             """UPDATE bookings SET payment_status = 'refunded', updated_at = now()
                WHERE id = $1 AND saga_state IN ('CANCELLED', 'FAILED')""",
