@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -22,8 +22,9 @@ def encode(when: datetime, item_id: str) -> str:
 
 def decode(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
-        return _decoder.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, msgspec.DecodeError):
+        when, item_id = _decoder.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return when.astimezone(UTC), item_id  # no UTC time (offsets at the ends): 422
+    except (ValueError, OverflowError, msgspec.DecodeError):
         raise ApiError(
             "validation_error",
             "cursor: not a cursor this API issued",

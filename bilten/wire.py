@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -72,12 +73,28 @@ def decode(raw: bytes, type_: type[T]) -> T:
 
 
 def _nul_error(field: str) -> ApiError:
-    message = "text may not contain NUL characters"
+    return invalid_field(field, "text may not contain NUL characters")
+
+
+def invalid_field(field: str, message: str) -> ApiError:
+    """The 422 of one field (``""`` for the body as a whole)."""
     return ApiError(
         "validation_error",
         f"{field}: {message}" if field else message,
         {"fields": [{"field": field or None, "message": message}]},
     )
+
+
+def check_times(value: msgspec.Struct) -> None:
+    """422 for a time of ``value`` that exists only in its own offset: ``0001-01-01T00:00+14:00``
+    is before the first moment a UTC time can name, and PostgreSQL keeps times in UTC."""
+    for field in msgspec.structs.fields(value):
+        when = getattr(value, field.name)
+        if isinstance(when, datetime):
+            try:
+                when.astimezone(UTC)
+            except OverflowError:
+                raise invalid_field(field.encode_name, "out of range once in UTC") from None
 
 
 def _nul_in(value: Any, path: str) -> str | None:

@@ -280,3 +280,32 @@ async def test_numbers_past_the_databases_integers_are_a_422(client):
     for query in ({"max_price": 23524998023286}, {"min_price": 2**31}, {"city": "x" * 201}):
         response = await client.get("/events", params=query)
         assert response.status_code == 422, (query, response.text)
+
+
+async def test_times_with_no_utc_equivalent_are_a_422(client):
+    """Found in review: ``0001-01-01T00:00:00+14:00`` decodes, then overflows when PostgreSQL's
+    driver turns it into UTC (a 500), in bodies, queries and forged cursors alike."""
+    import base64
+    import json
+
+    from tests.test_bookings import draft_event
+
+    early, late = "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"
+    for params, field in (({"from": early}, "from"), ({"to": late}, "to")):
+        response = await client.get("/events", params=params)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["details"]["fields"][0]["field"] == field
+    event, organizer = await draft_event(client)
+    patch = await client.patch(
+        f"/events/{event['id']}", headers=organizer, json={"sale_starts_at": early}
+    )
+    assert patch.status_code == 422, patch.text
+    assert patch.json()["error"]["details"]["fields"][0]["field"] == "sale_starts_at"
+    forged = json.dumps([early, str(uuid.uuid4())]).encode()
+    cursor = base64.urlsafe_b64encode(forged).decode().rstrip("=")
+    for path in ("/events", "/bookings", "/tickets"):
+        response = await client.get(path, params={"cursor": cursor}, headers=organizer)
+        assert response.status_code == 422, (path, response.text)
+    assert (await client.get(f"/events/{event['id']}", headers=organizer)).json()[
+        "sale_starts_at"
+    ] == event["sale_starts_at"]

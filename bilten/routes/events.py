@@ -20,7 +20,15 @@ from bilten.errors import ApiError
 from bilten.events import Event, EventSummary
 from bilten.seatmap import SeatMap
 from bilten.state import State, state
-from bilten.wire import JSONResponse, Ready, Struct, read_body, read_json, read_query
+from bilten.wire import (
+    JSONResponse,
+    Ready,
+    Struct,
+    check_times,
+    read_body,
+    read_json,
+    read_query,
+)
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Category = Annotated[str, msgspec.Meta(min_length=1, max_length=50)]
@@ -156,6 +164,7 @@ async def _managed(app: State, request: Request) -> tuple[security.Principal, st
 async def create_event(request: Request) -> Response:
     who = security.require(request, "organizer")
     body = await read_json(request, NewEvent)
+    check_times(body)
     app = state(request)
     async with app.db.acquire() as conn:
         owner = await venues.owner_of(conn, str(body.venue_id))
@@ -192,6 +201,7 @@ async def patch_event(request: Request) -> Response:
     app = state(request)
     _, event_id, _ = await _managed(app, request)
     patch = await read_json(request, EventPatch)
+    check_times(patch)
     changes = {
         f: getattr(patch, f) for f in patch.__struct_fields__ if getattr(patch, f) is not UNSET
     }
@@ -248,6 +258,7 @@ async def cancel_event(request: Request) -> Response:
 )
 async def list_events(request: Request) -> Response:
     query = read_query(request, SearchQuery)
+    check_times(query)
     who = security.optional(request)
     async with state(request).db.acquire() as conn:
         items, next_cursor = await events.search(
