@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from bilten import db
+from bilten import db, queue
 from bilten.app import create_app
 from tests.catalog_helpers import START, iso, register
 from tests.conftest import truncate
@@ -886,17 +886,25 @@ async def test_a_ticket_type_of_another_event_touches_nothing(settings, database
             )
         finally:
             await conn.close()
-        mallory = await buyer(c)
-        request_id = (
-            await book(
-                c,
-                mallory,
-                {"event_id": event_a, "ticket_type_id": standing_b, "quantity": 1},
-                headers={},
-            )
-        ).json()["request_id"]
+        mallory, mallory_id = await register(c, f"mallory-{uuid.uuid4().hex[:8]}@x.com")
+        wanted = {"ticket_type_id": standing_b, "quantity": 1}
+        door = await book(c, mallory, {"event_id": event_a, **wanted}, headers={})
+        assert door.status_code == 422, door.text  # the door knows event A's types
+        # Had it not known them (its cache cold and the database out of reach, say), the
+        # worker is the last guard: the request, queued as the door would have queued it.
+        request = queue.Request(
+            id=queue.new_request_id(event_a),
+            user_id=mallory_id,
+            event_id=event_a,
+            key="mallory",
+            digest="d",
+            request={"seat_ids": [], **wanted},
+            provider=instance.state.payments.name,
+            token="tok_visa",
+        )
+        await queue.submit(instance.state.pipeline, request, 1000, -1)
         [entry] = await queued(instance.state, event_a)
-        assert entry.request_id == request_id
+        assert entry.request_id == request.id
         [outcome] = await batch.run_batch(instance.state, [entry])
         assert outcome.state == "FAILED" and outcome.error.code == "validation_error"
     conn = await db.connect(database_url)

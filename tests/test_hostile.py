@@ -256,6 +256,32 @@ async def test_seats_of_another_event_are_refused_at_the_door_taking_nothing(cli
     assert ours.status_code == 202, ours.text
 
 
+async def test_a_type_or_hold_of_another_event_is_refused_at_the_door_taking_nothing(client, redis):
+    auth = await buyer(client)
+    event_id, seats, _, _ = await published_event(client)
+    other_id, other_seats, other_type, _ = await published_event(client)
+    await client.get(f"/events/{event_id}")  # the event's details in the door's cache
+    for type_id in (other_type, str(uuid.uuid4())):
+        body = {"event_id": event_id, "ticket_type_id": type_id, "quantity": 1}
+        response = await book(client, auth, body, headers={})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["details"]["fields"][0]["field"] == "ticket_type_id"
+    held = await client.post(
+        "/holds", headers=auth, json={"event_id": other_id, "seat_ids": other_seats[:1]}
+    )
+    assert held.status_code == 201, held.text
+    someone = await buyer(client)
+    mine = await client.post(
+        "/holds", headers=someone, json={"event_id": event_id, "seat_ids": seats[:1]}
+    )
+    for hold_id in (held.json()["id"], str(uuid.uuid4()), mine.json()["id"]):
+        response = await book(client, auth, {"event_id": event_id, "hold_id": hold_id}, headers={})
+        assert response.status_code == 404, response.text
+    assert await redis.xlen(keys.queue(event_id)) == 0
+    ours = await book(client, someone, {"event_id": event_id, "hold_id": mine.json()["id"]})
+    assert ours.status_code == 201, ours.text
+
+
 async def test_a_request_status_without_its_owner_in_redis_stays_private(settings):
     """Its Redis status rewritten without its owner (expiry, a recovery announcement): the
     record decides who may read it, and nothing answers 500."""

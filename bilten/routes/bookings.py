@@ -203,12 +203,31 @@ async def _load_seat_ids(app: State, event_id: str) -> frozenset[str]:
 
 
 async def _units_left(app: State, event_id: str, ticket_type_id: str) -> int:
-    """What is left of a ticket type as this process's catalog cache has it (-1: not known).
-    The cache is dropped whenever any instance changes the event's units (the outbox relay
-    announces it), so after a sell-out the door keeps refusing until units come back; the
-    worker still decides."""
+    """What is left of a ticket type as this process's catalog cache has it (-1: not known);
+    422 if the event has no such type. The cache is dropped whenever any instance changes the
+    event's units (the outbox relay announces it), so after a sell-out the door keeps refusing
+    until units come back; the worker still decides."""
     found = await seatmap.detail(app, event_id)
-    return found.units_left.get(ticket_type_id, -1) if found is not None else -1
+    if found is None:
+        return -1
+    left = found.units_left.get(ticket_type_id)
+    if left is None:  # every type of the event is there
+        raise holds.unknown_ticket_type()
+    return left
+
+
+async def _check_hold(app: State, event_id: str, hold_id: str, user_id: str) -> None:
+    """404 at the door for a hold that is not one of the caller's on this event: it would take
+    a place in the queue only to fail there. Whether it is still active is left to the worker
+    (holds are never deleted, so a retry of a booking that used its hold still finds it)."""
+    found = await app.db.fetchval(
+        "SELECT 1 FROM holds WHERE id = $1 AND user_id = $2 AND event_id = $3",
+        hold_id,
+        user_id,
+        event_id,
+    )
+    if found is None:
+        raise ApiError("not_found", "No such hold.")
 
 
 async def _book(request: Request, default_wait: float) -> Response:
@@ -242,6 +261,8 @@ async def _book(request: Request, default_wait: float) -> Response:
             raise holds.not_seats_of_event(unknown)
     elif wanted.get("ticket_type_id"):
         units_left = await _units_left(app, event_id, wanted["ticket_type_id"])
+    else:
+        await _check_hold(app, event_id, wanted["hold_id"], who.user_id)
     entry = queue.Request(
         id=queue.new_request_id(event_id),
         user_id=who.user_id,
