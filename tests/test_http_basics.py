@@ -160,6 +160,44 @@ async def test_unexpected_error_is_a_500_with_request_id_and_no_traceback(app_cl
     assert "secret internals" in str(logged[-1].exc_info[1])
 
 
+async def test_a_client_gone_mid_body_is_no_server_error(settings, caplog):
+    """Counted as 499 (the client closed the request), not logged as a failure nor a 500."""
+    from bilten import metrics
+
+    app = create_app(settings)
+    app.router.routes += [Route("/_test/echo", echo, methods=["POST"])]
+    messages = [
+        {"type": "http.request", "body": b'{"event_id": "e", ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/_test/echo",
+        "raw_path": b"/_test/echo",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "scheme": "http",
+        "server": ("bilten.test", 80),
+        "client": ("127.0.0.1", 5000),
+        "root_path": "",
+    }
+    before = metrics.HTTP.answered.get(("POST", "/_test/echo", 499), 0)
+    async with LifespanManager(app) as manager:
+        await manager.app(scope, receive, send)
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert metrics.HTTP.answered.get(("POST", "/_test/echo", 499), 0) == before + 1
+
+
 async def test_every_log_line_carries_the_request_id(app_client, caplog):
     caplog.set_level(logging.INFO)
     lines: list[str] = []
