@@ -413,3 +413,26 @@ async def test_a_content_length_with_leading_zeros_within_the_limit_is_read():
         [(b"content-length", b"0" * 5000 + b"4")], [{"type": "http.request", "body": b"abcd"}]
     )
     assert await read_body(request, 10) == b"abcd"
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ([], 7.0),
+        ([(b"prefer", b"wait=10")], 10.0),
+        ([(b"prefer", b"respond-async"), (b"prefer", b"wait=10")], 10.0),  # several headers
+        ([(b"Prefer", b"respond-async, WAIT = 2.5")], 2.5),  # any case, spaces around "="
+        ([(b"prefer", b'wait="4"')], 4.0),
+        ([(b"prefer", b"wait=999")], 30.0),  # capped
+        ([(b"prefer", b"wait=0")], 0.0),
+        ([(b"prefer", b"wait=-1")], 7.0),  # not a wait: the default
+        ([(b"prefer", b"wait=" + b"9" * 5000)], 7.0),
+        ([(b"prefer", b"wait=\xd9\xa1")], 7.0),  # a digit, but not an ASCII one
+        ([(b"prefer", b"wait=1x")], 7.0),
+        ([(b"prefer", b"nowait=5")], 7.0),
+    ],
+)
+def test_prefer_wait_is_read_as_rfc_7240_allows(headers, seconds):
+    from bilten.routes.bookings import _wait_seconds
+
+    assert _wait_seconds(_request(headers, []), 7.0) == seconds

@@ -33,7 +33,10 @@ OUTCOME_ERRORS = (
     "not_found",
     "unavailable",
 )
-_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)")
+# RFC 7240: preference names in any case, optional spaces around "=", the value maybe quoted.
+_PREFER_WAIT = re.compile(
+    r'(?:^|[;,\s])wait\s*=\s*"?([0-9]{1,9}(?:\.[0-9]{1,9})?)"?(?:$|[;,\s])', re.I
+)
 
 
 class PaymentIn(Struct, kw_only=True):
@@ -98,7 +101,11 @@ def _idempotency_key(request: Request) -> str:
 
 
 def _wait_seconds(request: Request, default: float) -> float:
-    match = _PREFER_WAIT.search(header(request, b"prefer") or "")
+    """``Prefer: wait=N`` (capped at MAX_WAIT), from any of the request's Prefer headers."""
+    if header(request, b"prefer") is None:
+        return default
+    prefer = b",".join(v for k, v in request.scope["headers"] if k.lower() == b"prefer")
+    match = _PREFER_WAIT.search(prefer.decode("latin-1"))
     return min(float(match[1]), MAX_WAIT) if match else default
 
 
