@@ -436,3 +436,29 @@ def test_prefer_wait_is_read_as_rfc_7240_allows(headers, seconds):
     from bilten.routes.bookings import _wait_seconds
 
     assert _wait_seconds(_request(headers, []), 7.0) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        (b"k-1", "k-1"),
+        (b" \tk 1\t ", "k 1"),  # spaces and tabs around it go, inside it stay
+        (b"\xa0k\xa0", "\xa0k\xa0"),  # other characters are the client's: compared as sent
+        (b"a\x00b", None),
+        (b"a\x1fb", None),
+        (b"a\x7f", None),
+        (b"  ", None),
+        (b"x" * 201, None),
+    ],
+)
+def test_an_idempotency_key_has_no_control_characters(value, key):
+    from bilten.errors import ApiError
+    from bilten.routes.bookings import _idempotency_key
+
+    request = _request([(b"idempotency-key", value)], [])
+    if key is not None:
+        assert _idempotency_key(request) == key
+        return
+    with pytest.raises(ApiError) as refused:
+        _idempotency_key(request)
+    assert refused.value.code == "validation_error"

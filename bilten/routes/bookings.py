@@ -89,12 +89,18 @@ class Received(msgspec.Struct, kw_only=True):
     duplicate: bool = False
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _idempotency_key(request: Request) -> str:
-    key = (header(request, b"idempotency-key") or "").strip()
-    if not key or len(key) > 200:
+    """The header's value without the spaces and tabs around it (only those: a key of other
+    characters is the client's to choose, and compared as sent); no control characters."""
+    key = (header(request, b"idempotency-key") or "").strip(" \t")
+    if not key or len(key) > 200 or _CONTROL.search(key):
         raise ApiError(
             "validation_error",
-            "Idempotency-Key: a header of 1 to 200 characters is required",
+            "Idempotency-Key: a header of 1 to 200 characters, none of them control "
+            "characters, is required",
             {"fields": [{"field": "Idempotency-Key", "message": "required header"}]},
         )
     return key
