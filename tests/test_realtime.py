@@ -726,6 +726,10 @@ async def test_resubscribing_with_a_version_gets_the_missed_deltas(a, b, http):
         assert fresh[0]["type"] == "seats.snapshot" and fresh[-1]["type"] == "subscribed"
         statuses = seat_map(fresh)
         assert statuses[seats[0]] == statuses[seats[1]] == "held"
+        # From the future (a made-up version): a snapshot too, and the room's own version.
+        future = await subscribe(ws, event_id, 10**12)
+        assert future[0]["type"] == "seats.snapshot", future
+        assert future[-1] == got[-1]
 
 
 async def test_a_snapshot_when_the_history_no_longer_reaches_back(c, http):

@@ -271,9 +271,12 @@ class Realtime:
             return
         if not connection.open:
             return
-        # From here on nothing awaits: what it is given and membership agree.
+        # From here on nothing awaits: what it is given and membership agree. A version past
+        # any this room has seen is not the client's (made up, or of an event made again): it
+        # gets a snapshot, as one from before the history does.
         since = request.version
-        if since is not None and room.history.reaches(since):
+        latest = max(snapshot.version, room.history.latest or 0)
+        if since is not None and since <= latest and room.history.reaches(since):
             frames = room.catch_up(None, room.history.after(since), request.indexed)
             version = since
         else:
