@@ -60,10 +60,14 @@ class Revocations:
     def _add(self, sids: list[str], until: float) -> None:
         if len(self.ended) > self.sweep_above:
             self._sweep()
+        # Listeners hear of a session once: the same logout posted again, or this instance's
+        # own announcement coming back, costs them nothing (they may scan every socket).
+        fresh = {sid for sid in sids if sid not in self}
         for sid in sids:
-            self.ended[sid] = until
-        for listener in self.listeners:
-            listener(set(sids))
+            self.ended[sid] = max(until, self.ended.get(sid, 0.0))
+        if fresh:
+            for listener in self.listeners:
+                listener(fresh)
 
     def _sweep(self) -> None:
         """Forget the revocations that no longer matter (their tokens expired)."""

@@ -28,3 +28,15 @@ async def test_revocations_that_no_longer_matter_are_swept_once_the_table_double
     assert len(revoked.ended) == 12
     assert revoked.sweep_above == 22
     assert all(sid in revoked for sid in ["live-6", "more-5", "last"])
+
+
+async def test_listeners_hear_of_a_revoked_session_once(redis):
+    revoked = Revocations(redis, keep=60)
+    heard: list[set[str]] = []
+    revoked.listeners.append(heard.append)
+    await revoked.revoke(["s1", "s2"])
+    await revoked.revoke(["s1"])  # the same logout again
+    revoked._on_message(b"s1 s2")  # this instance's own announcement, back from Redis
+    await revoked.revoke(["s2", "s3"])
+    assert heard == [{"s1", "s2"}, {"s3"}]
+    assert all(sid in revoked for sid in ("s1", "s2", "s3"))
