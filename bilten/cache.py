@@ -32,6 +32,9 @@ SEAT_MAP_MAX_AGE = 60.0
 ON_SALE_MAX_AGE = 5.0  # entries are also checked against the current version
 SEATS_MAX_AGE = 600.0  # an event's seats are fixed when it is made: kept only to bound memory
 MAX_ENTRIES = 2000
+SEAT_MAPS_MAX_BYTES = 64 << 20  # encoded seat maps: ~200 bytes a seat
+SEAT_IDS_MAX_BYTES = 32 << 20  # seat id sets
+SEAT_ID_BYTES = 190  # what one seat's id takes in a set (measured with tracemalloc)
 
 
 @dataclass
@@ -44,7 +47,13 @@ class LocalCache(Generic[V]):
 
     max_age: float
     max_entries: int = MAX_ENTRIES
-    entries: OrderedDict[str, tuple[float, V]] = field(default_factory=OrderedDict)
+    # Bytes (as ``weigh`` counts them) the entries may take together, 0 for no bound: entries
+    # of very different sizes (the seat map of a 50-seat room, of a 50,000-seat stadium) are
+    # not bounded by their number alone. The newest entry is kept whatever its size.
+    max_weight: int = 0
+    weigh: Callable[[V], int] | None = None
+    weight: int = 0
+    entries: OrderedDict[str, tuple[float, V, int]] = field(default_factory=OrderedDict)
     epoch: int = 0
     drops: dict[str, int] = field(default_factory=dict)
     loading: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
@@ -57,7 +66,7 @@ class LocalCache(Generic[V]):
         if entry is None:
             return None
         if entry[0] < time.monotonic():
-            del self.entries[key]
+            self._remove(key)
             return None
         return entry[1]
 
@@ -83,18 +92,29 @@ class LocalCache(Generic[V]):
     def put(self, key: str, value: V, token: tuple[int, int] | None = None) -> None:
         if token is not None and token != self.token(key):
             return  # changed while it was being loaded
-        self.entries[key] = (time.monotonic() + self.max_age, value)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
+        self._remove(key)
+        weight = self.weigh(value) if self.weigh is not None else 0
+        self.entries[key] = (time.monotonic() + self.max_age, value, weight)
+        self.weight += weight
+        while len(self.entries) > 1 and (
+            len(self.entries) > self.max_entries
+            or (self.max_weight and self.weight > self.max_weight)
+        ):
+            self._remove(next(iter(self.entries)))  # the oldest
+
+    def _remove(self, key: str) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.weight -= entry[2]
 
     def drop(self, key: str) -> None:
-        self.entries.pop(key, None)
+        self._remove(key)
         self.drops[key] = self.drops.get(key, 0) + 1
         self.loading.pop(key, None)  # a load begun before the change is not shared after it
 
     def clear(self) -> None:
         self.entries.clear()
+        self.weight = 0
         self.drops.clear()
         self.loading.clear()
         self.epoch += 1
@@ -103,13 +123,22 @@ class LocalCache(Generic[V]):
 @dataclass
 class Caches:
     details: LocalCache[Any] = field(default_factory=lambda: LocalCache(DETAIL_MAX_AGE))
-    seat_maps: LocalCache[Any] = field(default_factory=lambda: LocalCache(SEAT_MAP_MAX_AGE))
+    seat_maps: LocalCache[Any] = field(
+        default_factory=lambda: LocalCache(
+            SEAT_MAP_MAX_AGE, max_weight=SEAT_MAPS_MAX_BYTES, weigh=lambda found: len(found.body)
+        )
+    )
     # Events on sale and their per-order limits, for the booking door: not dropped by changes
     # (every sale changes its event), only aged out; the worker checks again in the database.
     on_sale: LocalCache[int] = field(default_factory=lambda: LocalCache(ON_SALE_MAX_AGE))
     # The ids of each event's seats, for the booking door (never dropped: they never change).
     seat_ids: LocalCache[frozenset[str]] = field(
-        default_factory=lambda: LocalCache(SEATS_MAX_AGE, max_entries=100)
+        default_factory=lambda: LocalCache(
+            SEATS_MAX_AGE,
+            max_entries=100,
+            max_weight=SEAT_IDS_MAX_BYTES,
+            weigh=lambda ids: SEAT_ID_BYTES * len(ids),
+        )
     )
     # Every seat-map answer reads its map's current version; the reads of one loop turn go
     # together (bilten.seatmap.Heads, given by the app, which owns the pool).

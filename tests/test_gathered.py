@@ -120,3 +120,21 @@ async def test_a_cache_load_begun_before_a_drop_is_not_shared_after_it():
     assert [await f for f in old] == ["load 0"] * 3
     assert await new == await later == "load 1"
     assert loads == [0, 1] and not cache.loading
+
+
+def test_a_cache_bounded_by_bytes_keeps_the_newest_entries_within_them():
+    from bilten.cache import LocalCache
+
+    cache: LocalCache[bytes] = LocalCache(max_age=60, max_weight=100, weigh=len)
+    for key in "abc":
+        cache.put(key, b"x" * 40)
+    assert [k for k in "abc" if cache.get(k)] == ["b", "c"] and cache.weight == 80
+    cache.put("b", b"x" * 10)  # replaced: its old size goes
+    assert cache.weight == 50
+    cache.put("huge", b"x" * 500)  # bigger than the bound: kept alone, as the newest
+    assert [k for k in ("b", "c", "huge") if cache.get(k)] == ["huge"] and cache.weight == 500
+    cache.drop("huge")
+    assert cache.weight == 0 and not cache.entries
+    cache.put("d", b"x")
+    cache.clear()
+    assert cache.weight == 0
