@@ -79,7 +79,7 @@ class ApiBudget:
         ):
             client = scope.get("client")
             budget = scope["state"]["bilten"].budget
-            outcome = await budget.hit(client[0] if client else "-")
+            outcome = await budget.hit(ratelimit.subject(client[0]) if client else "-")
             if not outcome.allowed:
                 await errors.response(ratelimit.limited(outcome))(scope, receive, send)
                 return

@@ -6,7 +6,9 @@ concurrent requests on any number of instances never slip past a limit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import math
 from dataclasses import dataclass
 
@@ -16,6 +18,25 @@ from redis.exceptions import NoScriptError
 from bilten import keys
 from bilten.errors import ApiError
 from bilten.settings import Rate
+
+
+def subject(address: str) -> str:
+    """Who a per-address limit counts: an IPv4 address as it is, an IPv6 one by its /64 (what
+    one home or one host is given: a client that may take any address in it would otherwise
+    have a fresh budget for every request); an IPv4 address written as IPv6 as the IPv4 one."""
+    return address if ":" not in address else _ipv6_subject(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_subject(address: str) -> str:
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
 
 # KEYS[1] counter; ARGV[1] window in ms; ARGV[2] amount to add (0 reads, negative refunds).
 HIT_SCRIPT = """

@@ -388,6 +388,30 @@ async def test_the_general_api_budget_is_per_ip_and_spares_operations(settings):
         assert (await c.get("/metrics")).status_code == 200
 
 
+async def test_an_ipv6_client_is_counted_by_its_64(settings):
+    """A host that may take any address of its /64 gets one budget, not one per address; other
+    networks, and IPv4 written as IPv6, count as what they are."""
+    others = ("2001:db8:0:1::2", "2001:db8:0:1:ffff::9", "2001:db8:0:2::1", "::ffff:10.0.0.7")
+    limited = settings.replace(limit_api_ip=Rate(3, 60))
+    async with app_client(limited, "2001:db8:0:1::1", *others, "10.0.0.7") as clients:
+        _, first, same, same_too, other_net, mapped, plain = clients
+        statuses = [(await c.get("/auth/me")).status_code for c in (first, same, same_too, same)]
+        assert statuses == [401, 401, 401, 429]
+        assert (await other_net.get("/auth/me")).status_code == 401
+        statuses = [(await c.get("/auth/me")).status_code for c in (mapped, plain, mapped, plain)]
+        assert statuses == [401, 401, 401, 429]
+
+
+def test_limit_subjects():
+    from bilten.ratelimit import subject
+
+    assert subject("192.0.2.1") == "192.0.2.1"
+    assert subject("2001:DB8::1:2:3:4") == subject("2001:db8::5") == "2001:db8::/64"
+    assert subject("::ffff:192.0.2.1") == "192.0.2.1"
+    assert subject("fe80::1%eth0") == "fe80::/64"
+    assert subject("not an address") == "not an address"
+
+
 async def test_limits_are_shared_by_instances(settings):
     """Each instance counts locally and tells Redis every few milliseconds (bilten.budget):
     requests paced wider than that interval see the others' hits exactly."""

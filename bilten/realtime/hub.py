@@ -22,7 +22,7 @@ import msgspec
 from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
-from bilten import keys, seatmap, security
+from bilten import keys, ratelimit, seatmap, security
 from bilten.errors import ApiError
 from bilten.pubsub import Hub
 from bilten.realtime import messages, stats
@@ -82,7 +82,7 @@ class Realtime:
         scope["headers"] = []
         scope["query_string"] = b""
         client = scope.get("client")
-        address = client[0] if client else ""
+        address = ratelimit.subject(client[0]) if client else ""
         if self.per_address[address] >= self.settings.ws_max_per_ip:
             reason = "too many connections from one address"
             await send({"type": "websocket.close", "code": TOO_MANY, "reason": reason})

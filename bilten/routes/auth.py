@@ -72,7 +72,8 @@ class Accepted(msgspec.Struct, kw_only=True):
 
 
 def client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """The subject of the per-address limits (an IPv6 client by its /64)."""
+    return ratelimit.subject(request.client.host) if request.client else "unknown"
 
 
 async def _session(app: State, conn: object, user: User) -> Session:
