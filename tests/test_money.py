@@ -155,23 +155,33 @@ async def test_a_timeout_then_the_charge_is_found_confirmed_never_failed_with_mo
             assert len(fake.intents) == 1 and len(fake.charges()) == 2
 
 
-async def test_a_charge_found_late_for_a_failed_booking_is_refunded(settings, monkeypatch):
+@pytest.mark.parametrize("made_long_ago", [False, True])
+async def test_a_charge_found_late_for_a_failed_booking_is_refunded(
+    settings, monkeypatch, made_long_ago
+):
     """No retry, the provider's answer lost and its search index behind: the booking fails
     (its payment unknown), the lookups find nothing at first, then find the charge, and it is
-    refunded. The buyer never keeps paying for nothing."""
+    refunded. The buyer never keeps paying for nothing, however long ago the booking was made
+    (one that waited out an outage gets the whole window from its failure)."""
     monkeypatch.setattr(recovery, "SETTLE_EVERY", 0)
+    monkeypatch.setattr(recovery, "SETTLE_WINDOW", 60)
     async with FakeStripe() as fake:
         own = on_fake_stripe(settings, fake, 0.2).replace(payment_timeout=0.5)
         async with running(own.replace(roles=frozenset({"api", "workers"}))) as (app, c):
             event_id, seats, _, _ = await published_event(c)
             auth = await buyer(c)
             fake.late_by = 1.0
-            fake.search_lag = 2.0
+            fake.search_lag = 5.0 if made_long_ago else 2.0  # rounds that find nothing first
             fake.script = ["late"] + [500] * 3  # the charge is made; its answer never comes
             response = await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})
             assert response.status_code == 503, response.text
             booking_id = response.json()["error"]["details"]["booking_id"]
             assert len(fake.intents) == 1  # money was taken
+            if made_long_ago:
+                await app.state.db.execute(
+                    "UPDATE bookings SET created_at = now() - interval '1 hour' WHERE id = $1",
+                    booking_id,
+                )
             deadline = time.monotonic() + 20
             while not fake.refunds:
                 assert time.monotonic() < deadline, "the charge was never refunded"

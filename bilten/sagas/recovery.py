@@ -29,7 +29,7 @@ INTERVAL = 1.0
 STALE_PENDING = 300  # seconds: a request may wait this long in a long queue
 STALE_PAYMENT = 60  # seconds at the least; see stale_payment
 SETTLE_EVERY = 5  # seconds between lookups of one unsettled payment
-SETTLE_WINDOW = 900  # seconds after a booking was made that a lookup finding nothing is not final
+SETTLE_WINDOW = 900  # seconds after a booking failed that a lookup finding nothing is not final
 LOST_AFTER = 3.0  # seconds: an accepted request this old whose Redis status is gone was lost
 REDISPATCH_ROUND = 500  # accepted requests looked at per round
 FORGET_WINDOW = 2000  # records of accepted requests read per statement when forgetting
@@ -99,8 +99,8 @@ async def _unclaim(app: State, booking_id: str) -> None:
 
 async def settle_payments(app: State) -> int:
     """Payments whose outcome was not known when their booking failed: looked up (the booking
-    id is the provider's key), again and again for :data:`SETTLE_WINDOW` after the booking was
-    made, since a provider's search may lag (Stripe's: up to a minute); a charge found is
+    id is the provider's key), again and again for :data:`SETTLE_WINDOW` after the booking
+    failed, since a provider's search may lag (Stripe's: up to a minute); a charge found is
     refunded (durable intent), one never found is settled when the window ends."""
     ids = await _claim(app, "payment_unsettled", SETTLE_EVERY)
     for booking_id in ids:
@@ -117,9 +117,15 @@ async def settle_payments(app: State) -> int:
                 booking_id,
             )
         else:
+            # The window runs from the booking's failure (its history step), when its payment
+            # became unknown: a booking that waited long before its charge (an outage, a
+            # crash) still gets the whole window for the provider's search to catch up.
             await app.db.execute(
                 """UPDATE bookings SET payment_unsettled = false
-                   WHERE id = $1 AND created_at < now() - make_interval(secs => $2)""",
+                   WHERE id = $1
+                     AND coalesce((jsonb_path_query_first(
+                             history, '$[*] ? (@.to == "FAILED").at') #>> '{}')::timestamptz,
+                           created_at) < now() - make_interval(secs => $2)""",
                 booking_id,
                 SETTLE_WINDOW,
             )
