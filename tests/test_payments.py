@@ -342,6 +342,7 @@ class FakeStripe:
         self.delay = 0.0
         self.late_by = 5.0
         self.search_lag = 0.0
+        self.processing = False  # new intents are "processing" (their outcome comes later)
         self.headers: dict[str, str] = {}
         self.intents: list[dict[str, Any]] = []
         self.refunds: list[dict[str, Any]] = []
@@ -485,6 +486,8 @@ class FakeStripe:
             "_made": time.monotonic(),
         }
         method = form.get("payment_method", "")
+        if self.processing:
+            intent["status"] = "processing"
         if method == "pm_card_authenticationRequired":
             intent["status"] = "requires_action"
         if method in _STRIPE_DECLINES:
@@ -541,6 +544,22 @@ async def test_charge_request_is_what_stripe_expects(fake, make_stripe):
     # A search-capable server is searched, not listed.
     assert await provider.lookup(key=key) == charge
     assert fake.requests[-1].query["query"] == f"metadata['booking_id']:'{key}'"
+
+
+async def test_a_processing_intent_is_no_answer_yet_not_a_decline(fake, make_stripe):
+    """A decline would close the booking's payment for good; an intent still processing may
+    succeed later, so it is an unknown outcome (recovery looks it up until it is known)."""
+    provider = make_stripe(fake.url, retries=0)
+    key = booking_id()
+    fake.processing = True
+    with pytest.raises(ProviderUnavailable, match="processing") as raised:
+        await provider.charge(key=key, amount_cents=1500, currency="EUR", token="tok_visa")
+    assert not isinstance(raised.value, PaymentDeclined)
+    with pytest.raises(ProviderUnavailable, match="processing"):
+        await provider.lookup(key=key)
+    fake.intents[0]["status"] = "succeeded"  # it went through after all
+    found = await provider.lookup(key=key)
+    assert found is not None and found.status == "succeeded" and found.amount_cents == 1500
 
 
 async def test_a_card_token_goes_to_stripe_as_a_card_token(fake, make_stripe):

@@ -80,6 +80,10 @@ class StripeProvider:
         if status == "requires_action":
             # 3-D Secure wants the card holder, who is not here: the booking cannot go on.
             raise PaymentDeclined("authentication_required", "the card needs authentication")
+        if status == "processing":
+            # Not an answer yet: it may still succeed. The booking's payment is then unknown,
+            # and recovery looks it up (refunding it, should it succeed after all).
+            raise ProviderUnavailable(f"payment intent {intent.get('id')} is still processing")
         raise PaymentDeclined(f"intent_{status}", f"payment intent {intent.get('id')} is {status}")
 
     async def refund(self, *, key: str, payment_id: str, amount_cents: int) -> str:
@@ -105,7 +109,8 @@ class StripeProvider:
         return str(refund["id"])
 
     async def lookup(self, *, key: str) -> Charge | None:
-        """The succeeded (or since refunded) PaymentIntent made for ``key``.
+        """The succeeded (or since refunded) PaymentIntent made for ``key``; while one is still
+        processing, no answer (``ProviderUnavailable``): asked again later.
 
         Uses the Search API. Stripe's search index trails writes by up to a minute, so right
         after a timeout ``charge`` again with the same key (a replay within 24 hours) is the
@@ -115,6 +120,8 @@ class StripeProvider:
         intents = await self._search_intents(key) if self._search else None
         if intents is None:
             intents = await self._list_intents(key)
+        if any(i.get("status") == "processing" for i in intents):
+            raise ProviderUnavailable(f"a payment intent for {key} is still processing")
         found = [i for i in intents if i.get("status") == "succeeded"]
         if len(found) > 1:
             log.warning("%d succeeded payment intents for booking %s", len(found), key)
