@@ -533,6 +533,51 @@ async def test_cancelling_an_event_refunds_its_bookings(client):
     assert found["payment"]["status"] == "refunded"
 
 
+async def test_a_webhook_not_applied_is_applied_on_the_providers_retry(settings, monkeypatch):
+    """The delivery is recorded only once applied: one that failed midway (a crash, a lost
+    database) is not a duplicate when the provider sends it again."""
+    import json
+    import time
+
+    from asgi_lifespan import LifespanManager
+    from httpx import ASGITransport, AsyncClient
+
+    from bilten.payments.webhooks import sign_stripe_payload
+    from bilten.sagas import booking as saga
+
+    secret = "whsec_test_secret"
+    hooked = settings.replace(stripe_webhook_secret=secret)
+    applied = []
+    real = saga.apply_webhook
+
+    async def flaky(app, kind, obj):
+        if not applied:
+            applied.append("failed")
+            raise RuntimeError("the process died here")
+        applied.append("applied")
+        await real(app, kind, obj)
+
+    monkeypatch.setattr(saga, "apply_webhook", flaky)
+    payload = json.dumps(
+        {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "type": "charge.refunded",
+            "data": {"object": {"metadata": {"booking_id": str(uuid.uuid4())}}},
+        }
+    ).encode()
+    headers = {"Stripe-Signature": sign_stripe_payload(payload, secret, int(time.time()))}
+    async with LifespanManager(create_app(hooked)) as manager:
+        transport = ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with AsyncClient(transport=transport, base_url="http://bilten.test") as c:
+            url = "/payments/webhooks/stripe"
+            assert (await c.post(url, content=payload, headers=headers)).status_code == 500
+            again = await c.post(url, content=payload, headers=headers)
+            assert again.json() == {"received": True, "duplicate": False}
+            third = await c.post(url, content=payload, headers=headers)
+            assert third.json() == {"received": True, "duplicate": True}
+    assert applied == ["failed", "applied"]
+
+
 async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
     import json
     import time
@@ -598,10 +643,13 @@ async def test_stripe_webhooks_are_verified_and_deduplicated(settings):
                 assert answer.json()["error"]["code"] == "validation_error"
     conn = await db.connect(settings.database_url)
     try:
-        ids = await conn.fetch("SELECT id FROM payment_webhook_events")
+        refused = await conn.fetchval(
+            "SELECT count(*) FROM payment_webhook_events WHERE id = ANY ($1)",
+            ["evt_3", "evt_4", "evt_5", "evt_6", ""],
+        )
     finally:
         await conn.close()
-    assert [r["id"] for r in ids] == ["evt_1"]  # nothing of the refused ones was written
+    assert refused == 0  # nothing of the refused ones was written
 
 
 async def test_one_batch_settles_each_booking_on_its_own(settings):

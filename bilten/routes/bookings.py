@@ -540,21 +540,21 @@ async def webhook(request: Request) -> Response:
         raise ApiError("bad_request", f"Invalid webhook signature: {exc}") from None
     event = decode(payload, webhooks.Event)
     event_id, kind = event.id, event.type
-    async with app.db.acquire() as conn:
-        fresh = await conn.fetchval(
-            """INSERT INTO payment_webhook_events (id, provider, type) VALUES ($1, 'stripe', $2)
-               ON CONFLICT DO NOTHING RETURNING true""",
-            event_id,
-            kind,
-        )
-    if not fresh:
+    seen = "SELECT 1 FROM payment_webhook_events WHERE id = $1"
+    if await app.db.fetchval(seen, event_id):
         return JSONResponse(Received(received=True, duplicate=True))
-    try:
-        await saga.apply_webhook(app, kind, event.data.object)
-    except Exception:
-        # Not applied: forget the delivery, so the provider's retry is applied, not skipped.
-        await app.db.execute("DELETE FROM payment_webhook_events WHERE id = $1", event_id)
-        raise
+    # Applied first, recorded after: applying is idempotent (each step is guarded by the
+    # booking's state), so a crash between the two only means the provider's retry applies it
+    # again, where recording first would have let that retry be skipped as a duplicate.
+    await saga.apply_webhook(app, kind, event.data.object)
+    recorded = await app.db.fetchval(
+        """INSERT INTO payment_webhook_events (id, provider, type) VALUES ($1, 'stripe', $2)
+           ON CONFLICT DO NOTHING RETURNING true""",
+        event_id,
+        kind,
+    )
+    if not recorded:  # a delivery of the same event at the same moment, applied as well
+        return JSONResponse(Received(received=True, duplicate=True))
     return JSONResponse(Received(received=True))
 
 
