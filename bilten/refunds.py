@@ -173,11 +173,15 @@ async def confirmed(app: State, booking_id: str, refund_id: str | None, amount: 
 
 
 async def _give_up(app: State, booking_id: str, error: str) -> None:
-    await app.db.execute(
-        "UPDATE refunds SET status = 'dead', last_error = $2 WHERE booking_id = $1",
+    """Dead, unless it was refunded meanwhile (a webhook, another worker): never over that."""
+    dead = await app.db.fetchval(
+        """UPDATE refunds SET status = 'dead', last_error = $2
+           WHERE booking_id = $1 AND status = 'pending' RETURNING true""",
         booking_id,
         error,
     )
+    if not dead:
+        return
     metrics.REFUNDS.labels("dead").inc()
     log.error("refund of booking %s given up: %s (the refunds row keeps it)", booking_id, error)
 

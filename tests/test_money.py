@@ -332,3 +332,23 @@ async def test_a_refund_the_provider_refuses_is_dead_and_shown(client, database_
     assert refunds.MAX_ATTEMPTS > 1
     dead = REGISTRY.get_sample_value("bilten_refunds_total", {"outcome": "dead"})
     assert dead is not None and dead >= 1
+
+
+async def test_a_refund_made_meanwhile_is_never_marked_dead(settings):
+    """A worker giving a refund up after another one (or a webhook) saw it through leaves it
+    refunded: the row must not say the money is still owed."""
+    from bilten import refunds
+
+    async with running(settings) as (app, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        booking = (await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
+            "booking"
+        ]
+        cancelled = await c.post(f"/bookings/{booking['id']}/cancel", headers=auth)
+        assert cancelled.json()["payment"]["status"] == "refunded", cancelled.text
+        await refunds._give_up(app.state, booking["id"], "a late worker's error")
+        row = await app.state.db.fetchrow(
+            "SELECT status, last_error FROM refunds WHERE booking_id = $1", booking["id"]
+        )
+    assert row["status"] == "refunded" and row["last_error"] != "a late worker's error"
