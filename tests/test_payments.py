@@ -468,6 +468,7 @@ class FakeStripe:
             "payment_intent": intent["id"],
             "amount": int(seen.form.get("amount", intent["amount"])),
             "status": "succeeded",
+            "metadata": {"booking_id": seen.form.get("metadata[booking_id]", "")},
         }
         self.refunds.append(refund)
         if key:
@@ -877,3 +878,19 @@ def test_the_test_providers_latency_can_have_a_realistic_tail(redis):
     assert 0.14 <= served[len(served) // 2] <= 0.16  # the median
     assert 1.7 <= served[int(len(served) * 0.99)] <= 2.3  # the 99th percentile
     assert TestProvider(redis, latency_ms=60).delay() == pytest.approx(0.06)
+
+
+async def test_a_refund_made_outside_is_not_taken_for_ours(fake, make_stripe):
+    """A refund of part of the payment made from Stripe's dashboard is not the booking's
+    refund: the booking's own is still asked for (and Stripe judges the amount)."""
+    provider = make_stripe(fake.url)
+    key = booking_id()
+    charge = await provider.charge(key=key, amount_cents=4500, currency="EUR", token="tok_visa")
+    outside = {"id": "re_dashboard", "object": "refund", "payment_intent": charge.id}
+    fake.refunds.append({**outside, "amount": 1000, "status": "succeeded", "metadata": {}})
+    refund_id = await provider.refund(key=key, payment_id=charge.id, amount_cents=4500)
+    assert refund_id != "re_dashboard"
+    assert [r["amount"] for r in fake.refunds] == [1000, 4500]
+    # Ours, asked for again (a worker that died before recording it): found, not made twice.
+    assert await provider.refund(key=key, payment_id=charge.id, amount_cents=4500) == refund_id
+    assert len(fake.refunds) == 2

@@ -87,7 +87,7 @@ class StripeProvider:
         raise PaymentDeclined(f"intent_{status}", f"payment intent {intent.get('id')} is {status}")
 
     async def refund(self, *, key: str, payment_id: str, amount_cents: int) -> str:
-        existing = await self._existing_refund(payment_id)
+        existing = await self._existing_refund(payment_id, key)
         if existing:
             return existing
         form = {
@@ -102,7 +102,7 @@ class StripeProvider:
         except PaymentDeclined as exc:
             # Another instance refunded it between our look and our request.
             if exc.decline_code == "charge_already_refunded":
-                existing = await self._existing_refund(payment_id)
+                existing = await self._existing_refund(payment_id, key)
                 if existing:
                     return existing
             raise
@@ -155,11 +155,15 @@ class StripeProvider:
                 return matches
             params["starting_after"] = data[-1]["id"]
 
-    async def _existing_refund(self, payment_id: str) -> str | None:
+    async def _existing_refund(self, payment_id: str, key: str) -> str | None:
+        """Our refund of the payment, made before (by a worker that died before it recorded
+        it): one carrying the booking's id. A refund made otherwise (from the dashboard, for
+        part of the amount, say) is not this one."""
         params = {"payment_intent": payment_id, "limit": str(PAGE)}
         page = await self._request("GET", "/v1/refunds", params=params)
         for refund in page.get("data") or []:
-            if refund.get("status") not in ("failed", "canceled"):
+            ours = (refund.get("metadata") or {}).get("booking_id") == key
+            if ours and refund.get("status") not in ("failed", "canceled"):
                 return str(refund["id"])
         return None
 
