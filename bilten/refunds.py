@@ -95,7 +95,7 @@ RETURNING r.booking_id::text, r.payment_id, r.amount_cents, r.attempts
 _DONE = """
 WITH done AS (
     UPDATE refunds SET status = 'refunded', refund_id = $2, done_at = now(), last_error = NULL
-    WHERE booking_id = $1 AND status <> 'refunded'
+    WHERE booking_id = $1 AND status <> 'refunded' AND amount_cents <= $3
     RETURNING booking_id),
 moved AS (
     UPDATE bookings b SET payment_status = 'refunded', updated_at = now()
@@ -166,8 +166,9 @@ async def _carry_out(app: State, due: Any) -> bool:
 
 
 async def confirmed(app: State, booking_id: str, refund_id: str | None, amount: int) -> None:
-    """The provider gave the money back (said by its answer, or by a webhook)."""
-    if await app.db.fetchval(_DONE, booking_id, refund_id):
+    """The provider gave ``amount`` back (said by its answer, or by a webhook): the refund is
+    done if that covers it (a webhook about a smaller refund made otherwise does not)."""
+    if await app.db.fetchval(_DONE, booking_id, refund_id, amount):
         metrics.REFUNDS.labels("refunded").inc()
         metrics.REFUNDED_CENTS.inc(amount)
 

@@ -130,6 +130,18 @@ async def test_a_refund_the_provider_cannot_make_now_is_made_later(settings):
             "SELECT status, attempts, last_error FROM refunds WHERE booking_id = $1", booking["id"]
         )
         assert row["status"] == "pending" and row["attempts"] == 1 and "500" in row["last_error"]
+        # Meanwhile the provider tells of a refund of part of the payment, made otherwise: it
+        # does not settle the booking's own.
+        from bilten.payments import webhooks
+        from bilten.sagas import booking as saga
+
+        mine = webhooks.Metadata(booking_id=booking["id"])
+        part = webhooks.EventObject(amount_refunded=1000, metadata=mine)
+        await saga.apply_webhook(app.state, "charge.refunded", part)
+        still = await app.state.db.fetchval(
+            "SELECT status FROM refunds WHERE booking_id = $1", booking["id"]
+        )
+        assert still == "pending"
         fake.always = None
         await app.state.db.execute("UPDATE refunds SET next_at = now()")  # its pause is over
         assert await recovery.run_once(app.state) >= 1

@@ -378,8 +378,9 @@ async def apply_webhook(app: State, kind: str, obj: webhooks.EventObject) -> Non
         await refunds.confirmed(app, booking_id, None, obj.amount_refunded)
         await app.db.execute(
             """UPDATE bookings SET payment_status = 'refunded', updated_at = now()
-               WHERE id = $1 AND saga_state IN ('CANCELLED', 'FAILED')""",
+               WHERE id = $1 AND saga_state IN ('CANCELLED', 'FAILED') AND total_cents <= $2""",
             booking_id,
+            obj.amount_refunded,
         )
     if result is not None:
         # A charge for a booking that failed or was cancelled meanwhile is refunded by finish.
