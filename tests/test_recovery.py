@@ -120,3 +120,20 @@ async def test_killing_an_instance_mid_sale_loses_nothing(spawn_server, settings
         assert unpaid == 0
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"payment_outage_wait": 600.0}, {"payment_timeout": 30.0, "payment_retries": 5}],
+)
+def test_a_booked_holds_seats_outlast_its_charging_and_recoverys_takeover(settings, changes):
+    """A hold's seats stay held past the longest charging and past the moment recovery takes
+    a stopped booking over, whatever the payment settings."""
+    from types import SimpleNamespace
+
+    from bilten.sagas import recovery, steps
+
+    tuned = settings.replace(**changes)
+    window = steps.payment_window(tuned)
+    assert window > steps.charging_time(tuned)
+    assert window > recovery.stale_payment(SimpleNamespace(settings=tuned))

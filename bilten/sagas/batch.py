@@ -165,6 +165,7 @@ async def _first_step(
 ) -> tuple[
     list[str | None], list[Outcome | None], dict[str, Outcome | None], dict[str, steps.Payable]
 ]:
+    window = steps.payment_window(app.settings)
     async with app.db.acquire() as conn:
         async with conn.transaction():
             standing, new, currencies = await bookings.standing(conn, _requests(entries))
@@ -175,12 +176,12 @@ async def _first_step(
                 # Bookings written before (a batch handled again): the saga goes on from where
                 # it is; the new requests follow in a transaction of their own, so that each
                 # takes its locks in the one order (docs/bookings.md).
-                outcomes, payable = await reserve(conn, written)
+                outcomes, payable = await reserve(conn, written, window)
             else:  # the usual batch: all new, one transaction
-                outcomes, payable = await reserve_new(conn, new, currencies)
+                outcomes, payable = await reserve_new(conn, new, currencies, window)
         if written and new:
             async with conn.transaction():
-                more, more_payable = await reserve_new(conn, new, currencies)
+                more, more_payable = await reserve_new(conn, new, currencies, window)
             outcomes.update(more)
             payable.update(more_payable)
     return booking_ids, early, outcomes, payable

@@ -23,6 +23,7 @@ from bilten import bookings, keys, metrics, notifications, outbox, payments, pub
 from bilten.db import Connection
 from bilten.errors import ApiError
 from bilten.payments import webhooks
+from bilten.sagas import steps
 from bilten.sagas.finish import finish, finish_committed
 from bilten.sagas.reserve import reserve
 from bilten.sagas.steps import (
@@ -132,7 +133,7 @@ async def run(app: State, booking_ids: list[str], *, patience: float) -> dict[st
     """Drive bookings as far as they go, from PENDING (or from PAYMENT_PENDING, where a stopped
     worker left them); None for those another worker holds. ``patience``: see charge_all."""
     async with app.db.acquire() as conn, conn.transaction():
-        outcomes, payable = await reserve(conn, booking_ids)
+        outcomes, payable = await reserve(conn, booking_ids, steps.payment_window(app.settings))
     outcomes.update(await pay_and_finish(app, payable, patience=patience))
     return outcomes
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from bilten import cache, errors, holds, keys, payments, queue, refunds
 from bilten.db import Pool
-from bilten.sagas import booking
+from bilten.sagas import booking, steps
 from bilten.state import State
 from bilten.supervisor import Worker
 
@@ -60,9 +60,7 @@ def stale_payment(app: State) -> float:
     """How long a booking may stay PAYMENT_PENDING before recovery takes it over: longer than
     a queue batch waits out a provider outage with all its calls, so that recovery never takes
     a booking from a worker still charging it."""
-    settings = app.settings
-    calls = settings.payment_timeout * (settings.payment_retries + 1)
-    return max(STALE_PAYMENT, settings.payment_outage_wait + 3 * calls + 30)
+    return max(STALE_PAYMENT, steps.charging_time(app.settings) + 30)
 
 
 async def resume_sagas(app: State) -> int:

@@ -119,7 +119,9 @@ async def _items_of_hold(conn: Connection, hold: Any) -> list[holds.Item]:
     ]
 
 
-async def _adopt_hold(conn: Connection, row: Any, hold_id: str) -> tuple[str, list[holds.Item]]:
+async def _adopt_hold(
+    conn: Connection, row: Any, hold_id: str, window: float
+) -> tuple[str, list[holds.Item]]:
     """Take over the shopper's hold for this booking, stretched over the payment window."""
     hold = await conn.fetchrow(
         """SELECT id::text, event_id::text, user_id::text, ticket_type_id::text, seat_ids,
@@ -141,25 +143,25 @@ async def _adopt_hold(conn: Connection, row: Any, hold_id: str) -> tuple[str, li
     items = await _items_of_hold(conn, hold)
     if len(items) != hold["quantity"]:
         raise ApiError("hold_expired", "The hold ran out before the booking.")
-    window = timedelta(seconds=PAYMENT_WINDOW)
+    stretched = timedelta(seconds=window)
     await conn.execute(
         "UPDATE holds SET expires_at = greatest(expires_at, now() + $2::interval) WHERE id = $1",
         hold_id,
-        window,
+        stretched,
     )
     await conn.execute(
         """UPDATE event_seats SET hold_expires_at = greatest(hold_expires_at, now() + $3::interval)
            WHERE event_id = $1 AND seat_id = ANY ($4::uuid[]) AND hold_id = $2""",
         row["event_id"],
         hold_id,
-        window,
+        stretched,
         hold["seat_ids"],
     )
     return hold_id, items
 
 
 async def _reserve_event(
-    conn: Connection, event_id: str, rows: list[Any]
+    conn: Connection, event_id: str, rows: list[Any], window: float
 ) -> tuple[list[Reserved], list[tuple[Any, ApiError]]]:
     reserved: list[Reserved] = []
     failed: list[tuple[Any, ApiError]] = []
@@ -227,7 +229,7 @@ async def _reserve_event(
                         "Another booking is using this hold.",
                         {"hold_id": request["hold_id"]},
                     )
-                hold_id, items = await _adopt_hold(conn, row, request["hold_id"])
+                hold_id, items = await _adopt_hold(conn, row, request["hold_id"], window)
                 adopted.add(hold_id)
                 reserved.append(Reserved(row, hold_id, items))
                 continue
@@ -281,20 +283,20 @@ async def _reserve_event(
 
 
 async def _reserve_events(
-    conn: Connection, by_event: dict[str, list[Any]]
+    conn: Connection, by_event: dict[str, list[Any]], window: float
 ) -> tuple[list[Reserved], list[tuple[Any, ApiError]]]:
     """:func:`_reserve_event` for each event's rows, the events in one order too."""
     reserved: list[Reserved] = []
     failed: list[tuple[Any, ApiError]] = []
     for event_id, event_rows in sorted(by_event.items()):
-        ok, bad = await _reserve_event(conn, event_id, event_rows)
+        ok, bad = await _reserve_event(conn, event_id, event_rows, window)
         reserved += ok
         failed += bad
     return reserved, failed
 
 
 async def reserve(
-    conn: Connection, booking_ids: list[str]
+    conn: Connection, booking_ids: list[str], window: float = PAYMENT_WINDOW
 ) -> tuple[dict[str, Outcome | None], dict[str, Payable]]:
     """PENDING → PAYMENT_PENDING (seats reserved), or FAILED, in the caller's transaction; None
     for bookings another worker has. Also returns what each booking to charge pays: those just
@@ -319,7 +321,7 @@ async def reserve(
                 )
         else:
             pending_by_event[row["event_id"]].append(row)
-    reserved, failed = await _reserve_events(conn, pending_by_event)
+    reserved, failed = await _reserve_events(conn, pending_by_event, window)
     if reserved:
         await _write_items(conn, reserved)
         # PAYMENT_PENDING is committed before any provider call: a crash leaves an
@@ -425,7 +427,10 @@ class Raced(Exception):
 
 
 async def reserve_new(
-    conn: Connection, requests: list[Request], currencies: dict[str, str]
+    conn: Connection,
+    requests: list[Request],
+    currencies: dict[str, str],
+    window: float = PAYMENT_WINDOW,
 ) -> tuple[dict[str, Outcome | None], dict[str, Payable]]:
     """The first step for queued requests that have no booking yet (``bookings.standing``):
     their seats reserved in arrival order as :func:`reserve` does, and each booking then
@@ -450,7 +455,7 @@ async def reserve_new(
                 "payment_token": request.token,
             }
         )
-    reserved, failed = await _reserve_events(conn, by_event)
+    reserved, failed = await _reserve_events(conn, by_event, window)
     hold_of = {r.row["id"]: r.hold_id for r in reserved}  # None: the booking holds its own
     total_of = {r.row["id"]: sum(i.price_cents for i in r.items) for r in reserved}
     error_of = {row["id"]: error for row, error in failed}

@@ -20,10 +20,24 @@ from typing import Any
 from bilten import bookings, metrics, payments
 from bilten.db import Connection
 from bilten.errors import ApiError
+from bilten.settings import Settings
 
-# How long reserved seats stay held while the payment runs; longer than the provider's
-# timeout times its retries, so a slow payment never finds its seats gone.
+# How long a hold's seats stay held while its booking pays, at the least; see payment_window.
 PAYMENT_WINDOW = 120
+
+
+def charging_time(settings: Settings) -> float:
+    """The longest a batch's charging may take: a provider outage waited out, with all of a
+    charge's attempts around it."""
+    calls = settings.payment_timeout * (settings.payment_retries + 1)
+    return settings.payment_outage_wait + 3 * calls
+
+
+def payment_window(settings: Settings) -> float:
+    """How long a booked hold's seats stay held while the booking pays: past the longest
+    charging and past the moment recovery takes over a booking whose worker stopped
+    (``recovery.stale_payment``), so neither a slow payment nor recovery finds them gone."""
+    return max(PAYMENT_WINDOW, charging_time(settings) + 90)
 
 
 _COLUMNS = """id::text, user_id::text, event_id::text, request, hold_id::text, saga_state,
