@@ -143,8 +143,9 @@ SAGA_SECONDS = Histogram(
 REFUNDS = Counter(
     "bilten_refunds_total",
     "Refunds by event: requested (decided and recorded), refunded (confirmed by the provider), "
-    "retried (an attempt that failed and will be made again), dead (given up: see the refunds "
-    "table's last_error; an operator must act).",
+    "retried (an attempt that failed and will be made again), failed_later (confirmed, then "
+    "reported failed by the provider: made again), dead (given up: see the refunds table's "
+    "last_error; an operator must act).",
     ("outcome",),
 )
 REFUNDED_CENTS = Counter(

@@ -89,7 +89,7 @@ FROM (SELECT booking_id FROM refunds
         AND ($3::uuid[] IS NULL OR booking_id = ANY ($3::uuid[]))
       ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
 WHERE r.booking_id = due.booking_id
-RETURNING r.booking_id::text, r.payment_id, r.amount_cents, r.attempts
+RETURNING r.booking_id::text, r.payment_id, r.amount_cents, r.attempts, r.round
 """
 
 _DONE = """
@@ -137,7 +137,10 @@ async def _carry_out(app: State, due: Any) -> bool:
     try:
         refund_id = (
             await app.payments.refund(
-                key=booking_id, payment_id=due["payment_id"], amount_cents=due["amount_cents"]
+                key=booking_id,
+                payment_id=due["payment_id"],
+                amount_cents=due["amount_cents"],
+                round=due["round"],
             )
             if due["amount_cents"] > 0
             else "nothing"
@@ -171,6 +174,38 @@ async def confirmed(app: State, booking_id: str, refund_id: str | None, amount: 
     if await app.db.fetchval(_DONE, booking_id, refund_id, amount):
         metrics.REFUNDS.labels("refunded").inc()
         metrics.REFUNDED_CENTS.inc(amount)
+
+
+# A refund the provider reported failed after confirming it: due again, as a new round.
+_FAILED_LATER = """
+WITH again AS (
+    UPDATE refunds SET status = 'pending', round = round + 1, attempts = 0, refund_id = NULL,
+           done_at = NULL, next_at = now(), last_error = $3
+    WHERE booking_id = $1 AND refund_id = $2 AND status = 'refunded'
+    RETURNING booking_id),
+moved AS (
+    UPDATE bookings b SET payment_status = 'refunding', updated_at = now()
+    FROM again WHERE b.id = again.booking_id
+    RETURNING b.id, b.user_id)
+INSERT INTO outbox (topic, payload)
+SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
+    'type', 'payment.status', 'booking_id', id::text, 'status', 'refunding'))
+FROM moved
+RETURNING 1
+"""
+
+
+async def failed_later(app: State, booking_id: str, refund_id: str, error: str) -> bool:
+    """The provider says a refund it had confirmed failed after all (a webhook): the booking's
+    refund is due again, made anew by the refund worker. False if that refund is not the one
+    recorded for the booking (another, or one already being made again)."""
+    again = await app.db.fetchval(_FAILED_LATER, booking_id, refund_id, error)
+    if again:
+        metrics.REFUNDS.labels("failed_later").inc()
+        log.warning(
+            "refund %s of booking %s failed at the provider: made again", refund_id, booking_id
+        )
+    return bool(again)
 
 
 async def _give_up(app: State, booking_id: str, error: str) -> None:

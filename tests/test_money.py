@@ -364,3 +364,43 @@ async def test_a_refund_made_meanwhile_is_never_marked_dead(settings):
             "SELECT status, last_error FROM refunds WHERE booking_id = $1", booking["id"]
         )
     assert row["status"] == "refunded" and row["last_error"] != "a late worker's error"
+
+
+async def test_a_refund_that_fails_after_it_was_confirmed_is_made_again(settings):
+    """Stripe confirms a refund, then reports it failed (the card's account closed, say): the
+    booking's refund is due again and made anew, under a key of its own (the first key would
+    only replay the failed refund); the same news again changes nothing."""
+    from bilten import refunds
+    from bilten.payments import webhooks
+    from bilten.sagas import booking as saga
+
+    async with FakeStripe() as fake, running(on_fake_stripe(settings, fake, 1.0)) as (app, c):
+        event_id, seats, _, _ = await published_event(c)
+        auth = await buyer(c)
+        booking = (await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
+            "booking"
+        ]
+        cancelled = await c.post(f"/bookings/{booking['id']}/cancel", headers=auth)
+        assert cancelled.json()["payment"]["status"] == "refunded", cancelled.text
+        [first] = fake.refunds
+        first["status"] = "failed"  # days later, at the provider
+        fake.intents[0]["latest_charge"]["refunded"] = False
+        news = webhooks.EventObject(
+            id=first["id"], status="failed", metadata=webhooks.Metadata(booking_id=booking["id"])
+        )
+        await saga.apply_webhook(app.state, "charge.refund.updated", news)
+        found = (await c.get(f"/bookings/{booking['id']}", headers=auth)).json()
+        assert found["payment"]["status"] == "refunding"
+        assert await refunds.run(app.state, [booking["id"]]) == 1
+        assert [r["status"] for r in fake.refunds] == ["failed", "succeeded"]
+        keys_used = [
+            r.headers["idempotency-key"]
+            for r in fake.requests
+            if (r.method, r.path) == ("POST", "/v1/refunds")
+        ]
+        assert keys_used == [f"refund-{booking['id']}", f"refund-{booking['id']}-1"]
+        found = (await c.get(f"/bookings/{booking['id']}", headers=auth)).json()
+        assert found["payment"]["status"] == "refunded"
+        await saga.apply_webhook(app.state, "charge.refund.updated", news)  # told again
+        assert await refunds.run(app.state, [booking["id"]]) == 0
+        assert len(fake.refunds) == 2

@@ -46,8 +46,9 @@ class Provider(Protocol):
         """Charge once per ``key``: a repeat returns the first outcome (or raises its decline)."""
         ...
 
-    async def refund(self, *, key: str, payment_id: str, amount_cents: int) -> str:
-        """Refund once per ``key`` and return the refund id (the same one for a repeat)."""
+    async def refund(self, *, key: str, payment_id: str, amount_cents: int, round: int = 0) -> str:
+        """Refund once per ``key`` and ``round`` and return the refund id (the same one for a
+        repeat). A new ``round`` is a new refund, made once an earlier one failed."""
         ...
 
     async def lookup(self, *, key: str) -> Charge | None:

@@ -148,10 +148,12 @@ class ResilientProvider:
             ),
         )
 
-    async def refund(self, *, key: str, payment_id: str, amount_cents: int) -> str:
+    async def refund(self, *, key: str, payment_id: str, amount_cents: int, round: int = 0) -> str:
         return await self._call(
             "refund",
-            lambda: self.inner.refund(key=key, payment_id=payment_id, amount_cents=amount_cents),
+            lambda: self.inner.refund(
+                key=key, payment_id=payment_id, amount_cents=amount_cents, round=round
+            ),
         )
 
     async def lookup(self, *, key: str) -> Charge | None:

@@ -86,7 +86,7 @@ class StripeProvider:
             raise ProviderUnavailable(f"payment intent {intent.get('id')} is still processing")
         raise PaymentDeclined(f"intent_{status}", f"payment intent {intent.get('id')} is {status}")
 
-    async def refund(self, *, key: str, payment_id: str, amount_cents: int) -> str:
+    async def refund(self, *, key: str, payment_id: str, amount_cents: int, round: int = 0) -> str:
         existing = await self._existing_refund(payment_id, key)
         if existing:
             return existing
@@ -96,8 +96,9 @@ class StripeProvider:
             "metadata[booking_id]": key,
         }
         try:
+            idempotency_key = f"refund-{key}" + (f"-{round}" if round else "")
             refund = await self._request(
-                "POST", "/v1/refunds", data=form, idempotency_key=f"refund-{key}"
+                "POST", "/v1/refunds", data=form, idempotency_key=idempotency_key
             )
         except PaymentDeclined as exc:
             # Another instance refunded it between our look and our request.
@@ -106,6 +107,8 @@ class StripeProvider:
                 if existing:
                     return existing
             raise
+        if refund.get("status") in ("failed", "canceled"):
+            raise PaymentDeclined("refund_failed", f"refund {refund.get('id')} failed at once")
         return str(refund["id"])
 
     async def lookup(self, *, key: str) -> Charge | None:

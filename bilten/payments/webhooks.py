@@ -34,6 +34,7 @@ Cents = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
 
 class EventObject(msgspec.Struct):
     id: str = ""
+    status: str = ""
     amount: Cents = 0
     amount_refunded: Cents = 0
     currency: str = ""

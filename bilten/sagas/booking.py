@@ -375,6 +375,10 @@ async def apply_webhook(app: State, kind: str, obj: webhooks.EventObject) -> Non
     elif kind == "payment_intent.payment_failed":
         error = obj.last_payment_error
         result = payments.PaymentDeclined((error and error.decline_code) or "declined")
+    elif kind in ("charge.refund.updated", "refund.updated", "refund.failed"):
+        if obj.status in ("failed", "canceled"):
+            reason = f"refund {obj.id} {obj.status} at the provider"
+            await refunds.failed_later(app, booking_id, obj.id, reason)
     elif kind == "charge.refunded":
         await refunds.confirmed(app, booking_id, None, obj.amount_refunded)
         await app.db.execute(
