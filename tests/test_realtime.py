@@ -1203,3 +1203,59 @@ async def test_an_open_socket_keeps_nothing_of_its_handshake(a, http):
     async with socket_to(a, token_of(auth)) as ws:
         await ws.send(json.dumps({"type": "ping"}))
         assert await receive(ws) == {"type": "pong"}
+
+
+async def test_opening_rooms_counts_against_the_per_ip_api_budget(module_settings):
+    """A subscription that opens a room (a Redis subscription and a database read) costs one
+    hit of the client's per-IP budget, as a request would; joining an open room costs none."""
+    import uuid as uuid_
+
+    from asgi_lifespan import LifespanManager
+
+    from bilten.app import create_app
+    from bilten.settings import Rate
+
+    own = module_settings.replace(
+        limit_api_ip=Rate(3, 60), roles=frozenset({"api", "realtime"}), instance_id="budgeted"
+    )
+    inbox: asyncio.Queue = asyncio.Queue()
+    frames: list[dict] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "websocket.send":
+            frames.append(json.loads(message["text"]))
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "headers": [],
+        "client": (f"10.{uuid_.uuid4().int % 250}.0.9", 5000),
+        "server": ("bilten.test", 80),
+        "scheme": "ws",
+        "root_path": "",
+        "subprotocols": [],
+    }
+    made_up = [str(uuid_.uuid4()) for _ in range(4)]
+    async with LifespanManager(create_app(own)) as manager:
+        socket_task = asyncio.create_task(manager.app(scope, inbox.get, send))
+        await inbox.put({"type": "websocket.connect"})
+        # Three rooms open (unknown events: not_found), the fourth is over the budget; the
+        # first again joins the room still open for it, at no cost.
+        for event_id in [*made_up, made_up[0]]:
+            subscribe = {"type": "subscribe", "room": f"event:{event_id}"}
+            await inbox.put({"type": "websocket.receive", "text": json.dumps(subscribe)})
+        async with asyncio.timeout(5):
+            while len([f for f in frames if f["type"] == "error"]) < 5:
+                await asyncio.sleep(0.01)
+        await inbox.put({"type": "websocket.disconnect", "code": 1000})
+        await socket_task
+    errors = [(f["code"], f["room"]) for f in frames if f["type"] == "error"]
+    assert errors == [
+        ("not_found", f"event:{made_up[0]}"),
+        ("not_found", f"event:{made_up[1]}"),
+        ("not_found", f"event:{made_up[2]}"),
+        ("rate_limited", f"event:{made_up[3]}"),
+        ("not_found", f"event:{made_up[0]}"),
+    ]

@@ -247,6 +247,17 @@ class Realtime:
             return
         room = self.rooms.get(event_id)
         if room is None:
+            # Opening a room costs a Redis subscription and a database read: it counts against
+            # the client's per-IP API budget, as a request would (joining an open one is free),
+            # so a stream of made-up event ids costs what the same stream of requests would.
+            client = connection.scope.get("client")
+            outcome = await app.budget.hit(ratelimit.subject(client[0]) if client else "-")
+            if not outcome.allowed:
+                message = f"Too many requests; try again in {outcome.retry_after} s."
+                connection.offer(messages.error("rate_limited", message, request.room))
+                return
+            room = self.rooms.get(event_id)  # opened by someone else meanwhile?
+        if room is None:
             room = self.rooms[event_id] = Room(event_id, self.settings.ws_history)
             room.opening = asyncio.create_task(self._subscribe(room.channel, room.handler))
         if room.linger is not None:
