@@ -32,6 +32,7 @@ SEAT_MAP_MAX_AGE = 60.0
 ON_SALE_MAX_AGE = 5.0  # entries are also checked against the current version
 SEATS_MAX_AGE = 600.0  # an event's seats are fixed when it is made: kept only to bound memory
 MAX_ENTRIES = 2000
+DROPS_MAX = 10_000  # keys whose changes are counted before the counts start over
 SEAT_MAPS_MAX_BYTES = 64 << 20  # encoded seat maps: ~200 bytes a seat
 SEAT_IDS_MAX_BYTES = 32 << 20  # seat id sets
 SEAT_ID_BYTES = 190  # what one seat's id takes in a set (measured with tracemalloc)
@@ -109,6 +110,12 @@ class LocalCache(Generic[V]):
 
     def drop(self, key: str) -> None:
         self._remove(key)
+        if len(self.drops) >= DROPS_MAX and key not in self.drops:
+            # A count per key ever changed would grow for good: forget them all and start a
+            # new epoch instead, which refuses the puts of every load under way (they read
+            # before now), and leaves the entries, current as they are.
+            self.drops.clear()
+            self.epoch += 1
         self.drops[key] = self.drops.get(key, 0) + 1
         self.loading.pop(key, None)  # a load begun before the change is not shared after it
 

@@ -138,3 +138,27 @@ def test_a_cache_bounded_by_bytes_keeps_the_newest_entries_within_them():
     cache.put("d", b"x")
     cache.clear()
     assert cache.weight == 0
+
+
+def test_the_change_counts_of_a_cache_are_bounded_and_loads_under_way_stay_refused(
+    monkeypatch,
+):
+    from bilten import cache as cache_module
+    from bilten.cache import LocalCache
+
+    monkeypatch.setattr(cache_module, "DROPS_MAX", 3)
+    cache: LocalCache[str] = LocalCache(max_age=60)
+    cache.put("kept", "v")
+    token = cache.token("a")  # a load of "a" begins
+    for key in ("a", "b", "c"):
+        cache.drop(key)
+    later = cache.token("d")  # a load of "d" begins after those changes
+    cache.drop("e")  # a fourth key: the counts start over, in a new epoch
+    assert len(cache.drops) == 1
+    cache.put("a", "stale", token)
+    cache.put("d", "read before e changed, after the others", later)
+    assert cache.get("a") is None and cache.get("d") is None  # both refused: safe side
+    assert cache.get("kept") == "v"  # entries stay
+    fresh = cache.token("a")
+    cache.put("a", "new", fresh)
+    assert cache.get("a") == "new"
