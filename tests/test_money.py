@@ -404,3 +404,43 @@ async def test_a_refund_that_fails_after_it_was_confirmed_is_made_again(settings
         await saga.apply_webhook(app.state, "charge.refund.updated", news)  # told again
         assert await refunds.run(app.state, [booking["id"]]) == 0
         assert len(fake.refunds) == 2
+
+
+async def test_an_event_cancelled_while_its_bookings_pay_confirms_none_of_them(settings, redis):
+    """The organizer cancels while a booking's charge is under way: the booking is not
+    confirmed after the cancel (no tickets, no confirmation); it fails and its charge is
+    refunded, and its seats are free again."""
+    async with running(settings.replace(test_payment_latency_ms=1500)) as (app, c):
+        event_id, seats, _, organizer = await published_event(c)
+        auth = await buyer(c)
+        booking = asyncio.create_task(book(c, auth, {"event_id": event_id, "seat_ids": seats[:2]}))
+        await asyncio.sleep(0.7)  # reserved, its charge under way
+        cancelled = await c.post(f"/events/{event_id}/cancel", headers=organizer)
+        assert cancelled.status_code == 200, cancelled.text
+        answer = await booking
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["code"] == "conflict"
+        booking_id = answer.json()["error"]["details"]["booking_id"]
+        deadline = time.monotonic() + 10
+        while (await ledger(redis, booking_id)).get("status") != "refunded":
+            assert time.monotonic() < deadline, await ledger(redis, booking_id)
+            await asyncio.sleep(0.1)
+        row = await app.state.db.fetchrow(
+            """SELECT b.saga_state, b.payment_status, r.reason,
+                      (SELECT count(*) FROM tickets t WHERE t.booking_id = b.id) AS tickets,
+                      b.history::text AS history
+               FROM bookings b JOIN refunds r ON r.booking_id = b.id WHERE b.id = $1""",
+            booking_id,
+        )
+        assert (row["saga_state"], row["payment_status"], row["reason"]) == (
+            "FAILED",
+            "refunded",
+            "event_cancelled",
+        )
+        assert row["tickets"] == 0 and "CONFIRMED" not in row["history"]
+        statuses = await app.state.db.fetch(
+            "SELECT status FROM event_seats WHERE event_id = $1 AND seat_id = ANY ($2::uuid[])",
+            event_id,
+            seats[:2],
+        )
+        assert [s["status"] for s in statuses] == ["available"] * 2

@@ -31,6 +31,7 @@ from bilten.state import State
 log = logging.getLogger(__name__)
 
 HOLD_EXPIRED = "The hold ran out before the booking."
+EVENT_OFF_SALE = "The event was cancelled while the payment was made; the payment is refunded."
 
 
 def _payment_error(result: payments.PaymentDeclined | payments.ProviderUnavailable) -> ApiError:
@@ -87,7 +88,21 @@ async def finish_committed(
         paid = [r for r in rows if r["id"] in charges and _matches(r, charges[r["id"]])]
         wrong = [r for r in rows if r["id"] in charges and not _matches(r, charges[r["id"]])]
         refused = [r for r in rows if r["id"] not in charges]
-        # The one lock order (docs/bookings.md): bookings, holds, ticket types, seats. Holds:
+        # The one lock order (docs/bookings.md): bookings, events, holds, ticket types, seats.
+        # Events: those of the paid bookings, shared, so that a cancel committing meanwhile
+        # waits for this transaction; one cancelled since its bookings were reserved sells
+        # nothing more (its paid bookings fail, their charges refunded).
+        off_sale: set[str] = set()
+        if paid:
+            events = await conn.fetch(
+                """SELECT id::text, status FROM events WHERE id = ANY ($1::uuid[])
+                   ORDER BY id FOR SHARE""",
+                list({r["event_id"] for r in paid}),
+            )
+            off_sale = {e["id"] for e in events if e["status"] == "cancelled"}
+        called_off = [r for r in paid if r["event_id"] in off_sale]
+        paid = [r for r in paid if r["event_id"] not in off_sale]
+        # Holds:
         # those the bookings took over. Seats: those of these holds, and those sold to the
         # bookings that fail (a booking that holds its own is paid for them: nothing to check).
         taken_over = [r["hold_id"] for r in rows if r["hold_id"]]
@@ -104,7 +119,7 @@ async def finish_committed(
             [h["ticket_type_id"] for h in hold_rows if h["ticket_type_id"]]
             + [t for r in rows if not r["hold_id"] for t, _ in _own_units(r)],
         )
-        failing = [r for r in refused + wrong if not r["hold_id"]]
+        failing = [r for r in refused + wrong + called_off if not r["hold_id"]]
         keys = {(h["event_id"], s) for h in hold_rows for s in h["seat_ids"]}
         keys |= {(r["event_id"], s) for r in failing for s in _own_seats(r)}
         seats = []
@@ -126,7 +141,7 @@ async def finish_committed(
                 seats_of[seat["hold_id"]] += 1
         confirmed, lost_ids = await _confirm_many(app, conn, paid, results, live, seats_of)
         lost = [r for r in paid if r["id"] in set(lost_ids)]
-        gone = refused + lost + wrong
+        gone = refused + lost + wrong + called_off
         await holds.release_many(conn, [r["hold_id"] for r in gone if r["hold_id"]])
         await _release_own(conn, failing)
         declined = [
@@ -141,15 +156,15 @@ async def finish_committed(
             if isinstance(results[r["id"]], payments.ProviderUnavailable)
         ]
         declined += [(r, ApiError("hold_expired", HOLD_EXPIRED)) for r in lost]
+        declined += [(r, ApiError("conflict", EVENT_OFF_SALE)) for r in called_off]
         for outcome in (
             *confirmed,
             *await fail_many(conn, declined),
             *await fail_many(conn, unknown, unsettled=True),
         ):
             outcomes[outcome.booking_id] = outcome
-        taken = [(r, "seats_lost") for r in lost] + [
-            (r, "charge_mismatch") for r in wrong if charges[r["id"]].status == "succeeded"
-        ]
+        taken = [(r, "seats_lost") for r in lost] + [(r, "event_cancelled") for r in called_off]
+        taken += [(r, "charge_mismatch") for r in wrong if charges[r["id"]].status == "succeeded"]
         taken += [
             (r, "unconfirmed_charge")
             for r in ended
