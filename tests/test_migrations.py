@@ -75,3 +75,25 @@ def test_migration_files_are_well_named_and_numbered_in_order():
     found = migrations.load()
     assert found, "there is at least one migration"
     assert [m.version for m in found] == list(range(1, len(found) + 1))
+
+
+async def test_an_events_bookings_are_read_by_index(database_url):
+    """The organizer's stats and recovery's claim of a cancelled event's bookings read that
+    event's bookings alone (with sequential scans off, as on a large table)."""
+    import uuid
+
+    from bilten import analytics, db
+
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        event_id = uuid.uuid4()
+        for query in (analytics._BY_TIER, analytics._PER_MINUTE, analytics._REFUNDS):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, event_id))
+            assert "bookings_event" in plan, plan
+        claim = """EXPLAIN SELECT id FROM bookings WHERE saga_state = 'CONFIRMED'
+                   AND event_id IN (SELECT id FROM events WHERE status = 'cancelled')"""
+        plan = "\n".join(r[0] for r in await conn.fetch(claim))
+        assert "bookings_event" in plan, plan
+    finally:
+        await conn.close()
