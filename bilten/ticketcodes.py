@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from bilten.sealing import Keyring
 
 ID_BYTES = 32
 SIGNATURE_BYTES = 64
+CODE_LENGTH = 128  # characters: 96 bytes in unpadded URL-safe base64
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class Parsed:
     event_id: str
     message: bytes
     signature: bytes
+
+
+_CODE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def b64(data: bytes) -> str:
@@ -54,11 +59,11 @@ def sign_many(private: bytes, event_id: str, ticket_ids: list[str]) -> list[str]
 
 
 def parse(code: str) -> Parsed | None:
-    """The parts of a well-formed code (not yet verified), else None."""
-    try:
-        raw = base64.urlsafe_b64decode(code + "=" * (-len(code) % 4))
-    except ValueError:
+    """The parts of a well-formed code (not yet verified), else None: exactly the characters
+    :func:`sign` writes (``urlsafe_b64decode`` alone would skip others, and take padding)."""
+    if len(code) != CODE_LENGTH or not _CODE.fullmatch(code):
         return None
+    raw = base64.urlsafe_b64decode(code + "=" * (-len(code) % 4))
     if len(raw) != ID_BYTES + SIGNATURE_BYTES:
         return None
     message = raw[:ID_BYTES]
