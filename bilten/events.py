@@ -219,8 +219,11 @@ async def owner_and_status(conn: Connection, event_id: str) -> tuple[str, str] |
 
 async def update(conn: Connection, event_id: str, changes: dict[str, Any]) -> bool:
     """Apply changes to an editable event; False when its status forbids edits."""
-    if not changes:
-        return True
+    if not changes:  # nothing to change, but the answer is the same as for a change
+        editable = await conn.fetchval(
+            "SELECT status = ANY ($2::text[]) FROM events WHERE id = $1", event_id, list(EDITABLE)
+        )
+        return bool(editable)
     sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(changes, start=3))
     try:
         status = await conn.execute(

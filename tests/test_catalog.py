@@ -424,6 +424,7 @@ async def test_draft_published_cancelled(client):
         await client.post(f"{url}/cancel", headers=auth),
         await client.post(f"{url}/publish", headers=auth),
         await client.patch(url, headers=auth, json={"title": "Back on"}),
+        await client.patch(url, headers=auth, json={}),  # nothing to change: the same answer
     ):
         assert response.status_code == 409, response.text
         assert response.json()["error"]["code"] == "conflict"
