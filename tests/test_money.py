@@ -444,3 +444,44 @@ async def test_an_event_cancelled_while_its_bookings_pay_confirms_none_of_them(s
             seats[:2],
         )
         assert [s["status"] for s in statuses] == ["available"] * 2
+
+
+async def test_the_bookings_of_a_cancelled_event_are_cancelled_side_by_side(settings):
+    """Each cancel waits on its refund's provider call: a cancelled event's bookings are
+    cancelled several at a time, every one of them refunded once."""
+    async with running(settings.replace(roles=frozenset({"api", "workers"}))) as (_, c):
+        event_id, seats, _, organizer = await published_event(c, rows=2, per_row=10)
+        bookings = []
+        for n in range(12):
+            auth = await buyer(c)
+            answer = await book(c, auth, {"event_id": event_id, "seat_ids": seats[n : n + 1]})
+            assert answer.status_code == 201, answer.text
+            bookings.append(answer.json()["booking"]["id"])
+    # An instance without workers: no recovery round of its own runs beside the one here.
+    async with running(settings.replace(roles=frozenset({"api"}))) as (app, c):
+        provider = app.state.payments
+        real = provider.refund
+        at_once = [0, 0]  # now, most
+
+        async def slow_refund(**kwargs):
+            at_once[0] += 1
+            at_once[1] = max(at_once[1], at_once[0])
+            try:
+                await asyncio.sleep(0.2)
+                return await real(**kwargs)
+            finally:
+                at_once[0] -= 1
+
+        provider.refund = slow_refund
+        cancelled = await c.post(f"/events/{event_id}/cancel", headers=organizer)
+        assert cancelled.status_code == 200
+        await app.state.db.execute(  # claimable at once
+            "UPDATE bookings SET updated_at = now() - interval '1 minute' WHERE event_id = $1",
+            event_id,
+        )
+        assert await recovery.cancel_for_cancelled_events(app.state) == 12
+        rows = await app.state.db.fetch(
+            "SELECT saga_state, payment_status FROM bookings WHERE id = ANY ($1::uuid[])", bookings
+        )
+    assert {(r["saga_state"], r["payment_status"]) for r in rows} == {("CANCELLED", "refunded")}
+    assert at_once[1] > 1
