@@ -52,8 +52,18 @@ async def rotate(conn: Connection, token: str, ttl: int, max_age: int) -> Rotate
     A token presented a second time means two parties hold it: the whole family is revoked, and
     that revocation is committed even though the caller gets an error. A family older than
     ``max_age`` seconds ends however it was used: sessions do not slide forever.
+
+    The user's row is locked first, shared: a revocation (a logout, a password reset) locks it
+    exclusively, so the two never overlap. Without that, a revocation that started while this
+    ran would miss the successor inserted here, and the session would outlive it.
     """
     async with conn.transaction():
+        owner = await conn.fetchval(
+            "SELECT user_id FROM refresh_tokens WHERE token_hash = $1", tokens.digest(token)
+        )
+        if owner is None:
+            raise RefreshRefused
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR SHARE", owner)
         row = await conn.fetchrow(
             """SELECT family_id, user_id::text, spent_at IS NOT NULL AS spent,
                       revoked_at IS NOT NULL AS revoked, expires_at < now() AS expired,
@@ -97,27 +107,35 @@ async def revoke_family(conn: Connection, family_id: uuid.UUID) -> None:
 
 
 async def revoke_family_of(conn: Connection, token: str) -> list[str]:
-    """End the session of ``token``; its id (none for an unknown token)."""
-    family = await conn.fetchval(
-        "SELECT family_id::text FROM refresh_tokens WHERE token_hash = $1", tokens.digest(token)
-    )
-    if family is None:
-        return []
-    await conn.execute(
-        "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
-        family,
-    )
-    return [family]
+    """End the session of ``token``; its id (none for an unknown token). The user's row is
+    locked first (see :func:`rotate`)."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT family_id::text, user_id FROM refresh_tokens WHERE token_hash = $1",
+            tokens.digest(token),
+        )
+        if row is None:
+            return []
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", row["user_id"])
+        await conn.execute(
+            """UPDATE refresh_tokens SET revoked_at = now()
+               WHERE family_id = $1 AND revoked_at IS NULL""",
+            row["family_id"],
+        )
+    return [row["family_id"]]
 
 
 async def revoke_all(conn: Connection, user_id: str) -> list[str]:
-    """End every session of the user; their ids."""
-    rows = await conn.fetch(
-        """UPDATE refresh_tokens SET revoked_at = now()
-           WHERE user_id = $1 AND revoked_at IS NULL
-           RETURNING family_id::text""",
-        user_id,
-    )
+    """End every session of the user; their ids. The user's row is locked first (see
+    :func:`rotate`)."""
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+        rows = await conn.fetch(
+            """UPDATE refresh_tokens SET revoked_at = now()
+               WHERE user_id = $1 AND revoked_at IS NULL
+               RETURNING family_id::text""",
+            user_id,
+        )
     return sorted({r["family_id"] for r in rows})
 
 

@@ -544,3 +544,37 @@ async def test_a_reused_refresh_token_ends_its_access_tokens_too(client):
     fresh = (await client.post("/auth/refresh", json={"refresh_token": token})).json()
     assert (await client.post("/auth/refresh", json={"refresh_token": token})).status_code == 401
     assert (await client.get("/auth/me", headers=bearer(fresh["access_token"]))).status_code == 401
+
+
+@pytest.mark.parametrize("revocation", ["logout", "reset"])
+async def test_a_refresh_under_way_never_outlives_a_revocation(client, settings, revocation):
+    """A refresh in its transaction while the session is revoked (a logout, a password reset
+    ending every session): the successor it issues is revoked too, not left alive."""
+    from bilten import credentials, db
+
+    made = await register(client, email=f"race-{revocation}@example.com")
+    token, user_id = made.json()["refresh_token"], made.json()["user"]["id"]
+    refreshing = await db.connect(settings.database_url)
+    revoking = await db.connect(settings.database_url)
+    try:
+        transaction = refreshing.transaction()
+        await transaction.start()
+        rotated = await credentials.rotate(refreshing, token, 3600, 86400)  # not committed yet
+        if revocation == "logout":
+            revoke = credentials.revoke_family_of(revoking, token)
+        else:
+            revoke = credentials.revoke_all(revoking, user_id)
+        revoked = asyncio.ensure_future(revoke)
+        await asyncio.sleep(0.2)  # the revocation waits for the refresh
+        await transaction.commit()
+        assert await revoked == [rotated.session]
+        successor = await revoking.fetchval(
+            "SELECT revoked_at FROM refresh_tokens WHERE user_id = $1 AND spent_at IS NULL",
+            user_id,
+        )
+    finally:
+        await refreshing.close()
+        await revoking.close()
+    assert successor is not None
+    again = await client.post("/auth/refresh", json={"refresh_token": rotated.token})
+    assert again.status_code == 401, again.text
