@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bilten.errors import ApiError
 
@@ -93,10 +93,20 @@ def reencode(data: bytes) -> tuple[str, bytes]:
     # A camera's multi-picture JPEG opens as MPO: its first picture is kept, as a JPEG.
     kind = "JPEG" if image.format == "MPO" else image.format or "PNG"
     ext, _ = FORMATS[kind]
-    decoded: Image.Image = image
-    if kind == "JPEG" and image.mode not in ("RGB", "L"):
-        decoded = image.convert("RGB")
-    out = io.BytesIO()
-    decoded.save(out, format=kind, **({"quality": 88} if kind in ("JPEG", "WEBP") else {}))
+    try:
+        # Turned as the camera said (the EXIF orientation, dropped with the rest of the
+        # metadata), so a phone's photo is stored upright.
+        decoded: Image.Image = ImageOps.exif_transpose(image)
+        if kind == "JPEG" and decoded.mode not in ("RGB", "L"):
+            decoded = decoded.convert("RGB")
+        out = io.BytesIO()
+        decoded.save(out, format=kind, **({"quality": 88} if kind in ("JPEG", "WEBP") else {}))
+    except (OSError, ValueError) as exc:
+        # Read, but not written again in its own format (a WebP wider than WebP allows, say).
+        raise ApiError(
+            "validation_error",
+            f"The image cannot be stored: {exc}.",
+            {"fields": [{"field": "file", "message": "image not storable"}]},
+        ) from None
     encoded = out.getvalue()
     return f"{hashlib.sha256(encoded).hexdigest()}.{ext}", encoded

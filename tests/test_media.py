@@ -109,6 +109,43 @@ async def test_webp_is_accepted(client, organizer, event):
         assert stored.size == (30, 20)
 
 
+async def test_a_webp_wider_than_webp_allows_is_a_422(client, organizer, event):
+    """Its header says 20,000 pixels wide (fewer pixels than the bound): read, but not written
+    as a WebP again. Found in review: a 500."""
+    frames = [Image.new("RGB", (32, 24), colour) for colour in ("red", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, format="WEBP", save_all=True, append_images=frames[1:])
+    data = bytearray(out.getvalue())
+    assert data[12:16] == b"VP8X"
+    data[24:27] = (20000 - 1).to_bytes(3, "little")  # the canvas width, less one
+    response = await client.post(
+        f"/events/{event['id']}/image",
+        headers=organizer,
+        files=upload(bytes(data), "wide.webp", "image/webp"),
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"]["fields"][0]["field"] == "file"
+
+
+async def test_a_photo_is_stored_upright(client, organizer, event):
+    """A camera's JPEG says how it was held (EXIF orientation 6: turned a quarter); the tag goes
+    with the metadata, so the picture is turned before it is stored."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.new("RGB", (40, 10), "red").save(out, format="JPEG", exif=exif)
+    response = await client.post(
+        f"/events/{event['id']}/image",
+        headers=organizer,
+        files=upload(out.getvalue(), "p.jpg", "image/jpeg"),
+    )
+    assert response.status_code == 201, response.text
+    served = await client.get(response.json()["image_url"])
+    with Image.open(io.BytesIO(served.content)) as stored:
+        assert stored.size == (10, 40)
+        assert 0x0112 not in stored.getexif()
+
+
 async def test_a_multi_picture_jpeg_is_kept_as_a_jpeg(client, organizer, event):
     first, second = Image.new("RGB", (12, 9), "red"), Image.new("RGB", (12, 9), "blue")
     out = io.BytesIO()
