@@ -156,6 +156,9 @@ async def update_profile(conn: Connection, user_id: str, changes: dict[str, Any]
     return found
 
 
+MAX_ADDRESSES = 50  # a user's addresses (the list is one page of them all)
+
+
 async def addresses(conn: Connection, user_id: str) -> list[Address]:
     rows = await conn.fetch(
         f"SELECT {ADDRESS} FROM addresses WHERE user_id = $1 ORDER BY created_at, id", user_id
@@ -177,8 +180,18 @@ def _default_conflict() -> ApiError:
 
 
 async def add_address(conn: Connection, user_id: str, fields: dict[str, Any]) -> Address:
-    """Add an address; making it the default unsets the previous default in the same transaction."""
+    """Add an address; making it the default unsets the previous default in the same
+    transaction. At most :data:`MAX_ADDRESSES` a user (409): counted under the user's row lock,
+    so requests at the same moment cannot pass it together."""
     async with conn.transaction():
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+        count = await conn.fetchval("SELECT count(*) FROM addresses WHERE user_id = $1", user_id)
+        if count >= MAX_ADDRESSES:
+            raise ApiError(
+                "conflict",
+                f"At most {MAX_ADDRESSES} addresses; delete one first.",
+                {"max_addresses": MAX_ADDRESSES},
+            )
         if fields.get("is_default"):
             await _clear_default(conn, user_id, None)
         columns = [*ADDRESS_FIELDS, "is_default"]

@@ -166,3 +166,18 @@ async def test_require_role(settings, client):
             assert denied.json()["error"]["code"] == "forbidden"
             assert (await c.get("/_test/organizers", headers=organizer)).text == "organizer"
             assert (await c.get("/_test/organizers")).status_code == 401
+
+
+async def test_addresses_are_bounded_even_when_added_at_once(client, monkeypatch):
+    from bilten import users
+
+    monkeypatch.setattr(users, "MAX_ADDRESSES", 5)
+    auth = await signed_in(client, "many@example.com")
+    answers = await asyncio.gather(
+        *(client.post("/users/me/addresses", headers=auth, json=ADDRESS) for _ in range(12))
+    )
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] * 5 + [409] * 7
+    refused = next(a for a in answers if a.status_code == 409)
+    assert refused.json()["error"]["details"] == {"max_addresses": 5}
+    assert len((await client.get("/users/me/addresses", headers=auth)).json()["items"]) == 5
