@@ -42,6 +42,22 @@ class Wanted:
     reason: str  # cancelled | event_cancelled | seats_lost | unconfirmed_charge | charge_mismatch
 
 
+def _then_payment(changed: str, status: str, also: str = "") -> str:
+    """The end of a statement whose CTE ``changed`` returns ``booking_id``s: those bookings'
+    payment set to ``status`` (and ``also``), and each buyer told (a ``payment.status``
+    message in the outbox)."""
+    return f"""moved AS (
+    UPDATE bookings b SET payment_status = '{status}', {also} updated_at = now()
+    FROM {changed} WHERE b.id = {changed}.booking_id
+    RETURNING b.id, b.user_id)
+INSERT INTO outbox (topic, payload)
+SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
+    'type', 'payment.status', 'booking_id', id::text, 'status', '{status}'))
+FROM moved
+RETURNING 1
+"""
+
+
 _REQUEST = """
 WITH r AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[])
@@ -54,17 +70,7 @@ known AS (  -- a refund recorded before: nothing is unknown about this payment a
     UPDATE bookings b SET payment_unsettled = false
     FROM r WHERE b.id = r.booking_id AND b.payment_unsettled
       AND NOT EXISTS (SELECT 1 FROM made WHERE made.booking_id = r.booking_id)),
-moved AS (
-    UPDATE bookings b SET payment_status = 'refunding', payment_unsettled = false,
-           updated_at = now()
-    FROM made WHERE b.id = made.booking_id
-    RETURNING b.id, b.user_id)
-INSERT INTO outbox (topic, payload)
-SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
-    'type', 'payment.status', 'booking_id', id::text, 'status', 'refunding'))
-FROM moved
-RETURNING 1
-"""
+""" + _then_payment("made", "refunding", "payment_unsettled = false,")
 
 
 async def request(conn: Connection, wanted: list[Wanted]) -> None:
@@ -97,16 +103,7 @@ WITH done AS (
     UPDATE refunds SET status = 'refunded', refund_id = $2, done_at = now(), last_error = NULL
     WHERE booking_id = $1 AND status <> 'refunded' AND amount_cents <= $3
     RETURNING booking_id),
-moved AS (
-    UPDATE bookings b SET payment_status = 'refunded', updated_at = now()
-    FROM done WHERE b.id = done.booking_id
-    RETURNING b.id, b.user_id)
-INSERT INTO outbox (topic, payload)
-SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
-    'type', 'payment.status', 'booking_id', id::text, 'status', 'refunded'))
-FROM moved
-RETURNING 1
-"""
+""" + _then_payment("done", "refunded")
 
 
 async def run(app: State, booking_ids: list[str] | None = None, limit: int = ROUND) -> int:
@@ -183,16 +180,7 @@ WITH again AS (
            done_at = NULL, next_at = now(), last_error = $3
     WHERE booking_id = $1 AND refund_id = $2 AND status = 'refunded'
     RETURNING booking_id),
-moved AS (
-    UPDATE bookings b SET payment_status = 'refunding', updated_at = now()
-    FROM again WHERE b.id = again.booking_id
-    RETURNING b.id, b.user_id)
-INSERT INTO outbox (topic, payload)
-SELECT 'user', jsonb_build_object('user_id', user_id::text, 'message', jsonb_build_object(
-    'type', 'payment.status', 'booking_id', id::text, 'status', 'refunding'))
-FROM moved
-RETURNING 1
-"""
+""" + _then_payment("again", "refunding")
 
 
 async def failed_later(app: State, booking_id: str, refund_id: str, error: str) -> bool:
