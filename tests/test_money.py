@@ -346,19 +346,24 @@ async def test_a_refund_the_provider_refuses_is_dead_and_shown(client, database_
     assert dead is not None and dead >= 1
 
 
+async def refunded_booking(c):
+    """A booking of one seat, confirmed, then cancelled by its buyer and refunded; and the
+    buyer's headers."""
+    event_id, seats, _, _ = await published_event(c)
+    auth = await buyer(c)
+    booking = (await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()["booking"]
+    cancelled = await c.post(f"/bookings/{booking['id']}/cancel", headers=auth)
+    assert cancelled.json()["payment"]["status"] == "refunded", cancelled.text
+    return booking, auth
+
+
 async def test_a_refund_made_meanwhile_is_never_marked_dead(settings):
     """A worker giving a refund up after another one (or a webhook) saw it through leaves it
     refunded: the row must not say the money is still owed."""
     from bilten import refunds
 
     async with running(settings) as (app, c):
-        event_id, seats, _, _ = await published_event(c)
-        auth = await buyer(c)
-        booking = (await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
-            "booking"
-        ]
-        cancelled = await c.post(f"/bookings/{booking['id']}/cancel", headers=auth)
-        assert cancelled.json()["payment"]["status"] == "refunded", cancelled.text
+        booking, auth = await refunded_booking(c)
         await refunds._give_up(app.state, booking["id"], "a late worker's error")
         row = await app.state.db.fetchrow(
             "SELECT status, last_error FROM refunds WHERE booking_id = $1", booking["id"]
@@ -375,13 +380,7 @@ async def test_a_refund_that_fails_after_it_was_confirmed_is_made_again(settings
     from bilten.sagas import booking as saga
 
     async with FakeStripe() as fake, running(on_fake_stripe(settings, fake, 1.0)) as (app, c):
-        event_id, seats, _, _ = await published_event(c)
-        auth = await buyer(c)
-        booking = (await book(c, auth, {"event_id": event_id, "seat_ids": seats[:1]})).json()[
-            "booking"
-        ]
-        cancelled = await c.post(f"/bookings/{booking['id']}/cancel", headers=auth)
-        assert cancelled.json()["payment"]["status"] == "refunded", cancelled.text
+        booking, auth = await refunded_booking(c)
         [first] = fake.refunds
         first["status"] = "failed"  # days later, at the provider
         fake.intents[0]["latest_charge"]["refunded"] = False
