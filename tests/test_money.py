@@ -363,7 +363,7 @@ async def test_a_refund_made_meanwhile_is_never_marked_dead(settings):
     from bilten import refunds
 
     async with running(settings) as (app, c):
-        booking, auth = await refunded_booking(c)
+        booking, _ = await refunded_booking(c)
         await refunds._give_up(app.state, booking["id"], "a late worker's error")
         row = await app.state.db.fetchrow(
             "SELECT status, last_error FROM refunds WHERE booking_id = $1", booking["id"]
