@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 INTERVAL = 1.0
 STALE_PENDING = 300  # seconds: a request may wait this long in a long queue
 STALE_PAYMENT = 60  # seconds at the least; see stale_payment
-CANCELS_AT_ONCE = (
-    8  # bookings of cancelled events cancelled side by side (a pooled connection each)
-)
+# Bookings of cancelled events cancelled side by side (each holds a pooled connection).
+CANCELS_AT_ONCE = 8
 SETTLE_EVERY = 5  # seconds between lookups of one unsettled payment
 SETTLE_WINDOW = 900  # seconds after a booking failed that a lookup finding nothing is not final
 LOST_AFTER = 3.0  # seconds: an accepted request this old whose Redis status is gone was lost
