@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 import email_validator
@@ -11,6 +12,22 @@ import msgspec
 
 from bilten.db import Connection
 from bilten.errors import ApiError
+from bilten.wire import invalid_field
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# Control characters (a line break could start a line of its own in a mail's text) and the
+# bidirectional overrides and isolates (they reorder how the text around them is shown).
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def check_name(name: str) -> None:
+    """A person's name, shown in mail and pages: something to read, nothing that changes how
+    the text around it reads; 422 naming the field otherwise."""
+    if not name.strip() or _UNSHOWABLE.search(name):
+        raise invalid_field(
+            "name", "must show something, without control or text-direction characters"
+        )
+
 
 EMAIL_UNIQUE = "users_email_key"
 ONE_DEFAULT_ADDRESS = "addresses_one_default"

@@ -56,6 +56,10 @@ async def test_profile_read_and_patch(client):
     bad = await client.patch("/users/me/profile", headers=auth, json={"phone": "12"})
     assert bad.status_code == 422
     assert bad.json()["error"]["details"]["fields"][0]["field"] == "phone"
+    for name in (" ", "Pat\r\nBcc: x"):
+        odd = await client.patch("/users/me/profile", headers=auth, json={"name": name})
+        assert odd.status_code == 422, name
+        assert odd.json()["error"]["details"]["fields"][0]["field"] == "name"
     unknown = await client.patch("/users/me/profile", headers=auth, json={"role": "admin"})
     assert unknown.status_code == 422
     assert unknown.json()["error"]["details"]["fields"][0]["field"] == "role"

@@ -26,7 +26,7 @@ Email = Annotated[str, msgspec.Meta(max_length=254)]  # then judged by email-val
 Password = Annotated[
     str, msgspec.Meta(min_length=passwords.MIN_LENGTH, max_length=passwords.MAX_LENGTH)
 ]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Name = users.Name
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
@@ -122,6 +122,7 @@ async def _send_verification(app: State, conn: object, user: User) -> None:
 async def register(request: Request) -> Response:
     app = state(request)
     body = await read_json(request, RegisterBody)
+    users.check_name(body.name)
     await ratelimit.enforce(
         app.redis, "register_ip", client_ip(request), app.settings.limit_register_ip
     )

@@ -19,7 +19,7 @@ from bilten.users import Address, Profile
 from bilten.venues import VenueSummary
 from bilten.wire import JSONResponse, Struct, read_json, read_query
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Name = users.Name
 Phone = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$")]
 Locale = Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2}(-[A-Z]{2})?$")]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -120,6 +120,8 @@ async def get_profile(request: Request) -> Response:
 async def patch_profile(request: Request) -> Response:
     who = security.authenticate(request)
     patch = await read_json(request, ProfilePatch)
+    if isinstance(patch.name, str):
+        users.check_name(patch.name)
     async with state(request).db.acquire() as conn:
         return JSONResponse(await users.update_profile(conn, who.user_id, _given(patch)))
 
