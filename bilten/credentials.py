@@ -58,12 +58,13 @@ async def rotate(conn: Connection, token: str, ttl: int, max_age: int) -> Rotate
     ran would miss the successor inserted here, and the session would outlive it.
     """
     async with conn.transaction():
-        owner = await conn.fetchval(
-            "SELECT user_id FROM refresh_tokens WHERE token_hash = $1", tokens.digest(token)
+        owned = await conn.fetchval(
+            """SELECT 1 FROM users u JOIN refresh_tokens r ON r.user_id = u.id
+               WHERE r.token_hash = $1 FOR SHARE OF u""",
+            tokens.digest(token),
         )
-        if owner is None:
+        if owned is None:
             raise RefreshRefused
-        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR SHARE", owner)
         row = await conn.fetchrow(
             """SELECT family_id, user_id::text, spent_at IS NOT NULL AS spent,
                       revoked_at IS NOT NULL AS revoked, expires_at < now() AS expired,
